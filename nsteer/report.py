@@ -10,7 +10,7 @@ import statistics
 from pathlib import Path
 from typing import Any, Sequence
 
-from nsteer.evaluate.table import CELLS, CellSummary, EvaluationResult, json_safe
+from nsteer.evaluate.table import CELLS, CellSummary, EvaluationResult, PairedChange, json_safe
 from nsteer.search import SearchResult, SweepCell
 from nsteer.vectors import atomic_write_bytes
 
@@ -40,6 +40,12 @@ def _quality(summary: CellSummary) -> str:
         return "–"
     text = f"{_number(summary.mean_perplexity)} / {summary.degenerate_share:.0%}"
     return text + (f" / {summary.judge:.2f}" if summary.judge is not None else "")
+
+
+def _paired(change: PairedChange) -> str:
+    if not change.pairs:
+        return "–"
+    return f"{change.gained} / {change.lost} ({change.p_value:.2g})"
 
 
 def _number(value: float) -> str:
@@ -81,6 +87,14 @@ def eval_markdown(result: EvaluationResult) -> str:
         "| instruction | " + " | ".join(CELL_HEADERS) + " |",
         "|---|" + "---:|" * len(CELLS),
         *quality,
+        "",
+        "Steered vs unsteered on the same prompts (loose): failures steering fixed / passes it broke, and the "
+        "two-sided exact sign test p on those discordant pairs.",
+        "",
+        "| instruction | no instruction: fixed / broke (p) | instruction: fixed / broke (p) |",
+        "|---|---:|---:|",
+        *[f"| {label} | {_paired(result.paired(False, group))} | {_paired(result.paired(True, group))} |"
+          for label, group in [*((g, g) for g in result.groups), ("**overall**", None)]],
         "",
         "Steering per instruction:",
         "",

@@ -11,7 +11,8 @@ import torch
 
 from nsteer.errors import EvaluationError
 from nsteer.evaluate.table import (
-    CELLS, Cell, Reference, evaluate_recipe, ifeval_items, instruction_edits, read_ifeval_jsonl, recipe_items,
+    CELLS, Cell, PairedChange, Reference, evaluate_recipe, ifeval_items, instruction_edits, paired_change,
+    read_ifeval_jsonl, recipe_items, sign_test,
 )
 from nsteer.recipe import recipe_from_dict
 from nsteer.report import eval_markdown, write_eval_report
@@ -129,6 +130,32 @@ def test_two_by_two_counts_match_hand_computed_expectations(evaluated) -> None:
     assert [a.answer for a in result.answers if a.group == "uppercase" and not a.instruction_in_prompt] == [TITLE] * 6
     assert result.steering["lowercase"] == "lowercase@1 set w=1 (all)"
     assert result.steering["uppercase"] == "none (no steer entry)"
+
+
+def test_paired_change_counts_fixed_and_broken_prompts(evaluated, tmp_path) -> None:
+    _, _, _, result, _ = evaluated
+    # Hand-counted from PLAN: lowercase steering fixes all 3 bare prompts and the 2 failing instructed ones, breaks none.
+    assert result.paired(False, "lowercase") == PairedChange(3, 3, 0, 0.25)
+    assert result.paired(True, "lowercase") == PairedChange(3, 2, 0, 0.5)
+    assert result.paired(True, "uppercase") == PairedChange(3, 0, 0, 1.0)  # never steered: nothing changes
+    assert result.paired(False) == PairedChange(6, 3, 0, 0.25)
+    data = json.loads(write_eval_report(result, tmp_path / "report")["json"].read_text())
+    assert data["paired"]["lowercase"]["without_instruction"] == {"pairs": 3, "gained": 3, "lost": 0, "p_value": 0.25}
+    assert data["paired"]["overall"]["with_instruction"]["gained"] == 2
+    assert "| lowercase | 3 / 0 (0.25) | 2 / 0 (0.5) |" in eval_markdown(result)
+
+
+def test_paired_change_ignores_prompts_answered_only_one_way() -> None:
+    change = paired_change({"a": False, "b": True, "c": False}, {"a": True, "b": False, "d": True})
+    assert change == PairedChange(pairs=2, gained=1, lost=1, p_value=1.0)
+
+
+@pytest.mark.parametrize(
+    "gained, lost, p_value",
+    [(0, 0, 1.0), (1, 1, 1.0), (5, 0, 2 / 32), (8, 1, 2 * (1 + 9) / 512), (1, 8, 2 * (1 + 9) / 512), (30, 9, 0.001065)],
+)
+def test_sign_test_matches_the_binomial_tail(gained, lost, p_value) -> None:
+    assert sign_test(gained, lost) == pytest.approx(p_value, abs=1e-6)
 
 
 def test_answers_are_kept_for_rescoring(evaluated) -> None:

@@ -95,6 +95,35 @@ class CellSummary:
 
 
 @dataclass(frozen=True)
+class PairedChange:
+    """Steered against unsteered on the same prompts: how many failures steering fixed and how many passes it broke.
+
+    ``p_value`` is the two-sided exact sign test on the discordant pairs (McNemar's exact test): the chance of a split
+    at least this uneven if steering changed verdicts in either direction equally often. 1.0 when nothing changed.
+    """
+
+    pairs: int
+    gained: int
+    lost: int
+    p_value: float
+
+
+def paired_change(unsteered: Mapping[Any, bool], steered: Mapping[Any, bool]) -> PairedChange:
+    """Compare loose verdicts prompt by prompt (keys present in both)."""
+    keys = unsteered.keys() & steered.keys()
+    gained = sum(steered[key] and not unsteered[key] for key in keys)
+    lost = sum(unsteered[key] and not steered[key] for key in keys)
+    return PairedChange(len(keys), gained, lost, sign_test(gained, lost))
+
+
+def sign_test(successes: int, failures: int) -> float:
+    """Two-sided exact binomial test of ``successes`` against ``failures`` at p = 1/2."""
+    trials = successes + failures
+    tail = sum(math.comb(trials, i) for i in range(min(successes, failures) + 1)) / 2**trials
+    return min(1.0, 2 * tail)
+
+
+@dataclass(frozen=True)
 class EvaluationResult:
     """The whole evaluation: every answer, what steered each row, and where the prompts came from."""
 
@@ -126,11 +155,25 @@ class EvaluationResult:
             ]
         )
 
+    def paired(self, instruction_in_prompt: bool, group: str | None = None) -> PairedChange:
+        """Steered vs unsteered loose verdicts on the same prompts, for one group or over every answer."""
+        verdicts: dict[bool, dict[tuple[str, str], bool]] = {False: {}, True: {}}
+        for answer in self.answers:
+            if answer.instruction_in_prompt == instruction_in_prompt and (group is None or answer.group == group):
+                verdicts[answer.steered][(answer.group, answer.key)] = answer.loose
+        return paired_change(verdicts[False], verdicts[True])
+
     def to_dict(self) -> dict[str, Any]:
         """Everything as JSON-ready data: settings, per-group and overall summaries, and every answer."""
         table = {
             group: {_cell_name(cell): dataclasses.asdict(self.cell(cell, group)) for cell in CELLS}
             for group in self.groups
+        }
+        paired = {
+            group or "overall": {
+                _condition_name(present): dataclasses.asdict(self.paired(present, group)) for present in (False, True)
+            }
+            for group in (*self.groups, None)
         }
         return json_safe(
             {
@@ -145,6 +188,7 @@ class EvaluationResult:
                 "categories": dict(self.categories),
                 "overall": {_cell_name(cell): dataclasses.asdict(self.cell(cell)) for cell in CELLS},
                 "table": table,
+                "paired": paired,
                 "answers": [dataclasses.asdict(answer) for answer in self.answers],
             }
         )
@@ -161,6 +205,10 @@ class Reference:
 
 def _cell_name(cell: Cell) -> str:
     return f"{'with' if cell.instruction_in_prompt else 'without'}_instruction/{'steered' if cell.steered else 'unsteered'}"
+
+
+def _condition_name(instruction_in_prompt: bool) -> str:
+    return f"{'with' if instruction_in_prompt else 'without'}_instruction"
 
 
 def json_safe(value: Any) -> Any:
