@@ -156,6 +156,8 @@ def inspect(
         table = Table(title=str(vector_file), show_header=False)
         for key in ("instruction", "category", "model", "architecture", "width", "layers", "pairs", "chosen", "nsteer_version"):
             table.add_row(key, str(summary[key]))
+        for name, setting in summary["chosen_for"].items():  # searched for instructions that borrow this vector
+            table.add_row(f"chosen for {name}", str(setting))
         norms = summary["norms"]
         table.add_row("norm by layer", " ".join(f"{i}:{n:.2f}" for i, n in enumerate(norms)))
         console.print(table)
@@ -460,6 +462,8 @@ def list_instructions(
         score = "" if row["score"] is None else f"{row['score']:.2f} (base {row['baseline_score']:.2f})"
         if row["shared_search"]:
             score += " shared"
+        if row["searched_for"]:
+            score += f" (also searched for {', '.join(row['searched_for'])})"
         table.add_row(escape(row["instruction"]), row["category"], str(row["pairs"]), *setting, score, escape(row["file"]))
     console.print(table, emoji=False)
     shared = sorted({word for row in rows for word in row["shared_search"]})

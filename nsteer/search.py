@@ -278,12 +278,14 @@ def search_recipe(
     if not entries:
         raise recipe.error(("steer",), "no steer entry has `layer: auto`, so there is nothing to search. Set layer: auto on the entries to search.")
     paths = {index: steer_vector_path(recipe, index) for index in entries}
-    shared = [p for p in set(paths.values()) if list(paths.values()).count(p) > 1]
+    # A vector file holds one searched setting per instruction that uses it (its own, and one per borrower).
+    uses = [(paths[index], recipe.steer[index].instruction) for index in entries]
+    shared = [use for use in dict.fromkeys(uses) if uses.count(use) > 1]
     if shared:
         raise recipe.error(
             ("steer",),
-            f"several `layer: auto` entries use the vector {shared[0]}, but a vector file holds one searched setting. "
-            "Give all but one of them a fixed layer.",
+            f"several `layer: auto` entries for '{shared[0][1]}' use the vector {shared[0][0]}, but a vector file holds "
+            "one searched setting per instruction. Give all but one of them a fixed layer.",
         )
     vectors = vectors if vectors is not None else load_recipe_vectors(recipe, handle)
     if reference is None:
@@ -296,6 +298,7 @@ def search_recipe(
     finished = read_checkpoint(checkpoint)
     rule = guard_rule(settings.margin, settings.min_perplexity_ratio)
     sweeps = []
+    written: dict[Path, SteeringVector] = {}
     for index in entries:
         entry = recipe.steer[index]
         vector = vectors[entry.vector or entry.instruction]
@@ -334,7 +337,11 @@ def search_recipe(
             rule=rule,
         )
         if write:
-            save_vector(vector.with_choice(chosen_metadata(sweep, layers, weights)), paths[index])
+            # Build on what this run already wrote: another entry may have recorded its own setting in the same file.
+            written[paths[index]] = written.get(paths[index], vector).with_choice(
+                chosen_metadata(sweep, layers, weights), entry.instruction
+            )
+            save_vector(written[paths[index]], paths[index])
         sweeps.append(sweep)
     return SearchResult(
         model_id=handle.model_id,

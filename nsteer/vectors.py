@@ -45,6 +45,9 @@ class VectorMetadata:
     token_position: str = "last_prompt_token"
     # Filled in by `nsteer search`: {"layer", "mode", "weight", "positions", "score", ...}; None means unsearched.
     chosen: Mapping[str, Any] | None = None
+    # Settings searched for OTHER instructions that borrow this vector, by instruction (word exclusion searches the
+    # include:<word> vector with a negative weight): kept apart so one use never takes another's layer or weight.
+    chosen_for: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     # Non-empty for a vector read from another format (e.g. "llama.cpp control vector concise.gguf"): it has
     # directions and scales but no mean projections, so `set` edits are refused (nsteer.interop).
     imported_from: str = ""
@@ -53,6 +56,8 @@ class VectorMetadata:
         """Serialize to a JSON string for the safetensors header."""
         data = dataclasses.asdict(self)
         data["phrasings"] = list(self.phrasings)
+        if not self.chosen_for:  # written only when used, so files without borrowed searches keep their bytes
+            del data["chosen_for"]
         return json.dumps(data, sort_keys=True)
 
     @classmethod
@@ -69,6 +74,10 @@ class VectorMetadata:
             raise VectorFileError(f"{path}: the metadata lacks {', '.join(missing)}; recompute the vector with `nsteer compute`.")
         data = {key: value for key, value in data.items() if key in names}
         data["phrasings"] = tuple(data.get("phrasings", ()))
+        borrowed = data.get("chosen_for", {})
+        if not isinstance(borrowed, dict) or not all(isinstance(value, dict) for value in borrowed.values()):
+            raise VectorFileError(f"{path}: the metadata's chosen_for is not a mapping of instruction to setting; "
+                                  "rerun `nsteer search` to rewrite it.")
         return cls(**data)
 
 
@@ -86,9 +95,26 @@ class SteeringVector:
         """The instruction this vector steers toward."""
         return self.metadata.instruction_id
 
-    def with_choice(self, chosen: Mapping[str, Any] | None) -> SteeringVector:
-        """A copy with the searched setting (layer, mode, weight, positions) recorded."""
-        return dataclasses.replace(self, metadata=dataclasses.replace(self.metadata, chosen=chosen))
+    def choice(self, instruction: str | None = None) -> Mapping[str, Any] | None:
+        """The setting searched for ``instruction`` (default: the vector's own); None if none was searched."""
+        if instruction is None or instruction == self.instruction_id:
+            return self.metadata.chosen
+        return self.metadata.chosen_for.get(instruction)
+
+    def with_choice(self, chosen: Mapping[str, Any] | None, instruction: str | None = None) -> SteeringVector:
+        """A copy with the searched setting (layer, mode, weight, positions) recorded for ``instruction``.
+
+        The vector's own instruction (the default) goes to ``chosen``; another instruction that borrows the vector
+        goes to ``chosen_for[instruction]``, leaving the vector's own setting untouched.
+        """
+        if instruction is None or instruction == self.instruction_id:
+            metadata = dataclasses.replace(self.metadata, chosen=chosen)
+        else:
+            borrowed = {key: value for key, value in self.metadata.chosen_for.items() if key != instruction}
+            if chosen is not None:
+                borrowed[instruction] = chosen
+            metadata = dataclasses.replace(self.metadata, chosen_for=dict(sorted(borrowed.items())))
+        return dataclasses.replace(self, metadata=metadata)
 
 
 def atomic_write_bytes(path: Path, payload: bytes) -> None:
@@ -209,6 +235,7 @@ def vector_summary(vector: SteeringVector) -> dict[str, Any]:
         "layers": meta.n_layers,
         "pairs": meta.n_pairs,
         "chosen": dict(meta.chosen) if meta.chosen else None,
+        "chosen_for": {name: dict(setting) for name, setting in meta.chosen_for.items()},
         "imported_from": meta.imported_from or None,
         "largest_norm_layer": int(max(range(len(norms)), key=norms.__getitem__)) if norms else None,
         "norms": [round(value, 4) for value in norms],
@@ -268,5 +295,6 @@ def listing_row(vector: ShippedVector, root: str | Path | None = None) -> dict[s
         "baseline_score": chosen.get("baseline_score"),
         "condition": chosen.get("condition"),
         "shared_search": list(shared.get("words", [])),
+        "searched_for": sorted(meta.chosen_for),  # other instructions that borrow this vector, with their own setting
         "file": file,
     }

@@ -217,20 +217,25 @@ def recipe_edits(recipe: Recipe, vectors: Mapping[str, SteeringVector]) -> list[
 def steer_entry_edit(recipe: Recipe, vectors: Mapping[str, SteeringVector], index: int) -> Edit | None:
     """Steer entry ``index`` as an edit; None when it is ``layer: auto`` and the search chose no steering.
 
-    With ``layer: auto`` an ``add`` entry that gives no weight of its own takes the searched weight too.
+    With ``layer: auto`` the entry takes the setting searched for ITS instruction: for a borrowed vector (word
+    exclusion on the include:<word> vector) that is the setting recorded under ``chosen_for``, never the vector's own.
+    An ``add`` entry that gives no weight of its own takes the searched weight too.
     """
     entry = recipe.steer[index]
     vector = vectors[entry.vector or entry.instruction]
     layer, weight = entry.layer, entry.weight
     if layer == "auto":
-        chosen = vector.metadata.chosen or {}
+        chosen = vector.choice(entry.instruction) or {}
         if chosen.get("no_steering"):
             return None
         if chosen.get("layer") is None:
+            borrowed = entry.instruction != vector.instruction_id
             raise recipe.error(
                 ("steer", index, "layer"),
-                f"layer is auto but the vector for '{entry.instruction}' has no searched layer. "
-                "Run `nsteer search` on this recipe, or give a layer number.",
+                f"layer is auto but no search chose a layer for '{entry.instruction}'"
+                + (f" on the borrowed '{vector.instruction_id}' vector (its own searched setting is not used for "
+                   "another instruction)" if borrowed else "")
+                + ". Run `nsteer search` on this recipe, or give a layer number.",
             )
         layer = int(chosen["layer"])
         if "weight" not in entry.model_fields_set and chosen.get("mode") == entry.mode and chosen.get("weight") is not None:

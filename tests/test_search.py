@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from nsteer.errors import EvaluationError, RecipeError
@@ -151,6 +152,56 @@ def test_add_entries_sweep_weights_and_layer_auto_takes_the_searched_weight(setu
     assert (sweep.winner.setting.layer, sweep.winner.setting.weight) == (2, -3.0)
     (edit,) = recipe_edits(recipe, load_recipe_vectors(recipe, handle))
     assert (edit.layer, edit.mode, edit.weight) == (2, "add", -3.0)
+
+
+def test_word_exclusion_searches_the_borrowed_inclusion_vector_without_touching_its_own_setting(setup, handle) -> None:
+    recipe = setup(
+        instructions={"include:ocean": {}, "exclude:ocean": {}},
+        steer=[
+            {"instruction": "include:ocean", "layer": "auto", "mode": "add"},
+            {"instruction": "exclude:ocean", "vector": "include:ocean", "layer": "auto", "mode": "add", "weight": -3.0},
+        ],
+        search={"layers": [1, 2], "weights": [2.0], "max_prompts": 2, "condition": "present"},
+    )
+    exclusion_prompts = {pair.with_instruction for pair in instruction_splits(recipe, "exclude:ocean").validation}
+
+    def generator(h, prompts, *, row_edits, config, progress=None):
+        # Inclusion prompts: only layer 1 (w=2) says "ocean". Exclusion prompts: only layer 2 (w=-3) avoids it.
+        edit = row_edits[0][0] if row_edits[0] else None
+        setting = (edit.layer, edit.weight) if edit else None
+        if prompts[0] in exclusion_prompts:
+            return ["A calm day by the sea." if setting == (2, -3.0) else "The ocean is calm."] * len(prompts)
+        return ["The ocean is calm." if setting == (1, 2.0) else "A calm day by the sea."] * len(prompts)
+
+    result = search_recipe(recipe, handle, generator=generator, reference=None)
+    assert [(s.instruction, s.winner.setting.label) for s in result.sweeps] == [
+        ("include:ocean", "layer 1 add w=2"), ("exclude:ocean", "layer 2 add w=-3"),
+    ]
+    metadata = load_vector(vector_path(recipe, "include:ocean")).metadata
+    assert (metadata.chosen["layer"], metadata.chosen["weight"]) == (1, 2.0)  # the inclusion's own, not overwritten
+    assert (metadata.chosen_for["exclude:ocean"]["layer"], metadata.chosen_for["exclude:ocean"]["weight"]) == (2, -3.0)
+    vectors = load_recipe_vectors(recipe, handle)
+    include, exclude = recipe_edits(recipe, vectors)
+    assert (include.layer, include.weight) == (1, 2.0)
+    assert (exclude.layer, exclude.weight) == (2, -3.0)
+    assert torch.equal(exclude.direction, vectors["include:ocean"].directions[2])  # the inclusion vector, borrowed
+
+
+def test_layer_auto_never_takes_a_setting_searched_for_another_instruction(setup, handle) -> None:
+    recipe = setup(
+        instructions={"include:ocean": {}, "exclude:ocean": {}},
+        steer=[{"instruction": "include:ocean", "layer": "auto", "mode": "add"}],
+        search={"layers": [1], "weights": [2.0], "max_prompts": 2},
+    )
+    search_recipe(recipe, handle, generator=lambda h, p, *, row_edits, **k: [
+        "The ocean is calm." if row_edits[0] else "A calm day."] * len(p), reference=None)
+    assert load_vector(vector_path(recipe, "include:ocean")).metadata.chosen["weight"] == 2.0
+    borrower = recipe_from_dict({
+        **recipe.model_dump(exclude_unset=True),
+        "steer": [{"instruction": "exclude:ocean", "vector": "include:ocean", "layer": "auto", "mode": "add"}],
+    })
+    with pytest.raises(RecipeError, match=r"no search chose a layer for 'exclude:ocean' on the borrowed 'include:ocean'"):
+        recipe_edits(borrower, load_recipe_vectors(borrower, handle))
 
 
 def test_an_interrupted_sweep_resumes_without_redoing_finished_cells(setup, handle, tmp_path) -> None:

@@ -58,6 +58,33 @@ def test_round_trip_keeps_tensors_and_metadata(tmp_path):
     assert dict(loaded.metadata.chosen) == dict(vector.metadata.chosen)
 
 
+def test_settings_searched_for_borrowing_instructions_are_kept_apart(tmp_path):
+    vector = make_vector()  # instruction lowercase, with its own searched setting
+    own = dict(vector.metadata.chosen)
+    assert "chosen_for" not in json.loads(vector.metadata.to_json())  # absent until used: old files keep their bytes
+    borrowed = vector.with_choice({"layer": 2, "mode": "add", "weight": -3.0}, "exclude:lowercase")
+    assert borrowed.choice() == own and borrowed.choice("lowercase") == own
+    assert borrowed.choice("exclude:lowercase")["weight"] == -3.0
+    assert borrowed.choice("another") is None
+    loaded = load_vector(save_vector(borrowed, tmp_path / "v.safetensors"))
+    assert loaded.metadata == borrowed.metadata
+    assert dict(loaded.metadata.chosen) == own
+    replaced = loaded.with_choice({"layer": 1}, "exclude:lowercase").with_choice(None, "another")
+    assert dict(replaced.metadata.chosen_for) == {"exclude:lowercase": {"layer": 1}}
+    assert replaced.with_choice({"layer": 3}).choice() == {"layer": 3}  # the vector's own setting, borrowers untouched
+    assert replaced.with_choice({"layer": 3}).choice("exclude:lowercase") == {"layer": 1}
+
+
+def test_malformed_borrowed_settings_are_refused(tmp_path):
+    vector = make_vector()
+    data = json.loads(vector.metadata.to_json())
+    data["chosen_for"] = ["layer", 3]
+    path = tmp_path / "v.safetensors"
+    _write(path, _tensors(vector), json.dumps(data))
+    with pytest.raises(VectorFileError, match="chosen_for is not a mapping of instruction to setting"):
+        load_vector(path)
+
+
 def test_round_trip_of_an_unsearched_bf16_vector(tmp_path):
     vector = make_vector(chosen=None)
     vector = dataclasses.replace(vector, directions=vector.directions.to(torch.bfloat16))

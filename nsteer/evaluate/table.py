@@ -595,14 +595,14 @@ def _steering_note(recipe: Any, vectors: Mapping[str, Any], name: str) -> str:
     """Why an instruction is not steered: no steer entry, or the search chose no steering."""
     for entry in recipe.steer:
         if entry.instruction == name and entry.layer == "auto":
-            chosen = vectors[entry.vector or entry.instruction].metadata.chosen or {}
+            chosen = vectors[entry.vector or entry.instruction].choice(entry.instruction) or {}
             if chosen.get("no_steering"):
                 return "none (search chose no steering)"
     return "none (no steer entry)"
 
 
 __all__ = [
-    "CELLS", "Answer", "Cell", "CellSummary", "EvalItem", "EvaluationResult", "IFEvalRecord", "Reference",
-    "describe_edits", "evaluate", "evaluate_recipe", "ifeval_items", "instruction_edits", "open_reference",
-    "read_ifeval_jsonl", "recipe_items", "summarize",
+    "CELLS", "Answer", "Cell", "CellSummary", "EvalItem", "EvaluationResult", "IFEvalRecord", "PairedChange",
+    "Reference", "describe_edits", "evaluate", "evaluate_recipe", "ifeval_items", "instruction_edits", "open_reference",
+    "paired_change", "read_ifeval_jsonl", "recipe_items", "sign_test", "summarize",
 ]
