@@ -14,6 +14,9 @@ Pairs measured (see docs/performance.md for the results and how to read them):
   ``transformers`` ``generate``, same left-padded input ids, greedy, ``min_new_tokens = max_new_tokens``.
 - nsteer edit path / plain forward hook: the same steered generation through nsteer and through HF ``generate`` with a
   ``register_forward_hook`` that makes the same edit.
+- per-step overhead: CPU ms per decoding step that nsteer's step loop, a forward hook, and 1 / 2 / 4 composed edits
+  add to HF ``generate`` on a deep, narrow random model (little compute per step, so fixed costs show), and what that
+  fixed cost means at the benchmark model's own per-step time.
 - extraction / bare forward: ``last_token_sums`` (exactly what ``compute_vector`` runs per batch) plus tokenization
   over the same batches as a bare forward pass of the decoder stack, batch by batch alternately.
 - memory: peak resident memory of ``compute_vector`` over N and 8N pairs, each in a fresh subprocess.
@@ -52,7 +55,7 @@ TARGETS = {
     "memory_large_over_small": 1.10,
 }
 INSTRUCTION = "lowercase"
-SECTIONS = ("extraction", "generation", "eval", "memory")
+SECTIONS = ("extraction", "generation", "overhead", "eval", "memory")
 
 
 @dataclass(frozen=True)
@@ -61,18 +64,24 @@ class Settings:
 
     new_tokens: int = 64
     generation_batches: tuple[int, ...] = (1, 8)
-    edit_counts: tuple[int, ...] = (1, 2, 4)  # composed edits, measured at the smallest generation batch (cheapest)
     min_rounds: int = 3
-    max_rounds: int = 7
-    generation_budget_s: float = 150.0  # rounds beyond min_rounds only while a section is inside its budget
+    max_rounds: int = 9
+    # Seconds per generation batch size (same order as generation_batches): rounds beyond min_rounds only while the
+    # batch size's measurement is inside its budget.
+    generation_budgets_s: tuple[float, ...] = (100.0, 140.0)
+    # Per-step overhead: a deep, narrow random model (little compute per step, so fixed per-step costs show), with
+    # 0 / 1 / 2 / 4 composed edits; CPU time per decoding step, many short rounds.
+    overhead_layers: int = 30
+    edit_counts: tuple[int, ...] = (1, 2, 4)
+    overhead_rounds: int = 10
     extraction_pairs: int = 256
     extraction_batch_size: int = 16
-    full_forward_every: int = 8  # also time the full CausalLM forward (with LM head) on every k-th batch
+    full_forward_every: int = 16  # also time the full CausalLM forward (with LM head) on every k-th batch
     research_prompts: int = 16  # one-at-a-time output_hidden_states reads, timed on this many prompts and scaled
     memory_pairs: tuple[int, int] = (256, 2048)
     memory_layers: int = 2  # the memory model: the benchmark model's width and tokenizer, this many random layers
     eval_prompts: int = 16
-    eval_new_tokens: int = 32
+    eval_new_tokens: int = 24
     eval_batch_sizes: tuple[int, ...] = (1, 4, 8, 16)
     eval_max_rounds: int = 2
     eval_budget_s: float = 60.0
@@ -80,7 +89,8 @@ class Settings:
 
 FULL = Settings()
 QUICK = Settings(
-    new_tokens=8, min_rounds=2, max_rounds=2, generation_budget_s=10.0, extraction_pairs=16, full_forward_every=2,
+    new_tokens=8, min_rounds=2, max_rounds=2, generation_budgets_s=(5.0, 5.0), overhead_layers=4, overhead_rounds=2,
+    extraction_pairs=16, full_forward_every=2,
     research_prompts=4, memory_pairs=(8, 64), eval_prompts=16, eval_new_tokens=4, eval_max_rounds=1, eval_budget_s=5.0,
 )
 
@@ -108,20 +118,24 @@ def cpu_model() -> str:
 
 
 class LoadLog:
-    """Load averages sampled at the start of every section."""
+    """Load averages and start times sampled at the start of every section."""
 
     def __init__(self) -> None:
-        self.samples: list[tuple[str, list[float]]] = []
+        self.samples: list[tuple[str, list[float], float]] = []
 
     def mark(self, section: str) -> None:
-        """Record the load average now, labelled with the section about to run."""
-        self.samples.append((section, load_average()))
+        """Record the load average and the time now, labelled with the section about to run."""
+        self.samples.append((section, load_average(), time.perf_counter()))
 
     def summary(self) -> dict[str, Any]:
-        """Every sample plus min / max of the 1-minute figure."""
-        ones = [load[0] for _, load in self.samples if load]
+        """Every sample (with the section's duration) plus min / max of the 1-minute figure."""
+        ones = [load[0] for _, load, _ in self.samples if load]
+        ends = [start for _, _, start in self.samples[1:]] + [self.samples[-1][2]]
         return {
-            "samples": [{"section": name, "load": load} for name, load in self.samples],
+            "samples": [
+                {"section": name, "load": load, "seconds": round(end - start, 1)}
+                for (name, load, start), end in zip(self.samples, ends)
+            ],
             "one_minute_min": min(ones) if ones else None,
             "one_minute_max": max(ones) if ones else None,
         }
@@ -245,13 +259,13 @@ def random_model(config: Any, device: str, seed: int = 0) -> Any:
     return AutoModelForCausalLM.from_config(config).to(device).eval()
 
 
-def tiny_config(tokenizer: Any) -> Any:
-    """A 4-layer, width-64 Llama config for the tiny benchmark model."""
+def tiny_config(tokenizer: Any, layers: int = 4) -> Any:
+    """A width-64 Llama config (4 layers by default) for the tiny benchmark model."""
     from transformers import LlamaConfig
 
     eos = tokenizer.eos_token_id
     return LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=512, eos_token_id=eos, bos_token_id=tokenizer.bos_token_id,
         pad_token_id=eos, initializer_range=0.1,
     )
@@ -444,7 +458,7 @@ def bench_extraction(handle: Any, settings: Settings, device: str) -> tuple[dict
 
 
 def bench_generation(handle: Any, settings: Settings, device: str, vector_stats: tuple[torch.Tensor, torch.Tensor]) -> dict[str, Any]:
-    """Steered (nsteer) vs unsteered (HF generate) vs forward-hook steering, and composed edits, per batch size."""
+    """Steered (nsteer) vs unsteered (HF generate) vs forward-hook steering, per batch size."""
     from nsteer.edits import compile_plan
     from nsteer.generate import GenerationConfig, steered_generate_ids
 
@@ -453,14 +467,10 @@ def bench_generation(handle: Any, settings: Settings, device: str, vector_stats:
     kwargs = {**config.generate_kwargs(handle.tokenizer.pad_token_id), "min_new_tokens": settings.new_tokens}
     warm_kwargs = {**kwargs, "max_new_tokens": 2, "min_new_tokens": 2}
     results: dict[str, Any] = {}
-    smallest = min(settings.generation_batches)
-    for batch_size in settings.generation_batches:
+    one_edit = make_edits(vector_stats, edit_layers(handle.n_layers, 1))
+    for batch_size, budget_s in zip(settings.generation_batches, settings.generation_budgets_s):
         input_ids, attention_mask = generation_inputs(handle, batch_size, device)
-        one_edit = make_edits(vector_stats, edit_layers(handle.n_layers, 1))
-        counts = settings.edit_counts if batch_size == smallest else (1,)
-        edit_sets = {count: make_edits(vector_stats, edit_layers(handle.n_layers, count)) for count in counts}
-        edit_sets[1] = one_edit
-        plans = {count: compile_plan([edits] * batch_size) for count, edits in edit_sets.items()}
+        plan = compile_plan([one_edit] * batch_size)
         outputs: dict[str, torch.Tensor] = {}
 
         def plain(store: str | None = None, generate_kwargs: dict = kwargs) -> None:
@@ -473,31 +483,18 @@ def bench_generation(handle: Any, settings: Settings, device: str, vector_stats:
             with HookEdits(handle, one_edit):
                 plain(store, generate_kwargs)
 
-        def steered(count: int, store: str | None = None, generate_kwargs: dict = kwargs) -> None:
-            tokens = steered_generate_ids(handle, input_ids, attention_mask, plans[count] if count else [], generate_kwargs)
+        def steered(store: str | None = None, generate_kwargs: dict = kwargs) -> None:
+            tokens = steered_generate_ids(handle, input_ids, attention_mask, plan, generate_kwargs)
             if store:
                 outputs[store] = tokens.cpu()
 
-        variants: dict[str, Callable[[], Any]] = {
-            "hf_unsteered": plain,
-            "nsteer_steered": lambda: steered(1),
-            "hook_steered": hooked,
-            "nsteer_unsteered": lambda: steered(0),
-        }
-        for count in counts:
-            if count != 1:
-                variants[f"nsteer_steered_{count}_edits"] = lambda count=count: steered(count)
-
+        variants: dict[str, Callable[[], Any]] = {"hf_unsteered": plain, "nsteer_steered": steered, "hook_steered": hooked}
         # Warm-up (2 tokens): compiles nnsight's trace bodies and allocates buffers; also the correctness check.
         plain("hf_unsteered", warm_kwargs)
         hooked("hook", warm_kwargs)
-        steered(1, "nsteer", warm_kwargs)
-        steered(0, None, warm_kwargs)
-        for count in counts:
-            steered(count, None, warm_kwargs)
+        steered("nsteer", warm_kwargs)
         times = alternate(
-            variants, device, min_rounds=settings.min_rounds, max_rounds=settings.max_rounds,
-            budget_s=settings.generation_budget_s / len(settings.generation_batches),
+            variants, device, min_rounds=settings.min_rounds, max_rounds=settings.max_rounds, budget_s=budget_s
         )
         steps = settings.new_tokens
         entry: dict[str, Any] = {
@@ -509,7 +506,6 @@ def bench_generation(handle: Any, settings: Settings, device: str, vector_stats:
             "steered_over_unsteered": times.compare("nsteer_steered", "hf_unsteered", TARGETS["steered_over_unsteered"]),
             "nsteer_over_hook": times.compare("nsteer_steered", "hook_steered", TARGETS["nsteer_over_hook"]),
             "hook_over_unsteered": times.compare("hook_steered", "hf_unsteered"),
-            "nsteer_unsteered_over_hf": times.compare("nsteer_unsteered", "hf_unsteered"),
             "per_step_ms": {
                 name: round(1000 * statistics.median(values) / steps, 2) for name, values in times.wall.items()
             },
@@ -518,16 +514,73 @@ def bench_generation(handle: Any, settings: Settings, device: str, vector_stats:
             },
             "nsteer_edit_matches_hook": bool(torch.equal(outputs["nsteer"], outputs["hook"])),
         }
-        if len(counts) > 1:
-            entry["composed_edits"] = {
-                str(count): {
-                    "layers": edit_layers(handle.n_layers, count),
-                    **times.compare("nsteer_steered" if count == 1 else f"nsteer_steered_{count}_edits", "hf_unsteered"),
-                }
-                for count in counts
-            }
         results[f"batch_{batch_size}"] = entry
     return results
+
+
+def bench_overhead(settings: Settings, device: str, generation: dict[str, Any] | None) -> dict[str, Any]:
+    """Fixed per-step cost of the nsteer edit path, and of each composed edit, where compute hides nothing.
+
+    A deep, narrow random model spends little time computing per step, so what nnsight's step loop and each edit
+    add per decoding step stands out; CPU time per step (one torch thread) is robust to other processes. Against
+    the benchmark model's own per-step time (the generation section) this gives the expected overhead there.
+    """
+    from nsteer.edits import compile_plan
+    from nsteer.generate import GenerationConfig, steered_generate_ids
+    from nsteer.models import wrap_model
+
+    tokenizer = tiny_tokenizer()
+    handle = wrap_model(random_model(tiny_config(tokenizer, settings.overhead_layers), device), tokenizer, model_id="bench-deep-narrow")
+    vector_stats = quick_vector(handle)
+    input_ids, attention_mask = generation_inputs(handle, 1, device)
+    steps = settings.new_tokens
+    kwargs = {**GenerationConfig(max_new_tokens=steps).generate_kwargs(tokenizer.pad_token_id), "min_new_tokens": steps}
+    counts = (0, *settings.edit_counts)
+    edit_sets = {count: make_edits(vector_stats, edit_layers(handle.n_layers, count)) for count in counts}
+    plans = {count: compile_plan([edits]) for count, edits in edit_sets.items()}
+
+    def plain() -> None:
+        with torch.inference_mode():
+            handle.hf_model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    def hooked() -> None:
+        with HookEdits(handle, edit_sets[1]):
+            plain()
+
+    variants: dict[str, Callable[[], Any]] = {"hf_unsteered": plain, "hook_edits_1": hooked}
+    for count in counts:
+        variants[f"nsteer_edits_{count}"] = lambda count=count: steered_generate_ids(handle, input_ids, attention_mask, plans[count], kwargs)
+    for variant in variants.values():  # warm-up
+        variant()
+    times = alternate(variants, device, min_rounds=settings.overhead_rounds, max_rounds=settings.overhead_rounds, budget_s=0.0)
+    per_step = {name: 1000 * statistics.median(values) / steps for name, values in times.cpu.items()}
+    base = per_step["hf_unsteered"]
+    extra = {name: round(value - base, 3) for name, value in per_step.items()}
+    slope = statistics.median(
+        (per_step[f"nsteer_edits_{count}"] - per_step["nsteer_edits_1"]) / (count - 1) for count in settings.edit_counts if count > 1
+    ) if len(settings.edit_counts) > 1 else float("nan")
+    result: dict[str, Any] = {
+        "model": f"random Llama, width 64, {settings.overhead_layers} layers",
+        "batch_size": 1,
+        "new_tokens": steps,
+        "rounds": settings.overhead_rounds,
+        "cpu_ms_per_step": {name: round(value, 3) for name, value in per_step.items()},
+        "extra_ms_per_step_over_hf": extra,
+        "nsteer_minus_hook_ms_per_step": round(per_step["nsteer_edits_1"] - per_step["hook_edits_1"], 3),
+        "ms_per_additional_edit": round(slope, 3),
+        "composed_edits": {
+            str(count): {"layers": edit_layers(handle.n_layers, count), **times.compare(f"nsteer_edits_{count}", "hf_unsteered")}
+            for count in counts
+        },
+    }
+    # What this fixed cost is worth on the benchmark model: its measured per-step CPU time, plus the extra ms.
+    for key, entry in (generation or {}).items():
+        step_ms = entry["per_step_cpu_ms"]["hf_unsteered"]
+        result[f"expected_nsteer_over_hf_{key}"] = round((step_ms + extra["nsteer_edits_1"]) / step_ms, 4)
+        result[f"expected_nsteer_over_hook_{key}"] = round(
+            (step_ms + extra["nsteer_edits_1"]) / (step_ms + extra["hook_edits_1"]), 4
+        )
+    return result
 
 
 def bench_eval_throughput(handle: Any, settings: Settings, device: str, vector_stats: tuple[torch.Tensor, torch.Tensor]) -> dict[str, Any]:
@@ -751,7 +804,6 @@ def format_table(report: dict[str, Any]) -> str:
         row(f"steered / unsteered generation, batch {size}", entry["steered_over_unsteered"])
         row(f"nsteer edit / forward hook, batch {size}", entry["nsteer_over_hook"])
         row(f"  (hook / unsteered, batch {size})", entry["hook_over_unsteered"])
-        row(f"  (nsteer without edits / HF generate, batch {size})", entry["nsteer_unsteered_over_hf"])
     extraction = report["extraction"]
     if extraction:
         per_batch = dict(extraction["per_batch"], target=extraction["target"], met=extraction["met"])
@@ -777,13 +829,23 @@ def format_table(report: dict[str, Any]) -> str:
             f"speed-up of extraction over one-prompt-at-a-time output_hidden_states: x{extraction['speedup_over_research']}"
             f" ({extraction['note'].split(';')[0]})"
         )
-    for entry in (report["generation"] or {}).values():
-        if "composed_edits" in entry:
-            parts = ", ".join(
-                f"{count} edit(s) {stats['ratio']:.3f} (cpu {stats.get('cpu_ratio', float('nan')):.3f})"
-                for count, stats in entry["composed_edits"].items()
-            )
-            lines.append(f"composed edits / unsteered generation, batch {entry['batch_size']}: {parts}")
+    overhead = report.get("overhead")
+    if overhead:
+        extra = overhead["extra_ms_per_step_over_hf"]
+        lines.append(
+            f"per-step overhead ({overhead['model']}, batch 1, CPU ms/step over HF generate's "
+            f"{overhead['cpu_ms_per_step']['hf_unsteered']:.2f}): hook {extra['hook_edits_1']:+.3f}, "
+            + ", ".join(f"nsteer {count} edit(s) {extra[f'nsteer_edits_{count}']:+.3f}" for count in overhead["composed_edits"])
+            + f"; nsteer - hook {overhead['nsteer_minus_hook_ms_per_step']:+.3f} ms, each added edit {overhead['ms_per_additional_edit']:+.3f} ms"
+        )
+        parts = ", ".join(f"{count} edit(s) {stats['cpu_ratio']:.3f}" for count, stats in overhead["composed_edits"].items())
+        lines.append(f"composed edits / unsteered generation (deep narrow model, CPU time): {parts}")
+        for key in report["generation"] or {}:
+            if f"expected_nsteer_over_hook_{key}" in overhead:
+                lines.append(
+                    f"  that overhead on the benchmark model, {key.replace('_', ' ')}: nsteer / HF "
+                    f"{overhead[f'expected_nsteer_over_hf_{key}']:.4f}, nsteer / hook {overhead[f'expected_nsteer_over_hook_{key}']:.4f}"
+                )
     throughput = report["eval_throughput"]
     if throughput:
         parts = ", ".join(f"bs {size}: {row_['answers_per_s']:.2f}/s" for size, row_ in throughput["by_batch_size"].items())
@@ -810,7 +872,7 @@ def run_device(args: argparse.Namespace, device: str, settings: Settings) -> dic
     print(f"[bench] {device}: model loaded in {load_s:.1f} s; load average {load_average()}", flush=True)
 
     sections = set(args.only.split(",")) if args.only else set(SECTIONS)
-    extraction = generation = throughput = memory = None
+    extraction = generation = overhead = throughput = memory = None
     if "extraction" in sections:
         loads.mark("extraction")
         extraction, vector_stats = bench_extraction(handle, settings, device)
@@ -821,6 +883,10 @@ def run_device(args: argparse.Namespace, device: str, settings: Settings) -> dic
         loads.mark("generation")
         generation = bench_generation(handle, settings, device, vector_stats)
         print(f"[bench] generation done; load {load_average()}", flush=True)
+    if "overhead" in sections:
+        loads.mark("overhead")
+        overhead = bench_overhead(settings, device, generation)
+        print(f"[bench] per-step overhead done; load {load_average()}", flush=True)
     if "eval" in sections:
         loads.mark("eval throughput")
         throughput = bench_eval_throughput(handle, settings, device, vector_stats)
@@ -867,6 +933,7 @@ def run_device(args: argparse.Namespace, device: str, settings: Settings) -> dic
         "ratios": ratios,
         "targets": TARGETS,
         "generation": generation,
+        "overhead": overhead,
         "extraction": extraction,
         "memory": memory,
         "eval_throughput": throughput,

@@ -27,7 +27,8 @@ PRINTED = (
     "extraction / bare forward",
     "memory peak",
     "speed-up of extraction over one-prompt-at-a-time",
-    "composed edits / unsteered generation, batch 1: 1 edit(s)",
+    "per-step overhead (",
+    "composed edits / unsteered generation (deep narrow model, CPU time): 0 edit(s)",
     "eval throughput",
 )
 RATIOS = {
@@ -78,10 +79,15 @@ def test_json_sections_are_complete(quick_run: tuple[str, dict]) -> None:
     _, report = quick_run
     for key in ("batch_1", "batch_8"):
         entry = report["generation"][key]
-        for name in ("hf_unsteered", "nsteer_steered", "hook_steered", "nsteer_unsteered"):
+        for name in ("hf_unsteered", "nsteer_steered", "hook_steered"):
             assert len(entry["times_s"][name]) >= 2 and all(_positive(t) for t in entry["times_s"][name])
         assert entry["nsteer_edit_matches_hook"] is True  # same edit both ways: identical greedy tokens
-    assert set(report["generation"]["batch_1"]["composed_edits"]) == {"1", "2", "4"}
+    overhead = report["overhead"]
+    assert set(overhead["composed_edits"]) == {"0", "1", "2", "4"}
+    assert set(overhead["cpu_ms_per_step"]) == {"hf_unsteered", "hook_edits_1", *(f"nsteer_edits_{n}" for n in (0, 1, 2, 4))}
+    assert all(_positive(value) for value in overhead["cpu_ms_per_step"].values())
+    assert all(math.isfinite(value) for value in overhead["extra_ms_per_step_over_hf"].values())
+    assert _positive(overhead["expected_nsteer_over_hook_batch_1"]) and _positive(overhead["expected_nsteer_over_hf_batch_8"])
     extraction = report["extraction"]
     assert extraction["per_batch"]["samples"] == extraction["batches"] >= 1
     assert _positive(extraction["research_scaled_s"])
