@@ -107,6 +107,18 @@ def test_file_is_plain_safetensors_with_readable_metadata(tmp_path):
     assert b"pickle" not in path.read_bytes()[:8]
 
 
+def test_equal_vectors_give_equal_bytes(tmp_path):
+    """The header is written key-sorted: safetensors' own order varies between writes, which breaks checksums."""
+    vector = make_vector()
+    payloads = {save_vector(vector, tmp_path / f"v{i}.safetensors").read_bytes() for i in range(12)}
+    assert len(payloads) == 1
+    (payload,) = payloads
+    size = int.from_bytes(payload[:8], "little")
+    header = json.loads(payload[8 : 8 + size])
+    assert list(header) == sorted(header) and list(header["__metadata__"]) == ["format", "nsteer"]
+    assert size % 8 == 0
+
+
 # --- atomic writes ------------------------------------------------------------------------------------------------
 
 
