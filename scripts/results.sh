@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The runs behind docs/results.md's length, words and language sections, on the SHIPPED vectors (run `make vectors`
+# The runs behind docs/results.md's format, length, words and language sections, on the SHIPPED vectors (run `make vectors`
 # first; nothing here computes a vector). Bounded for a 2-core CPU; reports go to runs/results/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -7,6 +7,8 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 OMP_NUM_THREADS=1 COLUMNS=200
 PY=.venv/bin/python
 NSTEER=.venv/bin/nsteer
 step() { echo "== $* ($(date -u +%T))"; }
+step "format 2x2"
+$NSTEER eval scripts/results/format-eval.yaml --out runs/results/format
 step "length curve"
 $PY scripts/length_curve.py --out runs/results/length-curve
 step "word inclusion"
