@@ -11,6 +11,8 @@ step "format 2x2"
 $NSTEER eval scripts/results/format-eval.yaml --out runs/results/format
 step "length curve"
 $PY scripts/length_curve.py --out runs/results/length-curve
+step "verbosity curve (384 tokens)"
+$PY scripts/length_curve.py --weights=-90,-60,-30,0 --max-new-tokens 384 --threads 2 --out runs/results/verbosity-curve --png docs/img/verbosity-curve.png
 step "word inclusion"
 $NSTEER eval scripts/results/words-inclusion.yaml --out runs/results/words-inclusion
 step "word exclusion"
