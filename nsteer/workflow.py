@@ -232,7 +232,7 @@ def steer_entry_edit(recipe: Recipe, vectors: Mapping[str, SteeringVector], inde
             borrowed = entry.instruction != vector.instruction_id
             raise recipe.error(
                 ("steer", index, "layer"),
-                f"layer is auto but no search chose a layer for '{entry.instruction}'"
+                f"layer is auto but there is no searched layer for '{entry.instruction}'"
                 + (f" on the borrowed '{vector.instruction_id}' vector (its own searched setting is not used for "
                    "another instruction)" if borrowed else "")
                 + ". Run `nsteer search` on this recipe, or give a layer number.",

@@ -200,7 +200,7 @@ def test_layer_auto_never_takes_a_setting_searched_for_another_instruction(setup
         **recipe.model_dump(exclude_unset=True),
         "steer": [{"instruction": "exclude:ocean", "vector": "include:ocean", "layer": "auto", "mode": "add"}],
     })
-    with pytest.raises(RecipeError, match=r"no search chose a layer for 'exclude:ocean' on the borrowed 'include:ocean'"):
+    with pytest.raises(RecipeError, match=r"no searched layer for 'exclude:ocean' on the borrowed 'include:ocean'"):
         recipe_edits(borrower, load_recipe_vectors(borrower, handle))
 
 
