@@ -535,7 +535,7 @@ def bench_overhead(settings: Settings, device: str, generation: dict[str, Any] |
     input_ids, attention_mask = generation_inputs(handle, 1, device)
     steps = settings.new_tokens
     kwargs = {**GenerationConfig(max_new_tokens=steps).generate_kwargs(tokenizer.pad_token_id), "min_new_tokens": steps}
-    counts = (0, *settings.edit_counts)
+    counts = tuple(sorted({0, 1, *settings.edit_counts}))  # 0 and 1 are the references the costs are read from
     edit_sets = {count: make_edits(vector_stats, edit_layers(handle.n_layers, count)) for count in counts}
     plans = {count: compile_plan([edits]) for count, edits in edit_sets.items()}
 
@@ -557,8 +557,8 @@ def bench_overhead(settings: Settings, device: str, generation: dict[str, Any] |
     base = per_step["hf_unsteered"]
     extra = {name: round(value - base, 3) for name, value in per_step.items()}
     slope = statistics.median(
-        (per_step[f"nsteer_edits_{count}"] - per_step["nsteer_edits_1"]) / (count - 1) for count in settings.edit_counts if count > 1
-    ) if len(settings.edit_counts) > 1 else float("nan")
+        (per_step[f"nsteer_edits_{count}"] - per_step["nsteer_edits_1"]) / (count - 1) for count in counts if count > 1
+    ) if counts[-1] > 1 else float("nan")
     result: dict[str, Any] = {
         "model": f"random Llama, width 64, {settings.overhead_layers} layers",
         "batch_size": 1,

@@ -648,7 +648,7 @@ def _finish(job: RemoteJob, result: Mapping[str, Any]) -> CollectedJob:
 
 def _finish_vector(job: RemoteJob, result: Mapping[str, Any]) -> CollectedJob:
     from nsteer.extract import MeanDifference, direction_statistics
-    from nsteer.vectors import SteeringVector, VectorMetadata, load_vector, save_vector
+    from nsteer.vectors import SteeringVector, VectorMetadata, carry_choices, save_vector
 
     payload = job.payload
     path = Path(payload["path"])
@@ -658,13 +658,8 @@ def _finish_vector(job: RemoteJob, result: Mapping[str, Any]) -> CollectedJob:
     directions, mean_projections, norms = direction_statistics(statistics)
     metadata = VectorMetadata.from_json(payload["metadata"], path)
     vector = SteeringVector(directions, mean_projections, norms, metadata)
-    if payload.get("keep_choice", True) and path.exists():  # keep a searched choice, as `nsteer compute` does
-        try:
-            previous = load_vector(path)
-        except NsteerError:
-            previous = None
-        if previous is not None and previous.metadata.chosen and previous.metadata.instruction_id == metadata.instruction_id:
-            vector = vector.with_choice(previous.metadata.chosen)
+    if payload.get("keep_choice", True) and path.exists():  # keep the searched settings, as `nsteer compute` does
+        vector = carry_choices(path, vector)
     save_vector(vector, path)
     return CollectedJob(job, done=True, status="COMPLETED", paths={metadata.instruction_id: path})
 

@@ -278,8 +278,10 @@ def search_recipe(
     if not entries:
         raise recipe.error(("steer",), "no steer entry has `layer: auto`, so there is nothing to search. Set layer: auto on the entries to search.")
     paths = {index: steer_vector_path(recipe, index) for index in entries}
+    # Resolved, so one file named two ways (an instruction's vector and a `vector:` path) counts as one file.
+    files = {index: path.resolve() for index, path in paths.items()}
     # A vector file holds one searched setting per instruction that uses it (its own, and one per borrower).
-    uses = [(paths[index], recipe.steer[index].instruction) for index in entries]
+    uses = [(files[index], recipe.steer[index].instruction) for index in entries]
     shared = [use for use in dict.fromkeys(uses) if uses.count(use) > 1]
     if shared:
         raise recipe.error(
@@ -338,10 +340,10 @@ def search_recipe(
         )
         if write:
             # Build on what this run already wrote: another entry may have recorded its own setting in the same file.
-            written[paths[index]] = written.get(paths[index], vector).with_choice(
+            written[files[index]] = written.get(files[index], vector).with_choice(
                 chosen_metadata(sweep, layers, weights), entry.instruction
             )
-            save_vector(written[paths[index]], paths[index])
+            save_vector(written[files[index]], paths[index])
         sweeps.append(sweep)
     return SearchResult(
         model_id=handle.model_id,

@@ -13,7 +13,7 @@ from typing import Any, Mapping
 
 import torch
 
-from nsteer.errors import VectorFileError
+from nsteer.errors import NsteerError, VectorFileError
 from nsteer.models import ModelHandle
 
 FORMAT = "nsteer.vector/1"
@@ -115,6 +115,19 @@ class SteeringVector:
                 borrowed[instruction] = chosen
             metadata = dataclasses.replace(self.metadata, chosen_for=dict(sorted(borrowed.items())))
         return dataclasses.replace(self, metadata=metadata)
+
+
+def carry_choices(path: str | Path, vector: SteeringVector) -> SteeringVector:
+    """``vector`` with the searched settings of the file at ``path`` (its own and its borrowers'), when that file holds
+    a readable vector of the same instruction: recomputing a vector keeps what searches chose for it."""
+    try:
+        previous = load_vector(path)
+    except NsteerError:  # no usable earlier file: nothing to keep
+        return vector
+    if previous.instruction_id != vector.instruction_id:
+        return vector
+    metadata = dataclasses.replace(vector.metadata, chosen=previous.metadata.chosen, chosen_for=previous.metadata.chosen_for)
+    return dataclasses.replace(vector, metadata=metadata)
 
 
 def atomic_write_bytes(path: Path, payload: bytes) -> None:

@@ -18,7 +18,7 @@ from nsteer.prompts import (
     BUILTIN_PREFIX, Instruction, Split, builtin_instruction, load_base_prompts, load_phrasings, split_pairs,
 )
 from nsteer.recipe import Recipe
-from nsteer.vectors import SteeringVector, check_compatible, load_vector, save_vector
+from nsteer.vectors import SteeringVector, carry_choices, check_compatible, load_vector, save_vector
 
 ProgressFactory = Callable[[str], Callable[[int, int], None]]
 
@@ -145,7 +145,7 @@ def compute_recipe_vectors(
             progress=progress(name) if progress else None,
         )
         if path.exists() and not force:
-            vector = _keep_choice(path, vector)
+            vector = carry_choices(path, vector)
         written[name] = save_vector(vector, path)
     return written
 
@@ -167,15 +167,6 @@ def borrows_vector(recipe: Recipe, name: str) -> bool:
     own = [entry for entry in recipe.steer if entry.instruction == name]
     lent = any(entry.vector == name for entry in recipe.steer)
     return bool(own) and all(entry.vector and entry.vector != name for entry in own) and not lent
-
-
-def _keep_choice(path: Path, vector: SteeringVector) -> SteeringVector:
-    """Carry a searched choice over when a vector is recomputed from the same instruction."""
-    try:
-        previous = load_vector(path)
-    except NsteerError:
-        return vector
-    return vector.with_choice(previous.metadata.chosen) if previous.metadata.chosen else vector
 
 
 def steer_vector_path(recipe: Recipe, index: int) -> Path:
@@ -229,13 +220,17 @@ def steer_entry_edit(recipe: Recipe, vectors: Mapping[str, SteeringVector], inde
         if chosen.get("no_steering"):
             return None
         if chosen.get("layer") is None:
-            borrowed = entry.instruction != vector.instruction_id
+            own = vector.choice() or {}
+            borrowed = ""
+            if entry.instruction != vector.instruction_id:
+                borrowed = f" on the borrowed '{vector.instruction_id}' vector (a setting searched for one instruction is not used for another"
+                if own.get("layer") is not None:
+                    borrowed += f"; its own search chose layer {own['layer']} {own.get('mode')} w={own.get('weight')}"
+                borrowed += ")"
             raise recipe.error(
                 ("steer", index, "layer"),
-                f"layer is auto but there is no searched layer for '{entry.instruction}'"
-                + (f" on the borrowed '{vector.instruction_id}' vector (its own searched setting is not used for "
-                   "another instruction)" if borrowed else "")
-                + ". Run `nsteer search` on this recipe, or give a layer number.",
+                f"layer is auto but there is no searched layer for '{entry.instruction}'{borrowed}. "
+                "Run `nsteer search` on this recipe, or give a layer number.",
             )
         layer = int(chosen["layer"])
         if "weight" not in entry.model_fields_set and chosen.get("mode") == entry.mode and chosen.get("weight") is not None:

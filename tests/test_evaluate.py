@@ -141,7 +141,7 @@ def test_paired_change_counts_fixed_and_broken_prompts(evaluated, tmp_path) -> N
     assert result.paired(False) == PairedChange(6, 3, 0, 0.25)
     data = json.loads(write_eval_report(result, tmp_path / "report")["json"].read_text())
     assert data["paired"]["lowercase"]["without_instruction"] == {"pairs": 3, "gained": 3, "lost": 0, "p_value": 0.25}
-    assert data["paired"]["overall"]["with_instruction"]["gained"] == 2
+    assert data["paired_overall"]["with_instruction"]["gained"] == 2
     assert "| lowercase | 3 / 0 (0.25) | 2 / 0 (0.5) |" in eval_markdown(result)
 
 

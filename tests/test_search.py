@@ -185,6 +185,12 @@ def test_word_exclusion_searches_the_borrowed_inclusion_vector_without_touching_
     assert (include.layer, include.weight) == (1, 2.0)
     assert (exclude.layer, exclude.weight) == (2, -3.0)
     assert torch.equal(exclude.direction, vectors["include:ocean"].directions[2])  # the inclusion vector, borrowed
+    # Recomputing the vector (other training pairs, no --force) keeps both searched settings.
+    changed = recipe_from_dict({**recipe.model_dump(exclude_unset=True), "prompts": {"max_pairs": 3}})
+    compute_recipe_vectors(changed, handle)
+    recomputed = load_vector(vector_path(recipe, "include:ocean"))
+    assert recomputed.metadata.prompt_set_hash != metadata.prompt_set_hash
+    assert recomputed.metadata.chosen == metadata.chosen and recomputed.metadata.chosen_for == metadata.chosen_for
 
 
 def test_layer_auto_never_takes_a_setting_searched_for_another_instruction(setup, handle) -> None:
@@ -200,7 +206,8 @@ def test_layer_auto_never_takes_a_setting_searched_for_another_instruction(setup
         **recipe.model_dump(exclude_unset=True),
         "steer": [{"instruction": "exclude:ocean", "vector": "include:ocean", "layer": "auto", "mode": "add"}],
     })
-    with pytest.raises(RecipeError, match=r"no searched layer for 'exclude:ocean' on the borrowed 'include:ocean'"):
+    with pytest.raises(RecipeError, match=r"no searched layer for 'exclude:ocean' on the borrowed 'include:ocean' vector "
+                       r"\(a setting searched for one instruction is not used for another; its own search chose layer 1 add w=2.0\)"):
         recipe_edits(borrower, load_recipe_vectors(borrower, handle))
 
 

@@ -75,6 +75,21 @@ def test_settings_searched_for_borrowing_instructions_are_kept_apart(tmp_path):
     assert replaced.with_choice({"layer": 3}).choice("exclude:lowercase") == {"layer": 1}
 
 
+def test_a_recomputed_vector_carries_the_files_searched_settings(tmp_path):
+    path = tmp_path / "v.safetensors"
+    save_vector(make_vector().with_choice({"layer": 2, "weight": -3.0}, "exclude:lowercase"), path)
+    fresh = make_vector(seed=1, chosen=None)
+    carried = vectors.carry_choices(path, fresh)
+    assert torch.equal(carried.directions, fresh.directions)  # the new tensors ...
+    assert carried.metadata.chosen == load_vector(path).metadata.chosen  # ... with the old searched settings
+    assert carried.metadata.chosen_for == {"exclude:lowercase": {"layer": 2, "weight": -3.0}}
+    other = make_vector(seed=1, chosen=None, instruction_id="uppercase")
+    assert vectors.carry_choices(path, other) is other  # another instruction's file: nothing carried
+    assert vectors.carry_choices(tmp_path / "missing.safetensors", fresh) is fresh
+    path.write_bytes(b"truncated")
+    assert vectors.carry_choices(path, fresh) is fresh
+
+
 def test_malformed_borrowed_settings_are_refused(tmp_path):
     vector = make_vector()
     data = json.loads(vector.metadata.to_json())

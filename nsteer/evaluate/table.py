@@ -169,12 +169,9 @@ class EvaluationResult:
             group: {_cell_name(cell): dataclasses.asdict(self.cell(cell, group)) for cell in CELLS}
             for group in self.groups
         }
-        paired = {
-            group or "overall": {
-                _condition_name(present): dataclasses.asdict(self.paired(present, group)) for present in (False, True)
-            }
-            for group in (*self.groups, None)
-        }
+        def paired(group: str | None) -> dict[str, Any]:
+            return {_condition_name(present): dataclasses.asdict(self.paired(present, group)) for present in (False, True)}
+
         return json_safe(
             {
                 "model": self.model_id,
@@ -188,7 +185,8 @@ class EvaluationResult:
                 "categories": dict(self.categories),
                 "overall": {_cell_name(cell): dataclasses.asdict(self.cell(cell)) for cell in CELLS},
                 "table": table,
-                "paired": paired,
+                "paired": {group: paired(group) for group in self.groups},
+                "paired_overall": paired(None),
                 "answers": [dataclasses.asdict(answer) for answer in self.answers],
             }
         )
