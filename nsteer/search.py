@@ -195,10 +195,10 @@ def _vector_hash(vector: SteeringVector) -> str:
     return digest.hexdigest()[:16]
 
 
-def run_cell(
+def run_cells(
     handle: ModelHandle,
     vector: SteeringVector,
-    setting: Setting,
+    settings: Sequence[Setting],
     prompts: Sequence[str],
     spec: CheckSpec,
     *,
@@ -208,38 +208,63 @@ def run_cell(
     checkpoint: Path | None,
     finished: Mapping[str, Mapping[str, Any]],
     label: str,
+    together: bool = False,
     progress: Callable[[int, int], None] | None = None,
-) -> SweepCell:
-    """Generate (or reuse from the checkpoint) and score one setting on ``prompts``."""
-    key = cell_key(
-        kind="search", model=handle.weights_fingerprint or handle.model_id,
-        vector=None if setting.no_steering else _vector_hash(vector),  # the baseline does not depend on the vector
-        setting=None if setting.no_steering else dataclasses.asdict(setting), prompts=list(prompts),
-        config=dataclasses.asdict(config), reference=reference.name if reference else "",
-    )
-    record = finished.get(key)
-    if record is not None:
-        answers = list(record["answers"])
-        perplexities = [math.nan if value is None else float(value) for value in record["perplexities"]]
-    else:
-        edits = [] if setting.no_steering else [
-            edit_from_vector(vector, layer=setting.layer, mode=setting.mode, weight=setting.weight, positions=setting.positions)
+) -> list[SweepCell]:
+    """Generate (or reuse from the checkpoint) and score every setting on ``prompts``.
+
+    Each unfinished setting is generated and checkpointed on its own, so an interrupted sweep loses at most one cell;
+    with ``together`` all unfinished settings go through one generation as per-row edits (on NDIF: one request for
+    the whole sweep of an entry instead of one per setting) and are checkpointed when it ends.
+    """
+    keys = [
+        cell_key(
+            kind="search", model=handle.weights_fingerprint or handle.model_id,
+            vector=None if setting.no_steering else _vector_hash(vector),  # the baseline does not depend on the vector
+            setting=None if setting.no_steering else dataclasses.asdict(setting), prompts=list(prompts),
+            config=dataclasses.asdict(config), reference=reference.name if reference else "",
+        )
+        for setting in settings
+    ]
+    records = {key: finished[key] for key in keys if key in finished}
+    pending = [(key, setting) for key, setting in zip(keys, settings) if key not in records]
+    total, done = len(settings) * len(prompts), len(records) * len(prompts)
+    if progress and records:
+        progress(done, total)
+    size = max(len(pending), 1) if together else 1
+    for start in range(0, len(pending), size):
+        chunk = pending[start : start + size]
+        row_edits = [
+            [] if setting.no_steering else [
+                edit_from_vector(vector, layer=setting.layer, mode=setting.mode, weight=setting.weight, positions=setting.positions)
+            ]
+            for _, setting in chunk
+            for _ in prompts
         ]
-        answers = generator(
-            handle, list(prompts), row_edits=[edits] * len(prompts), config=config,
-            progress=progress,
-        )
-        if len(answers) != len(prompts):
-            raise EvaluationError(f"The generator returned {len(answers)} answers for {len(prompts)} prompts.")
-        perplexities = (
-            perplexity(reference.model, reference.tokenizer, list(prompts), answers) if reference else [math.nan] * len(prompts)
-        )
-        if checkpoint is not None:
-            append_checkpoint(
-                checkpoint,
-                {"key": key, "label": label, "answers": list(answers),
-                 "perplexities": [value if math.isfinite(value) else None for value in perplexities]},
-            )
+        rows = [prompt for _ in chunk for prompt in prompts]
+        step = (lambda count, _, offset=done: progress(offset + count, total)) if progress else None
+        answers = generator(handle, rows, row_edits=row_edits, config=config, progress=step)
+        if len(answers) != len(rows):
+            raise EvaluationError(f"The generator returned {len(answers)} answers for {len(rows)} prompts.")
+        perplexities = perplexity(reference.model, reference.tokenizer, rows, answers) if reference else [math.nan] * len(rows)
+        for number, (key, setting) in enumerate(chunk):
+            cut = slice(number * len(prompts), (number + 1) * len(prompts))
+            records[key] = {
+                "key": key, "label": f"{label} {setting.label}", "answers": list(answers[cut]),
+                "perplexities": [value if math.isfinite(value) else None for value in perplexities[cut]],
+            }
+            if checkpoint is not None:
+                append_checkpoint(checkpoint, records[key])
+        done += len(rows)
+        if progress:
+            progress(done, total)
+    return [_score_cell(setting, prompts, records[key], spec) for key, setting in zip(keys, settings)]
+
+
+def _score_cell(setting: Setting, prompts: Sequence[str], record: Mapping[str, Any], spec: CheckSpec) -> SweepCell:
+    """Checker verdicts, degeneracy and perplexity of one setting's answers."""
+    answers = list(record["answers"])
+    perplexities = [math.nan if value is None else float(value) for value in record["perplexities"]]
     results = [check_all((spec,), answer, prompt)[0] for prompt, answer in zip(prompts, answers)]
     finite = [value for value in perplexities if math.isfinite(value)]
     count = max(len(answers), 1)
@@ -312,17 +337,12 @@ def search_recipe(
         explicit_weight = "weight" in entry.model_fields_set or entry.mode != "add"
         weights = [entry.weight] if explicit_weight else list(settings.weights)
         candidates = [Setting(layer, entry.mode, weight, entry.positions) for layer in layers for weight in weights]
-        run = dict(config=config, reference=reference, generator=generator, checkpoint=checkpoint, finished=finished)
         bar = progress(f"search {entry.instruction}") if progress else None
-        total = (len(candidates) + 1) * len(prompts)
-        swept: list[SweepCell] = []
-        for number, setting in enumerate([Setting(None, entry.mode, 0.0, entry.positions), *candidates]):
-            offset = number * len(prompts)
-            step = (lambda done, _, offset=offset: bar(offset + done, total)) if bar else None
-            swept.append(run_cell(handle, vector, setting, prompts, spec, label=f"{entry.instruction} {setting.label}",
-                                  progress=step, **run))
-            if bar:
-                bar(offset + len(prompts), total)
+        swept = run_cells(
+            handle, vector, [Setting(None, entry.mode, 0.0, entry.positions), *candidates], prompts, spec,
+            config=config, reference=reference, generator=generator, checkpoint=checkpoint, finished=finished,
+            label=entry.instruction, together=handle.remote, progress=bar,
+        )
         baseline = swept[0]
         cells = [
             dataclasses.replace(cell, rejected=guard(cell, baseline, settings.margin, settings.min_perplexity_ratio))

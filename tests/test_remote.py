@@ -184,6 +184,32 @@ def test_recipe_run_through_mock_writes_what_a_local_run_writes(mock_ndif, tmp_p
     assert compute_recipe_vectors(recipe, handle) == written and jobs_count(mock_ndif) - before == 2  # rerun: skipped
 
 
+def test_remote_search_sends_one_request_per_searched_entry(mock_ndif, tmp_path, monkeypatch):
+    from nsteer.search import search_recipe
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bases.jsonl").write_text("".join(f'{{"id": "{b.id}", "text": "{b.text}"}}\n' for b in BASES))
+    recipe = recipe_from_dict({
+        "name": "ndif-search",
+        "model": {"id": DEFAULT_MODEL, "backend": "ndif", "timeout": 30},
+        "prompts": {"base": str(tmp_path / "bases.jsonl"), "max_pairs": 6},
+        "instructions": {"shout": {"phrasings": list(INSTRUCTION.phrasings), "check": "change_case:english_capital"}},
+        "steer": [{"instruction": "shout", "layer": "auto", "mode": "add"}],
+        "search": {"layers": [1, 2], "weights": [2.0, 4.0], "max_prompts": 2, "condition": "absent"},
+        "generation": {"max_new_tokens": 3, "batch_size": 4},
+        "extraction": {"batch_size": 4},
+        "output": {"dir": str(tmp_path / "remote")},
+    })
+    handle = open_recipe_model(recipe)
+    compute_recipe_vectors(recipe, handle)
+    before = jobs_count(mock_ndif)
+    (sweep,) = search_recipe(recipe, handle).sweeps
+    assert jobs_count(mock_ndif) - before == 1  # the baseline and 4 settings on the validation prompts: one request, not five
+    prompts = sweep.baseline.prompts
+    assert len(sweep.cells) == 4 and all(c.prompts == prompts and len(c.answers) == len(prompts) for c in sweep.cells)
+    assert load_vector(tmp_path / "remote" / "shout.safetensors").metadata.chosen["layers_searched"] == [1, 2]
+
+
 # ------------------------------------------------------------------------------- nnsight's local simulation
 
 

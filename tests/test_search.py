@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -209,6 +210,30 @@ def test_layer_auto_never_takes_a_setting_searched_for_another_instruction(setup
     with pytest.raises(RecipeError, match=r"no searched layer for 'exclude:ocean' on the borrowed 'include:ocean' vector "
                        r"\(a setting searched for one instruction is not used for another; its own search chose layer 1 add w=2.0\)"):
         recipe_edits(borrower, load_recipe_vectors(borrower, handle))
+
+
+def test_a_remote_sweep_generates_every_setting_in_one_call_with_the_same_result(setup, handle, tmp_path) -> None:
+    recipe = setup()
+    answers = {None: TITLE, 1: TITLE, 2: LOOP_LOWER, 3: PASS_LOWER}
+    calls: list[list[int | None]] = []
+
+    def generator(h, prompts, *, row_edits, config, progress=None):
+        layers = [edits[0].layer if edits else None for edits in row_edits]
+        calls.append(layers)
+        return [answers[layer] for layer in layers]
+
+    one_by_one = search_recipe(recipe, handle, generator=ByLayer(answers), reference=None, out_dir=tmp_path / "a")
+    remote_handle = dataclasses.replace(handle, remote=True)  # only decides how cells are grouped: the generator is fake
+    together = search_recipe(recipe, remote_handle, generator=generator, reference=None, out_dir=tmp_path / "b")
+    (sweep,) = together.sweeps
+    assert len(calls) == 1 and len(calls[0]) == 4 * len(sweep.baseline.prompts)  # baseline + 3 layers, one generation
+    assert sorted(set(calls[0]), key=str) == sorted([None, 1, 2, 3], key=str)
+    assert [(c.setting, c.loose, c.degenerate_share, c.answers) for c in sweep.cells] == [
+        (c.setting, c.loose, c.degenerate_share, c.answers) for c in one_by_one.sweeps[0].cells
+    ]
+    assert sweep.winner.setting == one_by_one.sweeps[0].winner.setting == Setting(3, "set", 1.0, "all")
+    again = search_recipe(recipe, remote_handle, generator=generator, reference=None, out_dir=tmp_path / "b")
+    assert len(calls) == 1 and again.sweeps[0].winner.setting == sweep.winner.setting  # resumed from the checkpoint
 
 
 def test_an_interrupted_sweep_resumes_without_redoing_finished_cells(setup, handle, tmp_path) -> None:
