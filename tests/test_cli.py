@@ -61,6 +61,28 @@ def test_inspect_json(monkeypatch, capsys, vector_file):
     assert summary["instruction"] == "lowercase" and summary["largest_norm_layer"] == 1 and summary["width"] == 8
 
 
+def test_inspect_and_list_show_settings_searched_for_borrowers(monkeypatch, capsys, vector_file):
+    import json
+
+    from nsteer.vectors import load_vector
+
+    borrowed = {"layer": 2, "mode": "add", "weight": -3.0, "positions": "all"}
+    save_vector(load_vector(vector_file).with_choice(borrowed, "exclude:lowercase"), vector_file)
+    code, out, err = run_cli(monkeypatch, capsys, "inspect", str(vector_file))
+    assert code == 0, err
+    assert "chosen for exclude:lowercase" in flat(out) and "-3.0" in out
+    code, out, err = run_cli(monkeypatch, capsys, "inspect", str(vector_file), "--json")
+    assert json.loads(out)["chosen_for"] == {"exclude:lowercase": borrowed}
+    assert json.loads(out)["chosen"]["layer"] == 1  # the vector's own setting, untouched
+    code, out, err = run_cli(monkeypatch, capsys, "list", "--vectors", str(vector_file.parent), "--json")
+    assert code == 0, err
+    (row,) = json.loads(out)["vectors"]
+    assert row["layer"] == 1 and row["searched_for"] == ["exclude:lowercase"]
+    code, out, err = run_cli(monkeypatch, capsys, "list", "--vectors", str(vector_file.parent))
+    assert code == 0, err
+    assert "also searched for exclude:lowercase" in flat(out)
+
+
 def test_inspect_missing_and_broken_files(monkeypatch, capsys, tmp_path):
     assert_user_error(*run_cli(monkeypatch, capsys, "inspect", str(tmp_path / "none.safetensors")), "not found")
     broken = tmp_path / "broken.safetensors"
