@@ -552,23 +552,17 @@ def submit_vector(
 
 
 def submit_recipe_vectors(recipe: Any, handle: ModelHandle, *, force: bool = False) -> dict[str, RemoteJob | Path]:
-    """Submit one job per instruction whose vector is missing or stale; up-to-date files are returned as paths."""
-    from nsteer.prompts import prompt_set_hash
-    from nsteer.workflow import _is_current, instruction_splits, resolve_instruction, vector_path
+    """Submit one job per instruction whose vector `compute` would make (the same :func:`nsteer.workflow.vector_tasks`);
+    files it would keep are returned as paths."""
+    from nsteer.workflow import vector_tasks
 
-    submitted: dict[str, RemoteJob | Path] = {}
-    for name in recipe.instructions:
-        instruction = resolve_instruction(recipe, name)
-        pairs = instruction_splits(recipe, name).train
-        path = vector_path(recipe, name)
-        if not force and path.exists() and _is_current(path, handle, instruction, prompt_set_hash(pairs)):
-            submitted[name] = path
-            continue
-        submitted[name] = submit_vector(
-            handle, instruction, pairs, path=path, batch_size=recipe.extraction.batch_size, seed=recipe.prompts.seed,
-            keep_choice=not force,
+    return {
+        task.name: task.path if task.keep else submit_vector(
+            handle, task.instruction, task.pairs, path=task.path, batch_size=recipe.extraction.batch_size,
+            seed=recipe.prompts.seed, keep_choice=not force,
         )
-    return submitted
+        for task in vector_tasks(recipe, handle, force=force)
+    }
 
 
 def submit_generation(

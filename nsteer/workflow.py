@@ -6,6 +6,7 @@ The CLI and the SDK both call these functions; each step delegates to the stage 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping
 
@@ -15,7 +16,7 @@ from nsteer.extract import compute_vector
 from nsteer.generate import GenerationConfig
 from nsteer.models import ModelHandle, open_model
 from nsteer.prompts import (
-    BUILTIN_PREFIX, Instruction, Split, builtin_instruction, load_base_prompts, load_phrasings, split_pairs,
+    BUILTIN_PREFIX, Instruction, PromptPair, Split, builtin_instruction, load_base_prompts, load_phrasings, split_pairs,
 )
 from nsteer.recipe import Recipe
 from nsteer.vectors import SteeringVector, carry_choices, check_compatible, load_vector, save_vector
@@ -109,6 +110,41 @@ def _is_current(path: Path, handle: ModelHandle, instruction: Instruction, expec
     return meta.prompt_set_hash == expected_hash and meta.instruction_id == instruction.id and same_model(meta, handle)
 
 
+@dataclass(frozen=True)
+class VectorTask:
+    """One instruction that needs a vector of its own: its training pairs, its file, and whether that file is kept."""
+
+    name: str
+    instruction: Instruction
+    pairs: tuple[PromptPair, ...]
+    path: Path
+    keep: bool  # the file is current (or a vector put there to transfer): nothing to compute
+
+
+def vector_tasks(recipe: Recipe, handle: ModelHandle, *, force: bool = False) -> list[VectorTask]:
+    """What `compute` does per instruction, locally or on NDIF: compute its vector, or keep the file already there.
+
+    An instruction whose steer entries all take another vector (``vector:``, e.g. word exclusion steering with the
+    inclusion vector) and that no entry borrows gets none: it is there to be prompted and scored, not extracted.
+    """
+    from nsteer.prompts import prompt_set_hash
+
+    tasks = []
+    for name in recipe.instructions:
+        if borrows_vector(recipe, name):
+            continue
+        instruction = resolve_instruction(recipe, name)
+        pairs = instruction_splits(recipe, name).train
+        path = vector_path(recipe, name)
+        keep = not force and path.exists() and (
+            _is_current(path, handle, instruction, prompt_set_hash(pairs))
+            # `transfer: true`: a vector copied from another model is kept (docs/transfer.md)
+            or (recipe.transfer and _is_transferred(path, handle))
+        )
+        tasks.append(VectorTask(name, instruction, pairs, path, keep))
+    return tasks
+
+
 def compute_recipe_vectors(
     recipe: Recipe,
     handle: ModelHandle,
@@ -116,37 +152,24 @@ def compute_recipe_vectors(
     force: bool = False,
     progress: ProgressFactory | None = None,
 ) -> dict[str, Path]:
-    """Compute and save a vector for every instruction; finished files are kept and skipped on a rerun.
-
-    An instruction whose steer entries all take another vector (``vector:``, e.g. word exclusion steering with the
-    inclusion vector) and that no entry borrows gets none: it is there to be prompted and scored, not extracted.
-    """
-    from nsteer.prompts import prompt_set_hash
-
+    """Compute and save a vector for every instruction that needs one (:func:`vector_tasks`); finished files are kept
+    and skipped on a rerun."""
     written: dict[str, Path] = {}
-    for name in recipe.instructions:
-        if borrows_vector(recipe, name):
-            continue
-        instruction = resolve_instruction(recipe, name)
-        pairs = instruction_splits(recipe, name).train
-        path = vector_path(recipe, name)
-        if not force and path.exists() and _is_current(path, handle, instruction, prompt_set_hash(pairs)):
-            written[name] = path
-            continue
-        if not force and recipe.transfer and path.exists() and _is_transferred(path, handle):
-            written[name] = path  # `transfer: true`: a vector copied from another model is kept (docs/transfer.md)
+    for task in vector_tasks(recipe, handle, force=force):
+        if task.keep:
+            written[task.name] = task.path
             continue
         vector = compute_vector(
             handle,
-            instruction,
-            pairs,
+            task.instruction,
+            task.pairs,
             batch_size=recipe.extraction.batch_size,
             seed=recipe.prompts.seed,
-            progress=progress(name) if progress else None,
+            progress=progress(task.name) if progress else None,
         )
-        if path.exists() and not force:
-            vector = carry_choices(path, vector)
-        written[name] = save_vector(vector, path)
+        if task.path.exists() and not force:
+            vector = carry_choices(task.path, vector)
+        written[task.name] = save_vector(vector, task.path)
     return written
 
 

@@ -265,6 +265,24 @@ def test_submit_and_collect_vectors_and_answers(mock_ndif, tmp_path, jobs_dir):
     assert collected.answers == generate(local_handle(mock_ndif), PROMPTS, edits, config=config)
 
 
+def test_submitted_recipe_vectors_are_the_ones_compute_would_make(mock_ndif, tmp_path, jobs_dir, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bases.jsonl").write_text("".join(f'{{"id": "{b.id}", "text": "{b.text}"}}\n' for b in BASES))
+    recipe = recipe_from_dict({
+        "name": "ndif-submit",
+        "model": {"id": DEFAULT_MODEL, "backend": "ndif", "timeout": 30},
+        "prompts": {"base": str(tmp_path / "bases.jsonl"), "max_pairs": 6},
+        "instructions": {"include:ocean": {}, "exclude:ocean": {}},
+        "steer": [{"instruction": "exclude:ocean", "vector": "include:ocean", "layer": 1, "mode": "add", "weight": -2.0}],
+        "extraction": {"batch_size": 4},
+        "output": {"dir": str(tmp_path / "remote")},
+    })
+    before = jobs_count(mock_ndif)
+    submitted = remote.submit_recipe_vectors(recipe, open_recipe_model(recipe))
+    assert set(submitted) == {"include:ocean"}  # the exclusion borrows the inclusion vector: no job of its own
+    assert jobs_count(mock_ndif) - before == 1
+
+
 def test_cli_no_wait_then_collect(mock_ndif, tmp_path, jobs_dir, monkeypatch):
     from nsteer.cli import app
 
