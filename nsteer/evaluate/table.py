@@ -169,7 +169,7 @@ class EvaluationResult:
             group: {_cell_name(cell): dataclasses.asdict(self.cell(cell, group)) for cell in CELLS}
             for group in self.groups
         }
-        def paired(group: str | None) -> dict[str, Any]:
+        def paired_by_condition(group: str | None) -> dict[str, Any]:
             return {_condition_name(present): dataclasses.asdict(self.paired(present, group)) for present in (False, True)}
 
         return json_safe(
@@ -185,8 +185,8 @@ class EvaluationResult:
                 "categories": dict(self.categories),
                 "overall": {_cell_name(cell): dataclasses.asdict(self.cell(cell)) for cell in CELLS},
                 "table": table,
-                "paired": {group: paired(group) for group in self.groups},
-                "paired_overall": paired(None),
+                "paired": {group: paired_by_condition(group) for group in self.groups},
+                "paired_overall": paired_by_condition(None),
                 "answers": [dataclasses.asdict(answer) for answer in self.answers],
             }
         )
@@ -201,12 +201,12 @@ class Reference:
     name: str
 
 
-def _cell_name(cell: Cell) -> str:
-    return f"{'with' if cell.instruction_in_prompt else 'without'}_instruction/{'steered' if cell.steered else 'unsteered'}"
-
-
 def _condition_name(instruction_in_prompt: bool) -> str:
     return f"{'with' if instruction_in_prompt else 'without'}_instruction"
+
+
+def _cell_name(cell: Cell) -> str:
+    return f"{_condition_name(cell.instruction_in_prompt)}/{'steered' if cell.steered else 'unsteered'}"
 
 
 def json_safe(value: Any) -> Any:
