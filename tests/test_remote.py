@@ -92,6 +92,19 @@ def edits_for_test() -> list[Edit]:
     ]
 
 
+def ndif_spec(tmp_path: Path, name: str, **fields) -> dict:
+    """A recipe dict for the mock's default model on NDIF, over BASES written to a file, with output under tmp_path."""
+    (tmp_path / "bases.jsonl").write_text("".join(f'{{"id": "{b.id}", "text": "{b.text}"}}\n' for b in BASES))
+    return {
+        "name": name,
+        "model": {"id": DEFAULT_MODEL, "backend": "ndif", "timeout": 30},
+        "prompts": {"base": str(tmp_path / "bases.jsonl"), "max_pairs": 6},
+        "extraction": {"batch_size": 4},
+        "output": {"dir": str(tmp_path / "remote")},
+        **fields,
+    }
+
+
 @pytest.fixture
 def jobs_dir(tmp_path, monkeypatch):
     directory = tmp_path / "jobs"
@@ -156,18 +169,10 @@ def test_steered_generation_through_mock_equals_local(mock_ndif):
 
 def test_recipe_run_through_mock_writes_what_a_local_run_writes(mock_ndif, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "bases.jsonl").write_text("".join(f'{{"id": "{b.id}", "text": "{b.text}"}}\n' for b in BASES))
-    spec = {
-        "name": "ndif-test",
-        "model": {"id": DEFAULT_MODEL, "backend": "ndif", "timeout": 30},
-        "prompts": {"base": str(tmp_path / "bases.jsonl"), "max_pairs": 6},
-        "instructions": {
-            "shout": {"phrasings": list(INSTRUCTION.phrasings), "check": "change_case:english_capital"},
-            "hush": {"phrasings": ["Answer in lowercase.", "no capitals."], "check": "change_case:english_lowercase"},
-        },
-        "extraction": {"batch_size": 4},
-        "output": {"dir": str(tmp_path / "remote")},
-    }
+    spec = ndif_spec(tmp_path, "ndif-test", instructions={
+        "shout": {"phrasings": list(INSTRUCTION.phrasings), "check": "change_case:english_capital"},
+        "hush": {"phrasings": ["Answer in lowercase.", "no capitals."], "check": "change_case:english_lowercase"},
+    })
     recipe = recipe_from_dict(spec)
     handle = open_recipe_model(recipe)
     assert handle.remote and handle.remote_timeout == 30
@@ -188,18 +193,13 @@ def test_remote_search_sends_one_request_per_searched_entry(mock_ndif, tmp_path,
     from nsteer.search import search_recipe
 
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "bases.jsonl").write_text("".join(f'{{"id": "{b.id}", "text": "{b.text}"}}\n' for b in BASES))
-    recipe = recipe_from_dict({
-        "name": "ndif-search",
-        "model": {"id": DEFAULT_MODEL, "backend": "ndif", "timeout": 30},
-        "prompts": {"base": str(tmp_path / "bases.jsonl"), "max_pairs": 6},
-        "instructions": {"shout": {"phrasings": list(INSTRUCTION.phrasings), "check": "change_case:english_capital"}},
-        "steer": [{"instruction": "shout", "layer": "auto", "mode": "add"}],
-        "search": {"layers": [1, 2], "weights": [2.0, 4.0], "max_prompts": 2, "condition": "absent"},
-        "generation": {"max_new_tokens": 3, "batch_size": 4},
-        "extraction": {"batch_size": 4},
-        "output": {"dir": str(tmp_path / "remote")},
-    })
+    recipe = recipe_from_dict(ndif_spec(
+        tmp_path, "ndif-search",
+        instructions={"shout": {"phrasings": list(INSTRUCTION.phrasings), "check": "change_case:english_capital"}},
+        steer=[{"instruction": "shout", "layer": "auto", "mode": "add"}],
+        search={"layers": [1, 2], "weights": [2.0, 4.0], "max_prompts": 2, "condition": "absent"},
+        generation={"max_new_tokens": 3, "batch_size": 4},
+    ))
     handle = open_recipe_model(recipe)
     compute_recipe_vectors(recipe, handle)
     before = jobs_count(mock_ndif)
@@ -267,16 +267,11 @@ def test_submit_and_collect_vectors_and_answers(mock_ndif, tmp_path, jobs_dir):
 
 def test_submitted_recipe_vectors_are_the_ones_compute_would_make(mock_ndif, tmp_path, jobs_dir, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "bases.jsonl").write_text("".join(f'{{"id": "{b.id}", "text": "{b.text}"}}\n' for b in BASES))
-    recipe = recipe_from_dict({
-        "name": "ndif-submit",
-        "model": {"id": DEFAULT_MODEL, "backend": "ndif", "timeout": 30},
-        "prompts": {"base": str(tmp_path / "bases.jsonl"), "max_pairs": 6},
-        "instructions": {"include:ocean": {}, "exclude:ocean": {}},
-        "steer": [{"instruction": "exclude:ocean", "vector": "include:ocean", "layer": 1, "mode": "add", "weight": -2.0}],
-        "extraction": {"batch_size": 4},
-        "output": {"dir": str(tmp_path / "remote")},
-    })
+    recipe = recipe_from_dict(ndif_spec(
+        tmp_path, "ndif-submit",
+        instructions={"include:ocean": {}, "exclude:ocean": {}},
+        steer=[{"instruction": "exclude:ocean", "vector": "include:ocean", "layer": 1, "mode": "add", "weight": -2.0}],
+    ))
     before = jobs_count(mock_ndif)
     submitted = remote.submit_recipe_vectors(recipe, open_recipe_model(recipe))
     assert set(submitted) == {"include:ocean"}  # the exclusion borrows the inclusion vector: no job of its own
