@@ -21,7 +21,10 @@ demo: $(STAMP)
 	$(BIN)/nsteer compute recipes/quickstart.yaml
 	$(BIN)/nsteer generate recipes/quickstart.yaml --compare
 
+# Lint and format check first (ruff, pinned in the test extra), then the suite.
 test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest -q
 
 bench: $(STAMP)

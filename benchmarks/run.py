@@ -38,9 +38,10 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -89,9 +90,20 @@ class Settings:
 
 FULL = Settings()
 QUICK = Settings(
-    new_tokens=8, min_rounds=2, max_rounds=2, generation_budgets_s=(5.0, 5.0), overhead_layers=4, overhead_rounds=2,
-    extraction_pairs=16, full_forward_every=2,
-    research_prompts=4, memory_pairs=(8, 64), eval_prompts=16, eval_new_tokens=4, eval_max_rounds=1, eval_budget_s=5.0,
+    new_tokens=8,
+    min_rounds=2,
+    max_rounds=2,
+    generation_budgets_s=(5.0, 5.0),
+    overhead_layers=4,
+    overhead_rounds=2,
+    extraction_pairs=16,
+    full_forward_every=2,
+    research_prompts=4,
+    memory_pairs=(8, 64),
+    eval_prompts=16,
+    eval_new_tokens=4,
+    eval_max_rounds=1,
+    eval_budget_s=5.0,
 )
 
 
@@ -237,8 +249,10 @@ def tiny_tokenizer() -> Any:
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=512, special_tokens=["<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+        vocab_size=512,
+        special_tokens=["<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     tokenizer.train_from_iterator(corpus, trainer=trainer)
     fast = PreTrainedTokenizerFast(
@@ -265,9 +279,17 @@ def tiny_config(tokenizer: Any, layers: int = 4) -> Any:
 
     eos = tokenizer.eos_token_id
     return LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=512, eos_token_id=eos, bos_token_id=tokenizer.bos_token_id,
-        pad_token_id=eos, initializer_range=0.1,
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        eos_token_id=eos,
+        bos_token_id=tokenizer.bos_token_id,
+        pad_token_id=eos,
+        initializer_range=0.1,
     )
 
 
@@ -299,7 +321,9 @@ def generation_inputs(handle: Any, batch_size: int, device: str) -> tuple[torch.
     from nsteer.prompts import load_base_prompts
 
     prompts = [p.text for p in load_base_prompts("builtin:base-v1")[:batch_size]]
-    input_ids, attention_mask = left_pad([chat_token_ids(handle.tokenizer, p) for p in prompts], handle.tokenizer.pad_token_id)
+    input_ids, attention_mask = left_pad(
+        [chat_token_ids(handle.tokenizer, p) for p in prompts], handle.tokenizer.pad_token_id
+    )
     return input_ids.to(device), attention_mask.to(device)
 
 
@@ -344,7 +368,9 @@ class HookEdits:
     def __enter__(self) -> HookEdits:
         for edit in self.edits:
             unit = edit.direction.to(self.device, self.dtype)
-            self.handles.append(self.blocks[edit.layer].register_forward_hook(self._hook(unit, edit.target, edit.weight)))
+            self.handles.append(
+                self.blocks[edit.layer].register_forward_hook(self._hook(unit, edit.target, edit.weight))
+            )
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -364,7 +390,9 @@ def quick_vector(handle: Any, pairs: int = 8) -> tuple[torch.Tensor, torch.Tenso
     return directions, mean_projections
 
 
-def bench_extraction(handle: Any, settings: Settings, device: str) -> tuple[dict[str, Any], tuple[torch.Tensor, torch.Tensor]]:
+def bench_extraction(
+    handle: Any, settings: Settings, device: str
+) -> tuple[dict[str, Any], tuple[torch.Tensor, torch.Tensor]]:
     """Extraction (last_token_sums per batch + tokenization) vs a bare decoder forward on the same batches."""
     from nsteer.extract import MeanDifference, direction_statistics, extraction_batches, last_token_sums
 
@@ -395,15 +423,26 @@ def bench_extraction(handle: Any, settings: Settings, device: str) -> tuple[dict
     for index, batch in enumerate(batches):
         ids, mask, _ = batch
         collected: list[torch.Tensor] = []
-        variants = {"nsteer": lambda: collected.append(last_token_sums(handle, [batch])), "decoder": lambda: forward_decoder(ids, mask)}
-        times = alternate(variants if index % 2 == 0 else dict(reversed(variants.items())), device, min_rounds=1, max_rounds=1, budget_s=0)
+        variants = {
+            "nsteer": lambda collected=collected, batch=batch: collected.append(last_token_sums(handle, [batch])),
+            "decoder": lambda ids=ids, mask=mask: forward_decoder(ids, mask),
+        }
+        times = alternate(
+            variants if index % 2 == 0 else dict(reversed(variants.items())),
+            device,
+            min_rounds=1,
+            max_rounds=1,
+            budget_s=0,
+        )
         sums += collected[0].to(torch.float64).cpu()
         nsteer_times.append(times.wall["nsteer"][0])
         decoder_times.append(times.wall["decoder"][0])
         nsteer_cpu.append(times.cpu["nsteer"][0])
         decoder_cpu.append(times.cpu["decoder"][0])
         if settings.full_forward_every and index % settings.full_forward_every == 0:
-            full_pairs.append((times.wall["nsteer"][0], timed(lambda: forward_full(ids, mask), device)[0]))
+            full_pairs.append(
+                (times.wall["nsteer"][0], timed(lambda ids=ids, mask=mask: forward_full(ids, mask), device)[0])
+            )
 
     # Per-batch paired ratios; the total adds tokenization (batching included) to nsteer's side.
     per_batch = compare(nsteer_times, decoder_times, None, nsteer_cpu, decoder_cpu)
@@ -443,7 +482,8 @@ def bench_extraction(handle: Any, settings: Settings, device: str) -> tuple[dict
         "per_batch": per_batch,
         "ratio": per_batch["ratio"],
         "target": TARGETS["extraction_over_forward"],
-        "met": per_batch["ratio"] <= TARGETS["extraction_over_forward"] and total_nsteer / total_decoder <= TARGETS["extraction_over_forward"],
+        "met": per_batch["ratio"] <= TARGETS["extraction_over_forward"]
+        and total_nsteer / total_decoder <= TARGETS["extraction_over_forward"],
         "full_forward_subset": compare([a for a, _ in full_pairs], [b for _, b in full_pairs]) if full_pairs else None,
         "research_subset_prompts": len(subset),
         "research_subset_s": round(research_s, 4),
@@ -457,7 +497,9 @@ def bench_extraction(handle: Any, settings: Settings, device: str) -> tuple[dict
     return result, (directions, mean_projections)
 
 
-def bench_generation(handle: Any, settings: Settings, device: str, vector_stats: tuple[torch.Tensor, torch.Tensor]) -> dict[str, Any]:
+def bench_generation(
+    handle: Any, settings: Settings, device: str, vector_stats: tuple[torch.Tensor, torch.Tensor]
+) -> dict[str, Any]:
     """Steered (nsteer) vs unsteered (HF generate) vs forward-hook steering, per batch size."""
     from nsteer.edits import compile_plan
     from nsteer.generate import GenerationConfig, steered_generate_ids
@@ -473,7 +515,15 @@ def bench_generation(handle: Any, settings: Settings, device: str, vector_stats:
         plan = compile_plan([one_edit] * batch_size)
         outputs: dict[str, torch.Tensor] = {}
 
-        def plain(store: str | None = None, generate_kwargs: dict = kwargs) -> None:
+        # The loop's inputs, plan and outputs are bound as keyword defaults: the variants run within this iteration.
+        def plain(
+            store: str | None = None,
+            generate_kwargs: dict = kwargs,
+            *,
+            input_ids: torch.Tensor = input_ids,
+            attention_mask: torch.Tensor = attention_mask,
+            outputs: dict[str, torch.Tensor] = outputs,
+        ) -> None:
             with torch.inference_mode():
                 tokens = hf_model.generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs)
             if store:
@@ -483,12 +533,24 @@ def bench_generation(handle: Any, settings: Settings, device: str, vector_stats:
             with HookEdits(handle, one_edit):
                 plain(store, generate_kwargs)
 
-        def steered(store: str | None = None, generate_kwargs: dict = kwargs) -> None:
+        def steered(
+            store: str | None = None,
+            generate_kwargs: dict = kwargs,
+            *,
+            input_ids: torch.Tensor = input_ids,
+            attention_mask: torch.Tensor = attention_mask,
+            plan: Any = plan,
+            outputs: dict[str, torch.Tensor] = outputs,
+        ) -> None:
             tokens = steered_generate_ids(handle, input_ids, attention_mask, plan, generate_kwargs)
             if store:
                 outputs[store] = tokens.cpu()
 
-        variants: dict[str, Callable[[], Any]] = {"hf_unsteered": plain, "nsteer_steered": steered, "hook_steered": hooked}
+        variants: dict[str, Callable[[], Any]] = {
+            "hf_unsteered": plain,
+            "nsteer_steered": steered,
+            "hook_steered": hooked,
+        }
         # Warm-up (2 tokens): compiles nnsight's trace bodies and allocates buffers; also the correctness check.
         plain("hf_unsteered", warm_kwargs)
         hooked("hook", warm_kwargs)
@@ -503,7 +565,9 @@ def bench_generation(handle: Any, settings: Settings, device: str, vector_stats:
             "new_tokens": steps,
             "times_s": {name: [round(t, 4) for t in values] for name, values in times.wall.items()},
             "cpu_times_s": {name: [round(t, 4) for t in values] for name, values in times.cpu.items()},
-            "steered_over_unsteered": times.compare("nsteer_steered", "hf_unsteered", TARGETS["steered_over_unsteered"]),
+            "steered_over_unsteered": times.compare(
+                "nsteer_steered", "hf_unsteered", TARGETS["steered_over_unsteered"]
+            ),
             "nsteer_over_hook": times.compare("nsteer_steered", "hook_steered", TARGETS["nsteer_over_hook"]),
             "hook_over_unsteered": times.compare("hook_steered", "hf_unsteered"),
             "per_step_ms": {
@@ -530,7 +594,9 @@ def bench_overhead(settings: Settings, device: str, generation: dict[str, Any] |
     from nsteer.models import wrap_model
 
     tokenizer = tiny_tokenizer()
-    handle = wrap_model(random_model(tiny_config(tokenizer, settings.overhead_layers), device), tokenizer, model_id="bench-deep-narrow")
+    handle = wrap_model(
+        random_model(tiny_config(tokenizer, settings.overhead_layers), device), tokenizer, model_id="bench-deep-narrow"
+    )
     vector_stats = quick_vector(handle)
     input_ids, attention_mask = generation_inputs(handle, 1, device)
     steps = settings.new_tokens
@@ -549,16 +615,26 @@ def bench_overhead(settings: Settings, device: str, generation: dict[str, Any] |
 
     variants: dict[str, Callable[[], Any]] = {"hf_unsteered": plain, "hook_edits_1": hooked}
     for count in counts:
-        variants[f"nsteer_edits_{count}"] = lambda count=count: steered_generate_ids(handle, input_ids, attention_mask, plans[count], kwargs)
+        variants[f"nsteer_edits_{count}"] = lambda count=count: steered_generate_ids(
+            handle, input_ids, attention_mask, plans[count], kwargs
+        )
     for variant in variants.values():  # warm-up
         variant()
-    times = alternate(variants, device, min_rounds=settings.overhead_rounds, max_rounds=settings.overhead_rounds, budget_s=0.0)
+    times = alternate(
+        variants, device, min_rounds=settings.overhead_rounds, max_rounds=settings.overhead_rounds, budget_s=0.0
+    )
     per_step = {name: 1000 * statistics.median(values) / steps for name, values in times.cpu.items()}
     base = per_step["hf_unsteered"]
     extra = {name: round(value - base, 3) for name, value in per_step.items()}
-    slope = statistics.median(
-        (per_step[f"nsteer_edits_{count}"] - per_step["nsteer_edits_1"]) / (count - 1) for count in counts if count > 1
-    ) if counts[-1] > 1 else float("nan")
+    slope = (
+        statistics.median(
+            (per_step[f"nsteer_edits_{count}"] - per_step["nsteer_edits_1"]) / (count - 1)
+            for count in counts
+            if count > 1
+        )
+        if counts[-1] > 1
+        else float("nan")
+    )
     result: dict[str, Any] = {
         "model": f"random Llama, width 64, {settings.overhead_layers} layers",
         "batch_size": 1,
@@ -569,7 +645,10 @@ def bench_overhead(settings: Settings, device: str, generation: dict[str, Any] |
         "nsteer_minus_hook_ms_per_step": round(per_step["nsteer_edits_1"] - per_step["hook_edits_1"], 3),
         "ms_per_additional_edit": round(slope, 3),
         "composed_edits": {
-            str(count): {"layers": edit_layers(handle.n_layers, count), **times.compare(f"nsteer_edits_{count}", "hf_unsteered")}
+            str(count): {
+                "layers": edit_layers(handle.n_layers, count),
+                **times.compare(f"nsteer_edits_{count}", "hf_unsteered"),
+            }
             for count in counts
         },
     }
@@ -583,7 +662,9 @@ def bench_overhead(settings: Settings, device: str, generation: dict[str, Any] |
     return result
 
 
-def bench_eval_throughput(handle: Any, settings: Settings, device: str, vector_stats: tuple[torch.Tensor, torch.Tensor]) -> dict[str, Any]:
+def bench_eval_throughput(
+    handle: Any, settings: Settings, device: str, vector_stats: tuple[torch.Tensor, torch.Tensor]
+) -> dict[str, Any]:
     """Answers per second of ``nsteer.generate.generate`` (steered, EOS-stopped as in eval) per batch size."""
     from nsteer.generate import GenerationConfig, generate
     from nsteer.prompts import load_base_prompts
@@ -592,10 +673,19 @@ def bench_eval_throughput(handle: Any, settings: Settings, device: str, vector_s
     edits = make_edits(vector_stats, edit_layers(handle.n_layers, 1))
     generate(handle, prompts[:2], edits, config=GenerationConfig(max_new_tokens=2, batch_size=2))  # warm-up
     variants = {
-        str(size): (lambda size=size: generate(handle, prompts, edits, config=GenerationConfig(max_new_tokens=settings.eval_new_tokens, batch_size=size)))
+        str(size): (
+            lambda size=size: generate(
+                handle,
+                prompts,
+                edits,
+                config=GenerationConfig(max_new_tokens=settings.eval_new_tokens, batch_size=size),
+            )
+        )
         for size in settings.eval_batch_sizes
     }
-    times = alternate(variants, device, min_rounds=1, max_rounds=settings.eval_max_rounds, budget_s=settings.eval_budget_s)
+    times = alternate(
+        variants, device, min_rounds=1, max_rounds=settings.eval_max_rounds, budget_s=settings.eval_budget_s
+    )
     rows = {}
     for size, values in times.wall.items():
         best = statistics.median(values)
@@ -606,7 +696,9 @@ def bench_eval_throughput(handle: Any, settings: Settings, device: str, vector_s
     return {
         "prompts": len(prompts),
         "max_new_tokens": settings.eval_new_tokens,
-        "steering": "one set edit, all positions, every row (eval's steered and unsteered cells run in the same traced loop)",
+        "steering": (
+            "one set edit, all positions, every row (eval's steered and unsteered cells run in the same traced loop)"
+        ),
         "by_batch_size": rows,
     }
 
@@ -652,7 +744,7 @@ class RssSampler(threading.Thread):
 
 
 def torch_allocation_peak(function: Callable[[], Any]) -> tuple[int, int]:
-    """Run ``function`` under the profiler; return (peak, final) of live torch-allocated CPU bytes relative to the start.
+    """Run ``function`` under the profiler; return (peak, final) live torch-allocated CPU bytes relative to the start.
 
     The running sum of the profiler's allocation events (frees are negative) is the memory torch's CPU allocator
     handed out, independent of how glibc caches and returns pages; its maximum is the peak of the run.
@@ -742,26 +834,50 @@ def bench_memory(handle: Any, settings: Settings, device: str, threads: int, mod
         runs = {}
         for pairs in (small, large):
             command = [
-                sys.executable, str(Path(__file__).resolve()), "--memory-child", "--pairs", str(pairs),
-                "--memory-base", str(small), "--memory-model", memory_model, "--memory-dir", directory,
-                "--memory-layers", str(settings.memory_layers), "--device", device, "--threads", str(threads),
-                "--batch-size", str(settings.extraction_batch_size),
+                sys.executable,
+                str(Path(__file__).resolve()),
+                "--memory-child",
+                "--pairs",
+                str(pairs),
+                "--memory-base",
+                str(small),
+                "--memory-model",
+                memory_model,
+                "--memory-dir",
+                directory,
+                "--memory-layers",
+                str(settings.memory_layers),
+                "--device",
+                device,
+                "--threads",
+                str(threads),
+                "--batch-size",
+                str(settings.extraction_batch_size),
             ]
-            completed = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-            line = next((l for l in completed.stdout.splitlines() if l.startswith("MEMORY_JSON ")), None)
+            completed = subprocess.run(
+                command, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+            )
+            line = next((out for out in completed.stdout.splitlines() if out.startswith("MEMORY_JSON ")), None)
             if completed.returncode != 0 or line is None:
-                raise RuntimeError(f"memory subprocess for {pairs} pairs failed:\n{completed.stdout[-2000:]}\n{completed.stderr[-4000:]}")
-            runs[str(pairs)] = json.loads(line[len("MEMORY_JSON "):])
+                raise RuntimeError(
+                    f"memory subprocess for {pairs} pairs failed:\n{completed.stdout[-2000:]}\n"
+                    f"{completed.stderr[-4000:]}"
+                )
+            runs[str(pairs)] = json.loads(line[len("MEMORY_JSON ") :])
     key = "cuda_peak_delta_mb" if device.startswith("cuda") else "torch_peak_mb"
     ratio = runs[str(large)][key] / max(runs[str(small)][key], 1e-9)
     described = (
-        f"{handle.hidden_size}-wide random model with {settings.memory_layers} layers and the benchmark model's tokenizer"
-        if memory_model == "shallow" else "the tiny benchmark model"
+        f"{handle.hidden_size}-wide random model with {settings.memory_layers} layers "
+        "and the benchmark model's tokenizer"
+        if memory_model == "shallow"
+        else "the tiny benchmark model"
     )
     return {
         "model": described,
         "pair_counts": [small, large],
-        "large_set": f"the {small} pairs repeated x{large // small}: same prompt-length distribution, only the count differs",
+        "large_set": (
+            f"the {small} pairs repeated x{large // small}: same prompt-length distribution, only the count differs"
+        ),
         "runs": runs,
         "measure": key,
         "ratio": round(ratio, 4),
@@ -799,7 +915,7 @@ def format_table(report: dict[str, Any]) -> str:
             f"{'-' if target is None else ('yes' if stats.get('met') else 'NO')}"
         )
 
-    for key, entry in (report["generation"] or {}).items():
+    for _key, entry in (report["generation"] or {}).items():
         size = entry["batch_size"]
         row(f"steered / unsteered generation, batch {size}", entry["steered_over_unsteered"])
         row(f"nsteer edit / forward hook, batch {size}", entry["nsteer_over_hook"])
@@ -826,7 +942,8 @@ def format_table(report: dict[str, Any]) -> str:
         lines.append(f"  memory: {measure}; {memory['model']}; {memory['large_set']}")
     if extraction:
         lines.append(
-            f"speed-up of extraction over one-prompt-at-a-time output_hidden_states: x{extraction['speedup_over_research']}"
+            "speed-up of extraction over one-prompt-at-a-time output_hidden_states: "
+            f"x{extraction['speedup_over_research']}"
             f" ({extraction['note'].split(';')[0]})"
         )
     overhead = report.get("overhead")
@@ -835,20 +952,28 @@ def format_table(report: dict[str, Any]) -> str:
         lines.append(
             f"per-step overhead ({overhead['model']}, batch 1, CPU ms/step over HF generate's "
             f"{overhead['cpu_ms_per_step']['hf_unsteered']:.2f}): hook {extra['hook_edits_1']:+.3f}, "
-            + ", ".join(f"nsteer {count} edit(s) {extra[f'nsteer_edits_{count}']:+.3f}" for count in overhead["composed_edits"])
-            + f"; nsteer - hook {overhead['nsteer_minus_hook_ms_per_step']:+.3f} ms, each added edit {overhead['ms_per_additional_edit']:+.3f} ms"
+            + ", ".join(
+                f"nsteer {count} edit(s) {extra[f'nsteer_edits_{count}']:+.3f}" for count in overhead["composed_edits"]
+            )
+            + f"; nsteer - hook {overhead['nsteer_minus_hook_ms_per_step']:+.3f} ms, "
+            f"each added edit {overhead['ms_per_additional_edit']:+.3f} ms"
         )
-        parts = ", ".join(f"{count} edit(s) {stats['cpu_ratio']:.3f}" for count, stats in overhead["composed_edits"].items())
+        parts = ", ".join(
+            f"{count} edit(s) {stats['cpu_ratio']:.3f}" for count, stats in overhead["composed_edits"].items()
+        )
         lines.append(f"composed edits / unsteered generation (deep narrow model, CPU time): {parts}")
         for key in report["generation"] or {}:
             if f"expected_nsteer_over_hook_{key}" in overhead:
                 lines.append(
                     f"  that overhead on the benchmark model, {key.replace('_', ' ')}: nsteer / HF "
-                    f"{overhead[f'expected_nsteer_over_hf_{key}']:.4f}, nsteer / hook {overhead[f'expected_nsteer_over_hook_{key}']:.4f}"
+                    f"{overhead[f'expected_nsteer_over_hf_{key}']:.4f}, "
+                    f"nsteer / hook {overhead[f'expected_nsteer_over_hook_{key}']:.4f}"
                 )
     throughput = report["eval_throughput"]
     if throughput:
-        parts = ", ".join(f"bs {size}: {row_['answers_per_s']:.2f}/s" for size, row_ in throughput["by_batch_size"].items())
+        parts = ", ".join(
+            f"bs {size}: {row_['answers_per_s']:.2f}/s" for size, row_ in throughput["by_batch_size"].items()
+        )
         lines.append(
             f"eval throughput ({throughput['prompts']} prompts, <= {throughput['max_new_tokens']} new tokens): {parts}"
         )
@@ -943,12 +1068,25 @@ def run_device(args: argparse.Namespace, device: str, settings: Settings) -> dic
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Command-line options (the ``--memory-*`` ones are for the memory subprocess)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small sizes and few repeats: a smoke run, not a measurement")
-    parser.add_argument("--model", choices=("embedded", "tiny"), default="embedded", help="embedded SmolLM2 (default) or a tiny random Llama")
+    parser.add_argument(
+        "--quick", action="store_true", help="small sizes and few repeats: a smoke run, not a measurement"
+    )
+    parser.add_argument(
+        "--model",
+        choices=("embedded", "tiny"),
+        default="embedded",
+        help="embedded SmolLM2 (default) or a tiny random Llama",
+    )
     parser.add_argument("--device", default="auto", help="cpu, cuda, or auto (cpu, then cuda when present)")
-    parser.add_argument("--threads", type=int, default=int(os.environ.get("NSTEER_BENCH_THREADS", "1")),
-                        help="torch intra-op threads on CPU, the same for every variant (default 1; see docs/performance.md)")
-    parser.add_argument("--only", default="", help=f"comma-separated sections to run (default all: {','.join(SECTIONS)})")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=int(os.environ.get("NSTEER_BENCH_THREADS", "1")),
+        help="torch intra-op threads on CPU, the same for every variant (default 1; see docs/performance.md)",
+    )
+    parser.add_argument(
+        "--only", default="", help=f"comma-separated sections to run (default all: {','.join(SECTIONS)})"
+    )
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/<device>.json)")
     parser.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--pairs", type=int, default=0, help=argparse.SUPPRESS)

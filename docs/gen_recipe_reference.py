@@ -150,9 +150,16 @@ def section_text(model: type[BaseModel]) -> str:
     lines += ["| field | type | default | constraints | description |", "|---|---|---|---|---|"]
     for name, info in model.model_fields.items():
         description = _cell(info.description or "")
-        lines.append(f"| `{name}` | {type_text(info.annotation)} | {_cell(default_text(info))} | {_cell(constraints_text(info))} | {description} |")
+        lines.append(
+            f"| `{name}` | {type_text(info.annotation)} | {_cell(default_text(info))} | "
+            f"{_cell(constraints_text(info))} | {description} |"
+        )
     decorators = model.__pydantic_decorators__
-    rules = [d.func.__doc__.strip() for d in [*decorators.field_validators.values(), *decorators.model_validators.values()] if d.func.__doc__]
+    rules = [
+        d.func.__doc__.strip()
+        for d in [*decorators.field_validators.values(), *decorators.model_validators.values()]
+        if d.func.__doc__
+    ]
     if rules:
         lines += ["", "Rules: " + " ".join(rules)]
     return "\n".join(lines) + "\n"
@@ -190,7 +197,9 @@ def render() -> str:
     """The whole of docs/recipes.md."""
     PATHS.clear()
     _walk(Recipe, "")
-    toc = ", ".join(f"[top level](#top-level)" if not path else f"[`{path}`](#{_anchor(path)})" for path in PATHS.values())
+    toc = ", ".join(
+        "[top level](#top-level)" if not path else f"[`{path}`](#{_anchor(path)})" for path in PATHS.values()
+    )
     sections = "\n".join(section_text(model) for model in PATHS)
     return INTRO.format(toc=toc, example=example_yaml()) + "\n" + sections
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, List, Optional
 
 import typer
 from rich.console import Console
@@ -17,7 +17,9 @@ from rich.table import Table
 
 from nsteer.errors import NsteerError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Steer language models toward following instructions.")
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="Steer language models toward following instructions."
+)
 console = Console(emoji=False)  # "include:ocean:" must not become an emoji
 errors = Console(stderr=True, emoji=False)
 
@@ -26,8 +28,13 @@ errors = Console(stderr=True, emoji=False)
 def progress_bars() -> Iterator[Callable[[str], Callable[[int, int], None]]]:
     """Yield a factory of progress callbacks, one bar per task label (quiet when stderr is not a terminal)."""
     with Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=errors, transient=False, disable=not errors.is_terminal,
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=errors,
+        transient=False,
+        disable=not errors.is_terminal,
     ) as progress:
         tasks: dict[str, int] = {}
 
@@ -51,7 +58,11 @@ def compute(
     recipe_path: Path = typer.Argument(..., metavar="RECIPE", help="The recipe YAML file."),
     force: bool = typer.Option(False, "--force", help="Recompute vectors that are already up to date."),
     remote: bool = typer.Option(False, "--remote", help="Run on NDIF (the recipe's model id must be a Hub id)."),
-    no_wait: bool = typer.Option(False, "--no-wait", help="On NDIF: submit one job per instruction and return; `nsteer collect` writes the files."),
+    no_wait: bool = typer.Option(
+        False,
+        "--no-wait",
+        help="On NDIF: submit one job per instruction and return; `nsteer collect` writes the files.",
+    ),
 ) -> None:
     """Compute a steering vector for every instruction in RECIPE and write them to its output folder."""
     from nsteer.recipe import load_recipe
@@ -72,13 +83,21 @@ def compute(
 @app.command()
 def generate(
     recipe_path: Path = typer.Argument(..., metavar="RECIPE", help="The recipe YAML file."),
-    prompt: Optional[List[str]] = typer.Option(None, "--prompt", "-p", help="A prompt (repeatable); default: the recipe's demo_prompts."),
+    prompt: list[str] | None = typer.Option(
+        None, "--prompt", "-p", help="A prompt (repeatable); default: the recipe's demo_prompts."
+    ),
     no_steer: bool = typer.Option(False, "--no-steer", help="Generate without any edit."),
     compare: bool = typer.Option(False, "--compare", help="Show answers without and with steering side by side."),
-    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", min=1, help="Override the recipe's max_new_tokens."),
-    allow_transfer: bool = typer.Option(False, "--allow-transfer", help="Accept vectors computed on another model of the same shape."),
+    max_new_tokens: int | None = typer.Option(
+        None, "--max-new-tokens", min=1, help="Override the recipe's max_new_tokens."
+    ),
+    allow_transfer: bool = typer.Option(
+        False, "--allow-transfer", help="Accept vectors computed on another model of the same shape."
+    ),
     remote: bool = typer.Option(False, "--remote", help="Run on NDIF."),
-    no_wait: bool = typer.Option(False, "--no-wait", help="On NDIF: submit one job and return; `nsteer collect JOB` prints the answers."),
+    no_wait: bool = typer.Option(
+        False, "--no-wait", help="On NDIF: submit one job and return; `nsteer collect JOB` prints the answers."
+    ),
 ) -> None:
     """Answer prompts with the recipe's steering edits (or without, or both side by side)."""
     from nsteer.generate import generate as run_generate
@@ -95,12 +114,18 @@ def generate(
     _say(f"Opening {recipe.model.id} ...")
     handle = open_recipe_model(recipe, remote=remote or None)
     config = generation_config(recipe, max_new_tokens=max_new_tokens)
-    edits = [] if no_steer else recipe_edits(recipe, load_recipe_vectors(recipe, handle, allow_transfer=allow_transfer or None))
+    edits = (
+        []
+        if no_steer
+        else recipe_edits(recipe, load_recipe_vectors(recipe, handle, allow_transfer=allow_transfer or None))
+    )
     if no_wait:
         return _submit_generation(handle, prompts, edits, config, compare=compare)
     with progress_bars() as bars:
         steered = run_generate(handle, prompts, edits, config=config, progress=bars("generate"))
-        plain = run_generate(handle, prompts, [], config=config, progress=bars("unsteered")) if compare and edits else None
+        plain = (
+            run_generate(handle, prompts, [], config=config, progress=bars("unsteered")) if compare and edits else None
+        )
     described = ", ".join(f"{e.name}@{e.layer} {e.mode} w={e.weight:g} ({e.positions})" for e in edits) or "no steering"
     if plain is None:
         for text, answer in zip(prompts, steered):
@@ -118,14 +143,26 @@ def generate(
 
 @app.command()
 def inspect(
-    vector_files: List[Path] = typer.Argument(..., metavar="VECTOR_FILE...", help="One or more .safetensors vector files."),
-    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON (a list when several files are given)."),
-    plot: Optional[Path] = typer.Option(
-        None, "--plot", help="Write a PNG of cosine similarities: one file -> layer x layer (and norms by layer); "
+    vector_files: list[Path] = typer.Argument(
+        ..., metavar="VECTOR_FILE...", help="One or more .safetensors vector files."
+    ),
+    as_json: bool = typer.Option(
+        False, "--json", help="Print the summary as JSON (a list when several files are given)."
+    ),
+    plot: Path | None = typer.Option(
+        None,
+        "--plot",
+        help="Write a PNG of cosine similarities: one file -> layer x layer (and norms by layer); "
         "several -> instruction x instruction at --layer, and each pair by layer.",
     ),
-    layer: Optional[int] = typer.Option(None, "--layer", min=0, help="The layer of the instruction x instruction comparison; default: the middle layer."),
-    centered: bool = typer.Option(False, "--centered", help="Compare what sets instructions apart: subtract their mean direction first (3+ files)."),
+    layer: int | None = typer.Option(
+        None, "--layer", min=0, help="The layer of the instruction x instruction comparison; default: the middle layer."
+    ),
+    centered: bool = typer.Option(
+        False,
+        "--centered",
+        help="Compare what sets instructions apart: subtract their mean direction first (3+ files).",
+    ),
 ) -> None:
     """Show vector files' metadata, searched setting and per-layer norms; compare several; plot their similarities."""
     from nsteer.vectors import load_vector, vector_summary
@@ -142,19 +179,38 @@ def inspect(
         if len(vectors) > 1:
             at = vectors[0].metadata.n_layers // 2 if layer is None else layer
             if not 0 <= at < vectors[0].metadata.n_layers:
-                raise NsteerError(f"--layer {at} is out of range: the vectors have layers 0..{vectors[0].metadata.n_layers - 1}.")
+                raise NsteerError(
+                    f"--layer {at} is out of range: the vectors have layers 0..{vectors[0].metadata.n_layers - 1}."
+                )
             similarity = (at, labels, cosine_between(vectors, centered=centered)[at])
     if as_json:
         data = summaries[0] if len(summaries) == 1 else summaries
         if similarity is not None:
             at, labels, matrix = similarity
-            data = {"vectors": summaries, "cosine": {"layer": at, "labels": labels, "matrix": [[round(float(x), 4) for x in row] for row in matrix]}}
+            data = {
+                "vectors": summaries,
+                "cosine": {
+                    "layer": at,
+                    "labels": labels,
+                    "matrix": [[round(float(x), 4) for x in row] for row in matrix],
+                },
+            }
         console.print_json(json.dumps(data))
         return
     if similarity is None:
         (vector_file,), (summary,) = vector_files, summaries
         table = Table(title=str(vector_file), show_header=False)
-        for key in ("instruction", "category", "model", "architecture", "width", "layers", "pairs", "chosen", "nsteer_version"):
+        for key in (
+            "instruction",
+            "category",
+            "model",
+            "architecture",
+            "width",
+            "layers",
+            "pairs",
+            "chosen",
+            "nsteer_version",
+        ):
             table.add_row(key, str(summary[key]))
         for name, setting in summary["chosen_for"].items():  # searched for instructions that borrow this vector
             table.add_row(f"chosen for {name}", str(setting))
@@ -168,11 +224,24 @@ def inspect(
         table.add_column(column)
     for number, (vector_file, summary) in enumerate(zip(vector_files, summaries)):
         chosen = summary["chosen"] or {}
-        searched = "no steering" if chosen.get("no_steering") else (
-            f"layer {chosen['layer']} {chosen.get('mode', '')} w={chosen.get('weight', '')}" if chosen.get("layer") is not None else "–"
+        searched = (
+            "no steering"
+            if chosen.get("no_steering")
+            else (
+                f"layer {chosen['layer']} {chosen.get('mode', '')} w={chosen.get('weight', '')}"
+                if chosen.get("layer") is not None
+                else "–"
+            )
         )
-        table.add_row(str(number), str(vector_file), summary["instruction"], summary["model"],
-                      f"{summary['layers']} x {summary['width']}", str(summary["pairs"]), searched)
+        table.add_row(
+            str(number),
+            str(vector_file),
+            summary["instruction"],
+            summary["model"],
+            f"{summary['layers']} x {summary['width']}",
+            str(summary["pairs"]),
+            searched,
+        )
     console.print(table)
     table = Table(title=f"cosine similarity at layer {at}{', centered' if centered else ''} (columns: # above)")
     table.add_column("")
@@ -186,11 +255,15 @@ def inspect(
 @app.command("eval")
 def evaluate(
     recipe_path: Path = typer.Argument(..., metavar="RECIPE", help="The recipe YAML file."),
-    data: Optional[Path] = typer.Option(None, "--data", help="Score on an IFEval-format JSONL file instead of the recipe's split."),
+    data: Path | None = typer.Option(
+        None, "--data", help="Score on an IFEval-format JSONL file instead of the recipe's split."
+    ),
     split: str = typer.Option("test", "--split", help="train, validation or test (ignored with --data)."),
-    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="At most this many prompts per instruction."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Report folder; default <output>/eval (or eval-<split>)."),
-    allow_transfer: bool = typer.Option(False, "--allow-transfer", help="Accept vectors computed on another model of the same shape."),
+    limit: int | None = typer.Option(None, "--limit", min=1, help="At most this many prompts per instruction."),
+    out: Path | None = typer.Option(None, "--out", help="Report folder; default <output>/eval (or eval-<split>)."),
+    allow_transfer: bool = typer.Option(
+        False, "--allow-transfer", help="Accept vectors computed on another model of the same shape."
+    ),
     remote: bool = typer.Option(False, "--remote", help="Run on NDIF."),
     composition: bool = typer.Option(
         False, "--composition", help="Report each instruction composed with the recipe's other edits next to alone."
@@ -210,14 +283,22 @@ def evaluate(
     recipe = load_recipe(recipe_path)
     if split not in ("train", "validation", "test"):
         raise NsteerError(f"--split {split!r} is not a split; use train, validation or test.")
-    out_dir = out or recipe.output_dir / ("eval" if data is None and split == "test" else f"eval-{'data' if data else split}")
+    out_dir = out or recipe.output_dir / (
+        "eval" if data is None and split == "test" else f"eval-{'data' if data else split}"
+    )
     _say(f"Opening {recipe.model.id} ...")
     handle = open_recipe_model(recipe, remote=remote or None)
     vectors = load_recipe_vectors(recipe, handle, allow_transfer=allow_transfer or None) if recipe.steer else {}
     with progress_bars() as bars:
         result = evaluate_recipe(
-            recipe, handle, vectors=vectors, split=split, limit=limit, data=data,
-            checkpoint=out_dir / "cells.jsonl", progress=bars,
+            recipe,
+            handle,
+            vectors=vectors,
+            split=split,
+            limit=limit,
+            data=data,
+            checkpoint=out_dir / "cells.jsonl",
+            progress=bars,
         )
     paths = write_eval_report(result, out_dir)
     table = Table(title=f"loose (strict) accuracy, {result.split}")
@@ -235,8 +316,10 @@ def evaluate(
 @app.command()
 def search(
     recipe_path: Path = typer.Argument(..., metavar="RECIPE", help="The recipe YAML file."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Report and checkpoint folder; default <output>/search."),
-    allow_transfer: bool = typer.Option(False, "--allow-transfer", help="Accept vectors computed on another model of the same shape."),
+    out: Path | None = typer.Option(None, "--out", help="Report and checkpoint folder; default <output>/search."),
+    allow_transfer: bool = typer.Option(
+        False, "--allow-transfer", help="Accept vectors computed on another model of the same shape."
+    ),
     remote: bool = typer.Option(False, "--remote", help="Run on NDIF."),
 ) -> None:
     """Sweep layers (and add weights) of every `layer: auto` entry on validation prompts; record each winner."""
@@ -255,7 +338,9 @@ def search(
     paths = write_search_report(result, out_dir)
     table = Table(title=f"layer search (validation), {result.sweeps[0].rule if result.sweeps else ''}")
     for column in ("instruction", "setting", "loose", "strict", "degenerate", "median ppl", "verdict"):
-        table.add_column(column, justify="right" if column in ("loose", "strict", "degenerate", "median ppl") else "left")
+        table.add_column(
+            column, justify="right" if column in ("loose", "strict", "degenerate", "median ppl") else "left"
+        )
     for row in search_rows(result):
         table.add_row(*row)
     console.print(table)
@@ -276,7 +361,9 @@ def _submit_vectors(recipe, handle, *, force: bool) -> None:
     from nsteer.remote import submit_recipe_vectors
 
     for name, job in submit_recipe_vectors(recipe, handle, force=force).items():
-        console.print(f"{name}: {job} (up to date)" if isinstance(job, Path) else f"{name}: job {job.id}", highlight=False)
+        console.print(
+            f"{name}: {job} (up to date)" if isinstance(job, Path) else f"{name}: job {job.id}", highlight=False
+        )
     _say("Fetch the vectors with: nsteer collect JOB ... (or nsteer collect --all)")
 
 
@@ -293,8 +380,10 @@ def _submit_generation(handle, prompts, edits, config, *, compare: bool) -> None
 
 @app.command()
 def collect(
-    job_ids: Optional[List[str]] = typer.Argument(None, metavar="JOB...", help="Job ids printed by --no-wait."),
-    all_jobs: bool = typer.Option(False, "--all", help="Collect every job submitted from this machine and not collected yet."),
+    job_ids: list[str] | None = typer.Argument(None, metavar="JOB...", help="Job ids printed by --no-wait."),
+    all_jobs: bool = typer.Option(
+        False, "--all", help="Collect every job submitted from this machine and not collected yet."
+    ),
     wait: float = typer.Option(0.0, "--wait", min=0, help="Seconds to keep polling a job that is still running."),
 ) -> None:
     """Fetch NDIF jobs submitted with --no-wait: write their vector files, or print their answers."""
@@ -315,7 +404,10 @@ def collect(
             failed.append(job_id)
             continue
         if not result.done:
-            console.print(f"{job_id}: not finished ({result.status}); collect it again later, or add --wait SECONDS.", highlight=False)
+            console.print(
+                f"{job_id}: not finished ({result.status}); collect it again later, or add --wait SECONDS.",
+                highlight=False,
+            )
             continue
         for name, path in result.paths.items():
             console.print(f"{name}: {path}", highlight=False)
@@ -324,16 +416,28 @@ def collect(
                 console.rule(escape(text), style="dim")
                 console.print(answer, highlight=False, markup=False)
     if failed:
-        raise NsteerError(f"{len(failed)} of {len(ids)} job(s) could not be collected: {', '.join(failed)} (see above).")
+        raise NsteerError(
+            f"{len(failed)} of {len(ids)} job(s) could not be collected: {', '.join(failed)} (see above)."
+        )
 
 
 @app.command("export")
 def export_vector(
     vector_file: Path = typer.Argument(..., metavar="VECTOR", help="A .safetensors vector file."),
-    fmt: str = typer.Option("llama-cpp", "--format", help="llama-cpp: llama.cpp's control-vector GGUF (also read by repeng)."),
-    layers: Optional[str] = typer.Option(None, "--layers", help="Layers to export, e.g. 8,10 (1 or more); default: the searched layer."),
-    weight: Optional[float] = typer.Option(None, "--weight", help="Scale: each direction.N is weight x unit direction, as an add edit; default: the searched add weight."),
-    out: Optional[Path] = typer.Option(None, "--out", help="The .gguf file to write; default: VECTOR with a .gguf suffix."),
+    fmt: str = typer.Option(
+        "llama-cpp", "--format", help="llama-cpp: llama.cpp's control-vector GGUF (also read by repeng)."
+    ),
+    layers: str | None = typer.Option(
+        None, "--layers", help="Layers to export, e.g. 8,10 (1 or more); default: the searched layer."
+    ),
+    weight: float | None = typer.Option(
+        None,
+        "--weight",
+        help="Scale: each direction.N is weight x unit direction, as an add edit; default: the searched add weight.",
+    ),
+    out: Path | None = typer.Option(
+        None, "--out", help="The .gguf file to write; default: VECTOR with a .gguf suffix."
+    ),
 ) -> None:
     """Write a vector as a llama.cpp control vector (use with llama.cpp's --control-vector FILE.gguf)."""
     from nsteer.interop import export_llama_cpp, parse_layers
@@ -347,7 +451,10 @@ def export_vector(
     )
     chosen = vector.metadata.chosen or {}
     if weight is not None and chosen.get("mode", "add") != "add":
-        _say(f"note: '{vector.instruction_id}' was searched in {chosen['mode']} mode; llama.cpp can only add, so the file adds weight x direction.")
+        _say(
+            f"note: '{vector.instruction_id}' was searched in {chosen['mode']} mode; "
+            "llama.cpp can only add, so the file adds weight x direction."
+        )
     console.print(f"{vector.instruction_id}: {path}", highlight=False)
 
 
@@ -355,8 +462,14 @@ def export_vector(
 def import_vector(
     gguf_file: Path = typer.Argument(..., metavar="FILE.gguf", help="A llama.cpp control-vector GGUF."),
     out: Path = typer.Option(..., "--out", help="The .safetensors vector file to write."),
-    model_id: Optional[str] = typer.Option(None, "--model-id", help="The model it is for: opened to check width and depth (needed for files nsteer did not write)."),
-    instruction: Optional[str] = typer.Option(None, "--instruction", help="Name of the instruction; default: from the file, else its file name."),
+    model_id: str | None = typer.Option(
+        None,
+        "--model-id",
+        help="The model it is for: opened to check width and depth (needed for files nsteer did not write).",
+    ),
+    instruction: str | None = typer.Option(
+        None, "--instruction", help="Name of the instruction; default: from the file, else its file name."
+    ),
 ) -> None:
     """Read a llama.cpp control vector into an nsteer vector file (add / ablate only: it has no mean projections)."""
     from nsteer.interop import import_llama_cpp, read_control_vector
@@ -380,13 +493,19 @@ def import_vector(
 
 @app.command("eval-composition")
 def eval_composition(
-    recipe_path: Path = typer.Argument(..., metavar="RECIPE", help="A recipe whose steer entries cover two or more instructions."),
+    recipe_path: Path = typer.Argument(
+        ..., metavar="RECIPE", help="A recipe whose steer entries cover two or more instructions."
+    ),
     split: str = typer.Option("test", "--split", help="train, validation or test."),
-    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="At most this many prompts per instruction."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Report folder; default <output>/composition (or composition-<split>)."),
-    allow_transfer: bool = typer.Option(False, "--allow-transfer", help="Accept vectors computed on another model of the same shape."),
+    limit: int | None = typer.Option(None, "--limit", min=1, help="At most this many prompts per instruction."),
+    out: Path | None = typer.Option(
+        None, "--out", help="Report folder; default <output>/composition (or composition-<split>)."
+    ),
+    allow_transfer: bool = typer.Option(
+        False, "--allow-transfer", help="Accept vectors computed on another model of the same shape."
+    ),
 ) -> None:
-    """Each instruction's accuracy with its own edits alone next to its accuracy with all the recipe's edits composed."""
+    """Each instruction's accuracy with its own edits alone beside its accuracy with all the recipe's edits composed."""
     from nsteer.evaluate.composition import evaluate_recipe_composition, write_composition_report
     from nsteer.recipe import load_recipe
     from nsteer.workflow import load_recipe_vectors, open_recipe_model
@@ -400,7 +519,13 @@ def eval_composition(
     vectors = load_recipe_vectors(recipe, handle, allow_transfer=allow_transfer or None)
     with progress_bars() as bars:
         result = evaluate_recipe_composition(
-            recipe, handle, vectors=vectors, split=split, limit=limit, checkpoint=out_dir / "cells.jsonl", progress=bars,
+            recipe,
+            handle,
+            vectors=vectors,
+            split=split,
+            limit=limit,
+            checkpoint=out_dir / "cells.jsonl",
+            progress=bars,
         )
     paths = write_composition_report(result, out_dir)
     table = Table(title=f"composed vs alone, loose (strict) accuracy, {result.split}")
@@ -413,7 +538,8 @@ def eval_composition(
             if not any(cells):
                 continue
             table.add_row(
-                name, "yes" if present else "no",
+                name,
+                "yes" if present else "no",
                 *(f"{c.loose:.2f} ({c.strict:.2f})" if c else "–" for c in cells),
                 f"{cells[2].joint_loose:.2f}" if cells[2] else "–",
             )
@@ -424,7 +550,9 @@ def eval_composition(
 
 @app.command("list")
 def list_instructions(
-    vectors_dir: Optional[Path] = typer.Option(None, "--vectors", help="A vectors folder; default: the shipped vectors/ (or $NSTEER_VECTORS)."),
+    vectors_dir: Path | None = typer.Option(
+        None, "--vectors", help="A vectors folder; default: the shipped vectors/ (or $NSTEER_VECTORS)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print instructions and vectors as JSON."),
 ) -> None:
     """The built-in instructions and the shipped vectors with their searched (chosen) settings."""
@@ -464,12 +592,18 @@ def list_instructions(
             score += " shared"
         if row["searched_for"]:
             score += f" (also searched for {', '.join(row['searched_for'])})"
-        table.add_row(escape(row["instruction"]), row["category"], str(row["pairs"]), *setting, score, escape(row["file"]))
+        table.add_row(
+            escape(row["instruction"]), row["category"], str(row["pairs"]), *setting, score, escape(row["file"])
+        )
     console.print(table, emoji=False)
     shared = sorted({word for row in rows for word in row["shared_search"]})
     if shared:
-        console.print(f"shared: setting searched once on {', '.join(shared)} and used by every word vector",
-                      highlight=False, markup=False, emoji=False)
+        console.print(
+            f"shared: setting searched once on {', '.join(shared)} and used by every word vector",
+            highlight=False,
+            markup=False,
+            emoji=False,
+        )
 
 
 def main() -> None:
@@ -506,10 +640,11 @@ def main() -> None:
         errors.print(
             f"[bold red]error:[/] cannot read or write{escape(where)}: {escape(reason)}. "
             "Check the path, its permissions and the free disk space, then rerun the same command.",
-            highlight=False, soft_wrap=True,
+            highlight=False,
+            soft_wrap=True,
         )
         raise SystemExit(2) from None
-    except (typer.Abort,):
+    except typer.Abort:
         raise SystemExit(1) from None
     except Exception as error:  # click's usage errors arrive here in non-standalone mode
         import click

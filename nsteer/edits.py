@@ -7,8 +7,8 @@ previous one left it, so their effects add and a later ``set`` sees what an earl
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -66,17 +66,21 @@ def edit_from_vector(
         )
     n_layers = vector.directions.shape[0]
     if not 0 <= layer < n_layers:
-        raise NsteerError(f"Layer {layer} is out of range for '{vector.instruction_id}': the model has layers 0..{n_layers - 1}.")
+        raise NsteerError(
+            f"Layer {layer} is out of range for '{vector.instruction_id}': the model has layers 0..{n_layers - 1}."
+        )
     mode = mode or chosen.get("mode", "set")
     if mode == "set" and vector.metadata.imported_from:
         raise NsteerError(
-            f"'{vector.instruction_id}' was imported ({vector.metadata.imported_from}) and carries no mean projection z_l, "
-            "so a `set` edit is undefined. Use mode add (weight = the file's scale at that layer, see `nsteer inspect`) "
-            "or ablate."
+            f"'{vector.instruction_id}' was imported ({vector.metadata.imported_from}) "
+            "and carries no mean projection z_l, so a `set` edit is undefined. "
+            "Use mode add (weight = the file's scale at that layer, see `nsteer inspect`) or ablate."
         )
     if float(vector.norms[layer]) == 0.0 and vector.metadata.imported_from:
-        raise NsteerError(f"'{vector.instruction_id}' has no direction at layer {layer}; the imported file holds layers "
-                          f"{[i for i in range(n_layers) if float(vector.norms[i]) > 0]}.")
+        raise NsteerError(
+            f"'{vector.instruction_id}' has no direction at layer {layer}; the imported file holds layers "
+            f"{[i for i in range(n_layers) if float(vector.norms[i]) > 0]}."
+        )
     return Edit(
         layer=int(layer),
         direction=vector.directions[layer],
@@ -92,7 +96,9 @@ def validate_edits(edits: Sequence[Edit], *, n_layers: int, hidden_size: int) ->
     """Refuse edits whose layer or width does not fit the model."""
     for edit in edits:
         if not 0 <= edit.layer < n_layers:
-            raise NsteerError(f"Edit '{edit.name}' targets layer {edit.layer}; this model has layers 0..{n_layers - 1}.")
+            raise NsteerError(
+                f"Edit '{edit.name}' targets layer {edit.layer}; this model has layers 0..{n_layers - 1}."
+            )
         if edit.direction.shape[0] != hidden_size:
             raise NsteerError(
                 f"Edit '{edit.name}' has width {edit.direction.shape[0]} but the model's width is {hidden_size}."

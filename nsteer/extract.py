@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -47,8 +48,8 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Ten
     attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
     for row, sequence in enumerate(sequences):
         if sequence:
-            input_ids[row, width - len(sequence):] = torch.tensor(list(sequence), dtype=torch.long)
-            attention_mask[row, width - len(sequence):] = 1
+            input_ids[row, width - len(sequence) :] = torch.tensor(list(sequence), dtype=torch.long)
+            attention_mask[row, width - len(sequence) :] = 1
     return input_ids, attention_mask
 
 
@@ -140,7 +141,9 @@ def last_token_sums(handle: ModelHandle, batches: Sequence[ExtractionBatch]) -> 
     return sums
 
 
-def extraction_batches(handle: ModelHandle, pairs: Sequence[PromptPair], *, batch_size: int = 16) -> list[ExtractionBatch]:
+def extraction_batches(
+    handle: ModelHandle, pairs: Sequence[PromptPair], *, batch_size: int = 16
+) -> list[ExtractionBatch]:
     """Chat-templated, left-padded batches of ``pairs``: each holds its with-instruction rows, then the without rows."""
     tokenizer = handle.tokenizer
     encoded = [
@@ -222,7 +225,9 @@ def compute_vector(
     return SteeringVector(directions, mean_projections, norms, vector_metadata(handle, instruction, pairs, seed=seed))
 
 
-def vector_metadata(handle: ModelHandle, instruction: Instruction, pairs: Sequence[PromptPair], *, seed: int = 0) -> VectorMetadata:
+def vector_metadata(
+    handle: ModelHandle, instruction: Instruction, pairs: Sequence[PromptPair], *, seed: int = 0
+) -> VectorMetadata:
     """The metadata of ``instruction``'s vector computed from ``pairs`` on ``handle``'s model."""
     return VectorMetadata(
         nsteer_version=__version__,

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 
@@ -28,7 +28,11 @@ class GenerationConfig:
 
     def generate_kwargs(self, pad_token_id: int) -> dict:
         """Keyword arguments for Hugging Face ``generate``."""
-        kwargs: dict = {"max_new_tokens": self.max_new_tokens, "do_sample": self.do_sample, "pad_token_id": pad_token_id}
+        kwargs: dict = {
+            "max_new_tokens": self.max_new_tokens,
+            "do_sample": self.do_sample,
+            "pad_token_id": pad_token_id,
+        }
         if self.do_sample:
             kwargs.update(temperature=self.temperature, top_p=self.top_p)
         else:  # silence the sampling defaults some generation configs carry
@@ -134,7 +138,9 @@ def generation_batches(
     return batches
 
 
-def store_new_tokens(results: list[list[int]], rows: Sequence[int], width: int, tokens: torch.Tensor, eos: set[int]) -> None:
+def store_new_tokens(
+    results: list[list[int]], rows: Sequence[int], width: int, tokens: torch.Tensor, eos: set[int]
+) -> None:
     """Put each row's generated ids (after the ``width`` prompt columns, cut at the first EOS) into ``results``."""
     for offset, row in enumerate(rows):
         new = tokens[offset, width:].tolist()

@@ -28,9 +28,10 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -96,7 +97,8 @@ def export_weight_and_layers(
     if weight is None:
         if chosen.get("mode") != "add" or chosen.get("weight") is None:
             raise NsteerError(
-                f"Give --weight: llama.cpp can only add a direction (h <- h + w*u), and '{vector.instruction_id}' has no "
+                "Give --weight: llama.cpp can only add a direction (h <- h + w*u), "
+                f"and '{vector.instruction_id}' has no "
                 f"searched add weight (its searched mode is {chosen.get('mode', 'none')!r}). For a set-mode vector, "
                 "choose an add weight that moves the projection by about what set does (e.g. z_l minus a typical "
                 "unsteered projection) and check it with `nsteer generate`."
@@ -108,7 +110,8 @@ def export_weight_and_layers(
     for layer in layers:
         if layer == 0:
             raise NsteerError(
-                "llama.cpp cannot steer layer 0: its control vectors start at block 1 (direction.1); pick layers 1 or more."
+                "llama.cpp cannot steer layer 0: its control vectors start at block 1 (direction.1); "
+                "pick layers 1 or more."
             )
         if not 0 < layer < n_layers:
             raise NsteerError(f"Layer {layer} is out of range: '{vector.instruction_id}' has layers 0..{n_layers - 1}.")
@@ -187,7 +190,9 @@ def read_control_vector(path: str | Path) -> ControlVectorFile:
     with path.open("rb") as stream:
         magic = stream.read(4)
     if magic != GGUF_MAGIC:
-        raise VectorFileError(f"{path} is not a GGUF file (it does not start with 'GGUF'); give a llama.cpp control vector.")
+        raise VectorFileError(
+            f"{path} is not a GGUF file (it does not start with 'GGUF'); give a llama.cpp control vector."
+        )
     try:
         reader = gguf.GGUFReader(str(path))
         architecture = _field(reader, "general.architecture")
@@ -195,13 +200,21 @@ def read_control_vector(path: str | Path) -> ControlVectorFile:
         layer_count = _field(reader, LAYER_COUNT_KEY)
         source_text = _field(reader, NSTEER_KEY)
         tensors = [
-            (tensor.name, int(tensor.tensor_type), [int(d) for d in tensor.shape], int(tensor.n_elements),
-             np.array(tensor.data, dtype=np.float32, copy=True).reshape(-1) if int(tensor.tensor_type) == 0 else None)
+            (
+                tensor.name,
+                int(tensor.tensor_type),
+                [int(d) for d in tensor.shape],
+                int(tensor.n_elements),
+                np.array(tensor.data, dtype=np.float32, copy=True).reshape(-1)
+                if int(tensor.tensor_type) == 0
+                else None,
+            )
             for tensor in reader.tensors
         ]
     except Exception as error:  # the reader raises ValueError / IndexError / struct errors on a broken file
         raise VectorFileError(
-            f"{path} is not a readable GGUF file (truncated or corrupt: {type(error).__name__}: {error}). Copy or export it again."
+            f"{path} is not a readable GGUF file (truncated or corrupt: {type(error).__name__}: {error}). "
+            "Copy or export it again."
         ) from None
     if architecture != ARCHITECTURE:
         raise VectorFileError(
@@ -212,11 +225,13 @@ def read_control_vector(path: str | Path) -> ControlVectorFile:
     for name, tensor_type, shape, n_elements, data in tensors:
         if not name.startswith(DIRECTION_PREFIX):
             continue
-        suffix = name[len(DIRECTION_PREFIX):]
+        suffix = name[len(DIRECTION_PREFIX) :]
         if not suffix.isdigit() or int(suffix) == 0:
             raise VectorFileError(f"{path}: tensor {name!r} is not direction.N with a layer N of 1 or more.")
         if tensor_type != 0 or data is None:
-            raise VectorFileError(f"{path}: tensor {name!r} is not float32 (ggml type {tensor_type}); llama.cpp needs F32.")
+            raise VectorFileError(
+                f"{path}: tensor {name!r} is not float32 (ggml type {tensor_type}); llama.cpp needs F32."
+            )
         if len(shape) != 1:
             raise VectorFileError(f"{path}: tensor {name!r} has shape {shape}; a direction is one vector [H].")
         if data.shape[0] != n_elements:
@@ -238,7 +253,9 @@ def read_control_vector(path: str | Path) -> ControlVectorFile:
     hidden = widths.pop()
     if nsteer.get("hidden_size") not in (None, hidden):
         raise VectorFileError(f"{path}: its tensors have width {hidden} but its metadata says {nsteer['hidden_size']}.")
-    return ControlVectorFile(path, directions, str(model_hint or ""), int(layer_count) if layer_count is not None else None, nsteer)
+    return ControlVectorFile(
+        path, directions, str(model_hint or ""), int(layer_count) if layer_count is not None else None, nsteer
+    )
 
 
 def import_llama_cpp(
@@ -264,7 +281,9 @@ def import_llama_cpp(
             "it was made for another model."
         )
     if source:  # written by nsteer: the file says which model it was computed on (loading elsewhere needs transfer)
-        identity = {key: source.get(key, "") for key in ("model_id", "config_hash", "weights_fingerprint", "architecture")}
+        identity = {
+            key: source.get(key, "") for key in ("model_id", "config_hash", "weights_fingerprint", "architecture")
+        }
         identity["n_layers"] = int(source.get("n_layers") or 0)
         if handle is not None and handle.n_layers != identity["n_layers"]:
             raise VectorFileError(
@@ -273,12 +292,20 @@ def import_llama_cpp(
             )
     elif handle is not None:  # a foreign file: the model it is imported for is all we know
         identity = dict(
-            model_id=handle.model_id, config_hash=handle.config_hash, weights_fingerprint=handle.weights_fingerprint,
-            architecture=handle.architecture, n_layers=handle.n_layers,
+            model_id=handle.model_id,
+            config_hash=handle.config_hash,
+            weights_fingerprint=handle.weights_fingerprint,
+            architecture=handle.architecture,
+            n_layers=handle.n_layers,
         )
     else:
-        identity = dict(model_id=model_id or control.model_hint, config_hash="", weights_fingerprint="", architecture="",
-                        n_layers=n_layers or 0)
+        identity = dict(
+            model_id=model_id or control.model_hint,
+            config_hash="",
+            weights_fingerprint="",
+            architecture="",
+            n_layers=n_layers or 0,
+        )
         if not identity["model_id"] or not identity["n_layers"]:
             raise NsteerError(
                 f"{control.path} does not say which model it is for (width {hidden}, layers {control.layers}): "
@@ -316,25 +343,39 @@ def import_llama_cpp(
         n_layers=depth,
         instruction_id=name,
         category=str(source.get("category") or "imported"),
-        description=f"llama.cpp control vector {control.path.name} (layers {layers}; model hint {control.model_hint!r})",
+        description=(
+            f"llama.cpp control vector {control.path.name} (layers {layers}; model hint {control.model_hint!r})"
+        ),
         check_id=str(source.get("check_id") or ""),
         check_kwargs=dict(source.get("check_kwargs") or {}),
         read_site="block_output",
         token_position="unknown (imported)",
         # What llama.cpp does at strength 1 on the first layer: add the file's tensor (norm x unit direction).
-        chosen={"layer": first, "mode": "add", "weight": float(norms[first]), "positions": "all",
-                "layers": layers, "imported": True},
+        chosen={
+            "layer": first,
+            "mode": "add",
+            "weight": float(norms[first]),
+            "positions": "all",
+            "layers": layers,
+            "imported": True,
+        },
         imported_from=f"llama.cpp control vector {control.path.name}",
     )
     return SteeringVector(directions, torch.zeros(depth, dtype=torch.float32), norms, metadata)
 
 
 def control_vector_edits(vector: SteeringVector, *, strength: float = 1.0, positions: str = "all") -> list[Edit]:
-    """What llama.cpp does with an imported vector at ``strength``: one ``add`` edit per layer, weight strength x norm."""
+    """What llama.cpp does with an imported vector at ``strength``: an ``add`` edit per layer, weight strength*norm."""
     layers = [layer for layer in range(vector.directions.shape[0]) if float(vector.norms[layer]) > 0]
     return [
-        Edit(layer=layer, direction=vector.directions[layer], mode="add", weight=strength * float(vector.norms[layer]),
-             positions=positions, name=vector.instruction_id)
+        Edit(
+            layer=layer,
+            direction=vector.directions[layer],
+            mode="add",
+            weight=strength * float(vector.norms[layer]),
+            positions=positions,
+            name=vector.instruction_id,
+        )
         for layer in layers
     ]
 
@@ -353,7 +394,11 @@ def describe(control: ControlVectorFile) -> dict[str, Any]:
 
 
 __all__ = [
-    "ControlVectorFile", "control_vector_edits", "describe", "export_llama_cpp", "import_llama_cpp", "parse_layers",
+    "ControlVectorFile",
+    "control_vector_edits",
+    "describe",
+    "export_llama_cpp",
+    "import_llama_cpp",
+    "parse_layers",
     "read_control_vector",
 ]
-

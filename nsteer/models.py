@@ -119,9 +119,21 @@ def config_hash(config: Any) -> str:
     """A hash of the model's architecture config (stable across local and remote copies of one model)."""
     data = config.to_dict()
     keys = (
-        "architectures", "model_type", "hidden_size", "n_embd", "num_hidden_layers", "n_layer",
-        "num_attention_heads", "n_head", "num_key_value_heads", "intermediate_size", "vocab_size",
-        "rope_theta", "max_position_embeddings", "rms_norm_eps", "layer_norm_epsilon",
+        "architectures",
+        "model_type",
+        "hidden_size",
+        "n_embd",
+        "num_hidden_layers",
+        "n_layer",
+        "num_attention_heads",
+        "n_head",
+        "num_key_value_heads",
+        "intermediate_size",
+        "vocab_size",
+        "rope_theta",
+        "max_position_embeddings",
+        "rms_norm_eps",
+        "layer_norm_epsilon",
     )
     stable = {key: data.get(key) for key in keys}
     return hashlib.sha256(json.dumps(stable, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -253,8 +265,13 @@ def wrap_model(hf_model: Any, tokenizer: Any, *, model_id: str, layers_path: str
     """Wrap an already-loaded Hugging Face causal LM (and its tokenizer) as a local ModelHandle."""
     from nnsight import TransformersModel
 
-    return make_handle(TransformersModel(hf_model, tokenizer=tokenizer), hf_model, tokenizer, model_id=model_id,
-                       layers_path=layers_path)
+    return make_handle(
+        TransformersModel(hf_model, tokenizer=tokenizer),
+        hf_model,
+        tokenizer,
+        model_id=model_id,
+        layers_path=layers_path,
+    )
 
 
 def make_handle(
@@ -266,7 +283,7 @@ def make_handle(
     layers_path: str | None = None,
     remote_timeout: float | None = None,
 ) -> ModelHandle:
-    """A ModelHandle for an nnsight-wrapped module (local weights, or meta-device for NDIF when ``remote_timeout`` is set)."""
+    """A ModelHandle for an nnsight-wrapped module (local weights, or meta-device for NDIF if ``remote_timeout``)."""
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     path = find_layers_path(module, layers_path)

@@ -5,11 +5,12 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import yaml
 
@@ -102,11 +103,15 @@ def _read_records(path: Path) -> list[tuple[str, Any]]:
     except (OSError, ValueError):  # e.g. a name too long for the file system
         found = False
     if not found:
-        raise PromptDataError(f"Prompt file not found: {path}. Check the path (relative paths are resolved from the recipe's folder).")
+        raise PromptDataError(
+            f"Prompt file not found: {path}. Check the path (relative paths are resolved from the recipe's folder)."
+        )
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as error:
-        raise PromptDataError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start}); give a JSONL, JSON or YAML file.") from None
+        raise PromptDataError(
+            f"{path}: not UTF-8 text ({error.reason} at byte {error.start}); give a JSONL, JSON or YAML file."
+        ) from None
     except OSError as error:
         raise PromptDataError(f"{path}: cannot be read ({error.strerror or error}).") from None
     if path.suffix == ".jsonl":
@@ -141,7 +146,7 @@ def _record_text(record: Any, path: Path, index: int, where: str) -> tuple[str, 
     if not isinstance(text, str) or not text.strip():
         raise PromptDataError(
             f"{path}, {where}: missing a non-empty 'text' (or 'prompt') field. "
-            "Each record must be a string or an object like {\"text\": \"...\"}."
+            'Each record must be a string or an object like {"text": "..."}.'
         )
     return identifier, text.strip()
 
@@ -149,7 +154,7 @@ def _record_text(record: Any, path: Path, index: int, where: str) -> tuple[str, 
 def load_base_prompts(source: str, base_dir: Path | None = None) -> tuple[BasePrompt, ...]:
     """Load base prompts from ``builtin:base-v1`` or a JSONL / JSON / YAML file."""
     if source.startswith(BUILTIN_PREFIX):
-        name = source[len(BUILTIN_PREFIX):]
+        name = source[len(BUILTIN_PREFIX) :]
         if name not in BUILTIN_BASE_SETS:
             raise PromptDataError(f"Unknown built-in prompt set '{name}'; available: {', '.join(BUILTIN_BASE_SETS)}.")
         path = _data_file(BUILTIN_BASE_SETS[name])
@@ -158,7 +163,9 @@ def load_base_prompts(source: str, base_dir: Path | None = None) -> tuple[BasePr
     records = _read_records(path)
     if not records:
         raise PromptDataError(f"{path}: the prompt file is empty; it needs at least one prompt.")
-    prompts = tuple(BasePrompt(*_record_text(record, path, index, where)) for index, (where, record) in enumerate(records))
+    prompts = tuple(
+        BasePrompt(*_record_text(record, path, index, where)) for index, (where, record) in enumerate(records)
+    )
     duplicates = {p.id for p in prompts if sum(q.id == p.id for q in prompts) > 1}
     if duplicates:
         raise PromptDataError(f"{path}: prompt ids are not unique: {', '.join(sorted(duplicates)[:5])}.")
@@ -168,7 +175,7 @@ def load_base_prompts(source: str, base_dir: Path | None = None) -> tuple[BasePr
 def load_phrasings(source: str | Sequence[str], base_dir: Path | None = None) -> tuple[str, ...]:
     """Load phrasings from ``builtin:<instruction>``, an inline list, or a file."""
     if isinstance(source, str) and source.startswith(BUILTIN_PREFIX):
-        return builtin_instruction(source[len(BUILTIN_PREFIX):]).phrasings
+        return builtin_instruction(source[len(BUILTIN_PREFIX) :]).phrasings
     if isinstance(source, str):
         path = user_path(source, base_dir)
         records = _read_records(path)
@@ -208,8 +215,14 @@ def builtin_instructions() -> dict[str, Instruction]:
 
 def word_instruction(word: str) -> Instruction:
     """The inclusion instruction for ``word`` (exclusion steers with this vector and a negative weight)."""
-    return _word_template("word_inclusion", f"include:{word}", f"Include the word '{word}'.",
-                          "keywords:existence", {"keywords": [word]}, word)
+    return _word_template(
+        "word_inclusion",
+        f"include:{word}",
+        f"Include the word '{word}'.",
+        "keywords:existence",
+        {"keywords": [word]},
+        word,
+    )
 
 
 def word_exclusion_instruction(word: str) -> Instruction:
@@ -218,11 +231,19 @@ def word_exclusion_instruction(word: str) -> Instruction:
     Its phrasings are for prompts and evaluation; steering toward exclusion uses the inclusion vector
     (``include:<word>``) with a negative ``add`` weight.
     """
-    return _word_template("word_exclusion", f"exclude:{word}", f"Do not use the word '{word}'.",
-                          "keywords:forbidden_words", {"forbidden_words": [word]}, word)
+    return _word_template(
+        "word_exclusion",
+        f"exclude:{word}",
+        f"Do not use the word '{word}'.",
+        "keywords:forbidden_words",
+        {"forbidden_words": [word]},
+        word,
+    )
 
 
-def _word_template(table_key: str, identifier: str, description: str, check_id: str, kwargs: dict, word: str) -> Instruction:
+def _word_template(
+    table_key: str, identifier: str, description: str, check_id: str, kwargs: dict, word: str
+) -> Instruction:
     """An instruction about ``word`` from the ``{word}`` phrasing templates under ``table_key``."""
     template = _builtin_instruction_table().get(table_key, {})
     return Instruction(
@@ -250,7 +271,9 @@ def builtin_instruction(name: str) -> Instruction:
     table = builtin_instructions()
     if name not in table:
         known = ", ".join(sorted(k for k in table if not k.startswith("include:")))
-        raise PromptDataError(f"Unknown built-in instruction '{name}'. Built-in: {known}, include:<word>, exclude:<word>.")
+        raise PromptDataError(
+            f"Unknown built-in instruction '{name}'. Built-in: {known}, include:<word>, exclude:<word>."
+        )
     return table[name]
 
 
@@ -326,15 +349,27 @@ def builtin_catalog() -> list[dict[str, Any]]:
     for name, instruction in builtin_instructions().items():
         if name.startswith("include:"):
             continue
-        rows.append({
-            "id": name, "category": instruction.category, "check": instruction.check_id,
-            "kwargs": dict(instruction.check_kwargs), "phrasings": len(instruction.phrasings), "words": [],
-        })
+        rows.append(
+            {
+                "id": name,
+                "category": instruction.category,
+                "check": instruction.check_id,
+                "kwargs": dict(instruction.check_kwargs),
+                "phrasings": len(instruction.phrasings),
+                "words": [],
+            }
+        )
     words = list(builtin_words())
     for template in (word_instruction("{word}"), word_exclusion_instruction("{word}")):
         kwargs = {key: ["<word>"] for key in template.check_kwargs}
-        rows.append({
-            "id": template.id.replace("{word}", "<word>"), "category": template.category, "check": template.check_id,
-            "kwargs": kwargs, "phrasings": len(template.phrasings), "words": words,
-        })
+        rows.append(
+            {
+                "id": template.id.replace("{word}", "<word>"),
+                "category": template.category,
+                "check": template.check_id,
+                "kwargs": kwargs,
+                "phrasings": len(template.phrasings),
+                "words": words,
+            }
+        )
     return rows

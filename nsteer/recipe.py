@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import difflib
 import math
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, Mapping, Union
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
@@ -25,7 +26,9 @@ class Strict(BaseModel):
 class ModelSection(Strict):
     """Which model to open and how."""
 
-    id: str = Field(EMBEDDED_ID, description="embedded:smollm2-135m-instruct, a local directory, a .gguf file, or a Hub id.")
+    id: str = Field(
+        EMBEDDED_ID, description="embedded:smollm2-135m-instruct, a local directory, a .gguf file, or a Hub id."
+    )
     backend: Literal["local", "ndif"] = Field("local", description="local runs here; ndif runs on the NDIF service.")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weights and activations dtype.")
     device: str = Field("cpu", pattern=r"^(cpu|auto|cuda(:\d+)?)$", description="cpu, cuda, cuda:N or auto.")
@@ -55,7 +58,9 @@ class PromptsSection(Strict):
     """Base prompts and how they are split."""
 
     base: str = Field("builtin:base-v1", description="builtin:base-v1 or a JSONL / JSON / YAML file of requests.")
-    split: SplitSection = Field(SplitSection(), description="Train / validation / test fractions; they may sum to less than 1.")
+    split: SplitSection = Field(
+        SplitSection(), description="Train / validation / test fractions; they may sum to less than 1."
+    )
     seed: int = Field(0, ge=0, description="Seed for the splits and the pairing of prompts with phrasings.")
     max_pairs: int | None = Field(None, gt=0, description="Use at most this many training pairs per instruction.")
 
@@ -70,10 +75,12 @@ class CheckSection(Strict):
 class InstructionSection(Strict):
     """One instruction: phrasings and the check that judges it; built-in names need nothing else."""
 
-    phrasings: Union[str, list[str], None] = Field(
+    phrasings: str | list[str] | None = Field(
         None, description="builtin:<name>, a list of phrasings, or a file; default builtin:<instruction name>."
     )
-    check: Union[CheckSection, str, None] = Field(None, description="{id, kwargs} or an IFEval id; default: the built-in one.")
+    check: CheckSection | str | None = Field(
+        None, description="{id, kwargs} or an IFEval id; default: the built-in one."
+    )
     category: str | None = Field(None, description="format, language, length or words (informational).")
 
     @field_validator("phrasings")
@@ -89,8 +96,10 @@ class SteerEntry(Strict):
     """One edit: an instruction's vector at a layer, with a mode, a weight and positions."""
 
     instruction: str = Field(description="A key of `instructions`.")
-    layer: Union[int, Literal["auto"]] = Field("auto", description="Layer index, or auto for the searched layer.")
-    mode: Literal["set", "add", "ablate"] = Field("set", description="set the projection, add the direction, or ablate it.")
+    layer: int | Literal["auto"] = Field("auto", description="Layer index, or auto for the searched layer.")
+    mode: Literal["set", "add", "ablate"] = Field(
+        "set", description="set the projection, add the direction, or ablate it."
+    )
     weight: float = Field(1.0, description="Scales the edit; negative add steers away (e.g. word exclusion).")
     positions: Literal["all", "prompt", "generated"] = Field("all", description="Which token positions are edited.")
     vector: str | None = Field(
@@ -119,7 +128,12 @@ class SteerEntry(Strict):
 class ExtractionSection(Strict):
     """How vectors are computed."""
 
-    batch_size: int = Field(16, gt=0, le=4096, description="Prompts per forward pass; a pair is two prompts, so at least one pair (2 prompts) goes per pass.")
+    batch_size: int = Field(
+        16,
+        gt=0,
+        le=4096,
+        description="Prompts per forward pass; a pair is two prompts, so at least one pair (2 prompts) goes per pass.",
+    )
 
 
 class GenerationSection(Strict):
@@ -136,10 +150,13 @@ class GenerationSection(Strict):
 class SearchSection(Strict):
     """How `nsteer search` sweeps layers (and weights for add) on the validation split, and its quality guard."""
 
-    layers: list[int] | None = Field(None, description="Candidate layers; default n_layers // 5 to the last, every layer_step.")
+    layers: list[int] | None = Field(
+        None, description="Candidate layers; default n_layers // 5 to the last, every layer_step."
+    )
     layer_step: int = Field(2, gt=0, description="Step of the default layer range.")
     weights: list[float] = Field(
-        default_factory=lambda: [2.0, 4.0, 8.0], min_length=1,
+        default_factory=lambda: [2.0, 4.0, 8.0],
+        min_length=1,
         description="Candidate weights for add entries that give no weight of their own.",
     )
     condition: Literal["absent", "present", "both"] = Field(
@@ -147,9 +164,14 @@ class SearchSection(Strict):
     )
     max_prompts: int | None = Field(32, gt=0, description="Validation prompts per instruction (per condition).")
     max_new_tokens: int | None = Field(None, gt=0, description="Override generation.max_new_tokens for the sweep.")
-    margin: float = Field(0.1, ge=0, le=1, description="Reject a setting whose degenerate share exceeds the baseline's by more.")
+    margin: float = Field(
+        0.1, ge=0, le=1, description="Reject a setting whose degenerate share exceeds the baseline's by more."
+    )
     min_perplexity_ratio: float = Field(
-        0.5, ge=0, le=1, description="Reject a setting whose median perplexity is below this fraction of the baseline's (0: off)."
+        0.5,
+        ge=0,
+        le=1,
+        description="Reject a setting whose median perplexity is below this fraction of the baseline's (0: off).",
     )
 
     @field_validator("layers")
@@ -181,22 +203,29 @@ class EvaluationSection(Strict):
 class OutputSection(Strict):
     """Where vectors and reports go."""
 
-    dir: str = Field("runs/{name}", description="Output folder, relative to the current directory; {name} is the recipe name.")
+    dir: str = Field(
+        "runs/{name}", description="Output folder, relative to the current directory; {name} is the recipe name."
+    )
 
 
 class Recipe(Strict):
     """A whole recipe: model, prompts, instructions, edits, and run settings."""
 
     name: str = Field(
-        "recipe", pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$", max_length=100,
+        "recipe",
+        pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$",
+        max_length=100,
         description="Names the output folder: letters, digits, _ . - (not starting with . or -), at most 100.",
     )
     model: ModelSection = Field(ModelSection(), description="The model to steer.")
     prompts: PromptsSection = Field(PromptsSection(), description="Base prompts, splits and seed.")
     instructions: dict[str, InstructionSection] = Field(
-        min_length=1, description="One entry per instruction, by name: a built-in name, or your own with phrasings and a check."
+        min_length=1,
+        description="One entry per instruction, by name: a built-in name, or your own with phrasings and a check.",
     )
-    steer: list[SteerEntry] = Field(default_factory=list, description="The edits `generate`, `search` and `eval` apply, in order.")
+    steer: list[SteerEntry] = Field(
+        default_factory=list, description="The edits `generate`, `search` and `eval` apply, in order."
+    )
     transfer: bool = Field(False, description="Allow vectors computed on another model of the same shape.")
     extraction: ExtractionSection = Field(ExtractionSection(), description="How vectors are computed.")
     generation: GenerationSection = Field(GenerationSection(), description="How answers are decoded.")
@@ -241,7 +270,8 @@ class Recipe(Strict):
             if isinstance(entry.layer, int) and entry.layer >= n_layers:
                 raise self.error(
                     ("steer", index, "layer"),
-                    f"layer {entry.layer} is out of range: the model has {n_layers} layers (0..{n_layers - 1}), or use auto.",
+                    f"layer {entry.layer} is out of range: "
+                    f"the model has {n_layers} layers (0..{n_layers - 1}), or use auto.",
                 )
         for layer in self.search.layers or ():
             if layer >= n_layers:
@@ -315,7 +345,12 @@ def _pydantic_message(error: Mapping[str, Any], data: Any) -> tuple[tuple, str]:
         allowed = _allowed_keys(parent)
         close = difflib.get_close_matches(str(location[-1]), allowed, n=1)
         hint = f" Did you mean '{close[0]}'?" if close else ""
-        return location, f"unknown key '{location[-1]}'. Allowed here: {', '.join(allowed)}.{hint}" if allowed else f"unknown key '{location[-1]}'."
+        return (
+            location,
+            f"unknown key '{location[-1]}'. Allowed here: {', '.join(allowed)}.{hint}"
+            if allowed
+            else f"unknown key '{location[-1]}'.",
+        )
     if kind == "missing":
         return location, "this field is required."
     message = error["msg"].removeprefix("Value error, ")
@@ -325,9 +360,15 @@ def _pydantic_message(error: Mapping[str, Any], data: Any) -> tuple[tuple, str]:
 
 
 _SECTIONS: dict[str, type[BaseModel]] = {
-    "model": ModelSection, "prompts": PromptsSection, "split": SplitSection, "generation": GenerationSection,
-    "extraction": ExtractionSection, "output": OutputSection, "check": CheckSection,
-    "search": SearchSection, "evaluation": EvaluationSection,
+    "model": ModelSection,
+    "prompts": PromptsSection,
+    "split": SplitSection,
+    "generation": GenerationSection,
+    "extraction": ExtractionSection,
+    "output": OutputSection,
+    "check": CheckSection,
+    "search": SearchSection,
+    "evaluation": EvaluationSection,
 }
 
 
@@ -346,7 +387,9 @@ def recipe_from_dict(data: Any, *, source: Path | None = None, lines: Mapping[tu
     """Validate a recipe given as a dict (the SDK path); errors are RecipeError naming the field."""
     lines = lines or {}
     if not isinstance(data, dict):
-        raise RecipeError(_format(source, lines, (), f"a recipe must be a mapping of sections, got {type(data).__name__}."))
+        raise RecipeError(
+            _format(source, lines, (), f"a recipe must be a mapping of sections, got {type(data).__name__}.")
+        )
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as error:
@@ -436,13 +479,17 @@ def _check_references(recipe: Recipe) -> None:
         phrasings = section.phrasings
         try:
             if phrasings is None or (isinstance(phrasings, str) and phrasings.startswith(BUILTIN)):
-                builtin_instruction(phrasings[len(BUILTIN):] if phrasings else name)
+                builtin_instruction(phrasings[len(BUILTIN) :] if phrasings else name)
             elif isinstance(phrasings, str):
                 from nsteer.prompts import load_phrasings
 
                 load_phrasings(phrasings, recipe.base_dir)
         except NsteerError as error:
-            hint = "" if phrasings else " Give `phrasings` (a list or a file) and a `check` for an instruction of your own."
+            hint = (
+                ""
+                if phrasings
+                else " Give `phrasings` (a list or a file) and a `check` for an instruction of your own."
+            )
             raise recipe.error(("instructions", name, "phrasings"), str(error) + hint) from None
         check = section.check
         if check is not None:
@@ -455,7 +502,11 @@ def _check_references(recipe: Recipe) -> None:
         if entry.vector in recipe.instructions:
             continue  # the vector `compute` writes for that instruction
         try:
-            missing = entry.vector and not _is_file(user_path(entry.vector, recipe.base_dir)) and not _is_file(user_path(entry.vector))
+            missing = (
+                entry.vector
+                and not _is_file(user_path(entry.vector, recipe.base_dir))
+                and not _is_file(user_path(entry.vector))
+            )
         except NsteerError as error:
             raise recipe.error(("steer", index, "vector"), str(error)) from None
         if missing:

@@ -25,9 +25,10 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 from nnsight.intervention.backends.remote import RemoteBackend
@@ -51,7 +52,8 @@ STATUS_URL = "https://nnsight.net/status/"
 
 _MISSING_KEY = (
     "No NDIF API key found. Create one at " + KEY_URL + ", then either export it as NDIF_API_KEY in the shell "
-    "that runs nsteer, or save it once with: python -c \"import nnsight; nnsight.CONFIG.set_default_api_key('YOUR_KEY')\"."
+    "that runs nsteer, or save it once with: "
+    "python -c \"import nnsight; nnsight.CONFIG.set_default_api_key('YOUR_KEY')\"."
 )
 
 # Set while submit_* runs the shared functions: the backend posts the request and stops there.
@@ -82,7 +84,7 @@ def require_api_key() -> str:
 
 
 def ndif_host() -> str:
-    """The NDIF API host requests go to (``nnsight.CONFIG.API.HOST``; ``NDIF_HOST`` sets it when nnsight is imported)."""
+    """The NDIF API host requests go to (``nnsight.CONFIG.API.HOST``; ``NDIF_HOST`` sets it at nnsight import)."""
     from nnsight import CONFIG
 
     return CONFIG.API.HOST
@@ -127,18 +129,25 @@ def open_remote_model(
     except Exception as error:  # OSError, HTTP errors, ValueError from transformers: all mean "cannot build it"
         raise RemoteError(
             f"Could not read the config and tokenizer of '{hub_id}' from the Hugging Face Hub "
-            f"({type(error).__name__}: {' '.join(str(error).split())}) Check the id and revision; gated models (Llama, Gemma) need an "
+            f"({type(error).__name__}: {' '.join(str(error).split())}) "
+            "Check the id and revision; gated models (Llama, Gemma) need an "
             "accepted license and `huggingface-cli login`. See " + STATUS_URL + " for the models NDIF serves."
         ) from None
     try:
-        return make_handle(model, model._module, model.tokenizer, model_id=hub_id, layers_path=layers_path,
-                           remote_timeout=float(timeout))
+        return make_handle(
+            model,
+            model._module,
+            model.tokenizer,
+            model_id=hub_id,
+            layers_path=layers_path,
+            remote_timeout=float(timeout),
+        )
     except ModelError as error:
         raise RemoteError(str(error)) from None
 
 
 def trace_kwargs(handle: ModelHandle) -> dict[str, Any]:
-    """What ``model.trace`` / ``generate`` / ``session`` need to run ``handle``'s work on NDIF with nsteer's deadline."""
+    """What ``model.trace``/``generate``/``session`` need to run ``handle``'s work on NDIF with nsteer's deadline."""
     key = require_api_key()
     try:
         backend = NdifBackend(
@@ -149,7 +158,9 @@ def trace_kwargs(handle: ModelHandle) -> dict[str, Any]:
             submit_only=_SUBMIT_ONLY.get(),
         )
     except ValueError as error:  # nnsight refuses a host that is not an http(s) url
-        raise RemoteError(f"{error}. Set NDIF_HOST (or nnsight.CONFIG.API.HOST) to NDIF's url, e.g. https://api.ndif.us.") from None
+        raise RemoteError(
+            f"{error}. Set NDIF_HOST (or nnsight.CONFIG.API.HOST) to NDIF's url, e.g. https://api.ndif.us."
+        ) from None
     return {"backend": backend}
 
 
@@ -325,11 +336,13 @@ def translate_error(error: BaseException, *, backend: NdifBackend) -> RemoteErro
     cause = error.__cause__ if isinstance(error, NnsightRemoteError) else error
     text = str(error)
     if isinstance(error, NnsightRemoteError) and text.startswith("Failed to send request: "):
-        detail = text[len("Failed to send request: "):]
+        detail = text[len("Failed to send request: ") :]
         if isinstance(cause, httpx.HTTPStatusError):
             return _http_status_message(cause.response.status_code, detail, model, message)
         if isinstance(cause, httpx.TimeoutException):
-            return message(f"NDIF at {host} did not answer the request for {model} within {timeout:g} s. " + retry_timeout)
+            return message(
+                f"NDIF at {host} did not answer the request for {model} within {timeout:g} s. " + retry_timeout
+            )
         if isinstance(cause, httpx.ConnectError):
             return message(
                 f"Could not reach NDIF at {host} ({detail}). Check your network connection, and NDIF_HOST if you "
@@ -340,10 +353,15 @@ def translate_error(error: BaseException, *, backend: NdifBackend) -> RemoteErro
         return message(f"The connection to NDIF at {host} dropped while {backend.phase} ({detail}). " + dropped)
     if isinstance(error, NnsightRemoteError):
         lowered = text.lower()
-        if "not dedicated" in lowered or "hotswapping" in lowered or "not deployed" in lowered or "not running" in lowered:
+        if (
+            "not dedicated" in lowered
+            or "hotswapping" in lowered
+            or "not deployed" in lowered
+            or "not running" in lowered
+        ):
             return message(
                 f"NDIF is not serving {model} right now{job_text}: {text.strip()} Pick a model NDIF runs "
-                f"(list: {STATUS_URL}, or python -c \"import nnsight; print(nnsight.status())\") and set it as "
+                f'(list: {STATUS_URL}, or python -c "import nnsight; print(nnsight.status())") and set it as '
                 "model.id, or try again when it is deployed."
             )
         return message(_server_error_text(text, model, job_text))
@@ -351,7 +369,9 @@ def translate_error(error: BaseException, *, backend: NdifBackend) -> RemoteErro
         detail = error.response.text[:300] if error.response is not None else str(error)
         return _http_status_message(error.response.status_code, detail, model, message)
     if isinstance(error, httpx.TimeoutException):
-        return message(f"NDIF at {host} stopped answering while {backend.phase} for {model}{job_text}. " + retry_timeout)
+        return message(
+            f"NDIF at {host} stopped answering while {backend.phase} for {model}{job_text}. " + retry_timeout
+        )
     connection_errors: tuple[type, ...] = (httpx.TransportError, ConnectionError, OSError)
     if websocket is not None:
         connection_errors += (websocket.WebSocketException,)
@@ -362,8 +382,8 @@ def translate_error(error: BaseException, *, backend: NdifBackend) -> RemoteErro
         )
     return message(
         f"The NDIF request for {model}{job_text} failed while {backend.phase}: {type(error).__name__}: {error}. "
-        "If this repeats, check that nnsight is at the version NDIF expects (python -c \"import nnsight; "
-        "nnsight.compare()\")."
+        'If this repeats, check that nnsight is at the version NDIF expects (python -c "import nnsight; '
+        'nnsight.compare()").'
     )
 
 
@@ -375,7 +395,9 @@ def _http_status_message(status: int, detail: str, model: str, message: Callable
             "there if it was revoked."
         )
     if status == 404:
-        return message(f"NDIF does not know the request or model {model} (HTTP 404: {detail.strip()}). See {STATUS_URL}.")
+        return message(
+            f"NDIF does not know the request or model {model} (HTTP 404: {detail.strip()}). See {STATUS_URL}."
+        )
     if status >= 500:
         return message(
             f"NDIF could not take the request for {model} (HTTP {status}: {detail.strip()}). The service may be down "
@@ -383,7 +405,7 @@ def _http_status_message(status: int, detail: str, model: str, message: Callable
         )
     return message(
         f"NDIF refused the request for {model} (HTTP {status}: {detail.strip()}). Check that nnsight is at the "
-        "version NDIF expects (python -c \"import nnsight; nnsight.compare()\")."
+        'version NDIF expects (python -c "import nnsight; nnsight.compare()").'
     )
 
 
@@ -392,11 +414,17 @@ def _server_error_text(text: str, model: str, job_text: str) -> str:
     last = lines[-1] if lines else "no detail"
     lowered = text.lower()
     if "out of memory" in lowered or "outofmemory" in lowered:
-        hint = "The request needed more GPU memory than NDIF gives it: lower extraction.batch_size or generation.batch_size."
+        hint = (
+            "The request needed more GPU memory than NDIF gives it: "
+            "lower extraction.batch_size or generation.batch_size."
+        )
     elif "deadline" in lowered or "timed out" in lowered or "timeout" in lowered:
         hint = "The job ran past NDIF's own time limit: send smaller requests (fewer prompts, lower batch sizes)."
     elif "whitelisted" in lowered or "no module named" in lowered:
-        hint = "The server refused code it may not run; report this as an nsteer bug (the request should hold only torch code)."
+        hint = (
+            "The server refused code it may not run; "
+            "report this as an nsteer bug (the request should hold only torch code)."
+        )
     else:
         hint = (
             "Check that the recipe fits the model (layers exist, layers_path is right); if it does, retry later or "
@@ -425,8 +453,14 @@ class RemoteJob:
         """The job record as JSON."""
         return json.dumps(
             {
-                "id": self.id, "kind": self.kind, "model_id": self.model_id, "model_key": self.model_key,
-                "host": self.host, "revision": self.revision, "created": self.created, "payload": dict(self.payload),
+                "id": self.id,
+                "kind": self.kind,
+                "model_id": self.model_id,
+                "model_key": self.model_key,
+                "host": self.host,
+                "revision": self.revision,
+                "created": self.created,
+                "payload": dict(self.payload),
             },
             indent=1,
             sort_keys=True,
@@ -506,8 +540,14 @@ def _submit(handle: ModelHandle, run: Callable[[], Any]) -> str:
 
 def _new_job(handle: ModelHandle, job_id: str, kind: str, payload: Mapping[str, Any]) -> RemoteJob:
     job = RemoteJob(
-        id=job_id, kind=kind, model_id=handle.model_id, model_key=handle.model.to_model_key(), host=ndif_host(),
-        revision=_revision(handle), created=time.time(), payload=dict(payload),
+        id=job_id,
+        kind=kind,
+        model_id=handle.model_id,
+        model_key=handle.model.to_model_key(),
+        host=ndif_host(),
+        revision=_revision(handle),
+        created=time.time(),
+        payload=dict(payload),
     )
     _write_job(job)
     return job
@@ -543,9 +583,13 @@ def submit_vector(
     metadata = vector_metadata(handle, instruction, pairs, seed=seed)
     job_id = _submit(handle, lambda: mean_difference(handle, pairs, batch_size=batch_size))
     return _new_job(
-        handle, job_id, "vector",
+        handle,
+        job_id,
+        "vector",
         {
-            "path": str(Path(path).expanduser().resolve()), "n_pairs": len(pairs), "metadata": metadata.to_json(),
+            "path": str(Path(path).expanduser().resolve()),
+            "n_pairs": len(pairs),
+            "metadata": metadata.to_json(),
             "keep_choice": keep_choice,
         },
     )
@@ -557,9 +601,16 @@ def submit_recipe_vectors(recipe: Any, handle: ModelHandle, *, force: bool = Fal
     from nsteer.workflow import vector_tasks
 
     return {
-        task.name: task.path if task.keep else submit_vector(
-            handle, task.instruction, task.pairs, path=task.path, batch_size=recipe.extraction.batch_size,
-            seed=recipe.prompts.seed, keep_choice=not force,
+        task.name: task.path
+        if task.keep
+        else submit_vector(
+            handle,
+            task.instruction,
+            task.pairs,
+            path=task.path,
+            batch_size=recipe.extraction.batch_size,
+            seed=recipe.prompts.seed,
+            keep_choice=not force,
         )
         for task in vector_tasks(recipe, handle, force=force)
     }
@@ -593,7 +644,9 @@ def submit_generation(
         ),
     )
     return _new_job(
-        handle, job_id, "generation",
+        handle,
+        job_id,
+        "generation",
         {
             "prompts": list(prompts),
             "batches": [{"rows": list(batch.rows), "width": int(batch.input_ids.shape[1])} for batch in batches],
@@ -603,15 +656,20 @@ def submit_generation(
 
 
 def collect(job_id: str, *, wait: float = 0.0) -> CollectedJob:
-    """Fetch job ``job_id``; when it has finished, write its vector file (or decode its answers) as a blocking run would.
+    """Fetch job ``job_id``; once finished, write its vector file (or decode its answers) as a blocking run would.
 
     ``wait`` seconds: keep polling that long for a job still running. A finished job's record moves to ``done/``.
     """
     job = load_job(job_id)
     key = require_api_key()
     backend = NdifBackend(
-        None, model_id=job.model_id, timeout=max(wait, 0.0), api_key=key, job_id=job.id,
-        model_key=job.model_key, host=job.host,
+        None,
+        model_id=job.model_id,
+        timeout=max(wait, 0.0),
+        api_key=key,
+        job_id=job.id,
+        model_key=job.model_key,
+        host=job.host,
     )
     deadline = time.monotonic() + max(wait, 0.0)
     try:

@@ -7,8 +7,9 @@ import io
 import json
 import math
 import statistics
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from nsteer.evaluate.table import CELLS, CellSummary, EvaluationResult, PairedChange, json_safe
 from nsteer.search import SearchResult, SweepCell
@@ -64,11 +65,19 @@ def eval_markdown(result: EvaluationResult) -> str:
     """The 2×2 table (loose and strict accuracy), quality beside it, and length distributions where relevant."""
     header = "| instruction | n | " + " | ".join(CELL_HEADERS) + " |"
     rule = "|---|---:|" + "---:|" * len(CELLS)
-    rows = [f"| {group} | {result.cell(CELLS[2], group).n} | " + " | ".join(_accuracy(result.cell(c, group)) for c in CELLS) + " |"
-            for group in result.groups]
+    rows = [
+        f"| {group} | {result.cell(CELLS[2], group).n} | "
+        + " | ".join(_accuracy(result.cell(c, group)) for c in CELLS)
+        + " |"
+        for group in result.groups
+    ]
     overall = result.cell(CELLS[2])
-    rows.append(f"| **overall** | {overall.n} | " + " | ".join(f"**{_accuracy(result.cell(c))}**" for c in CELLS) + " |")
-    quality = [f"| {group} | " + " | ".join(_quality(result.cell(c, group)) for c in CELLS) + " |" for group in result.groups]
+    rows.append(
+        f"| **overall** | {overall.n} | " + " | ".join(f"**{_accuracy(result.cell(c))}**" for c in CELLS) + " |"
+    )
+    quality = [
+        f"| {group} | " + " | ".join(_quality(result.cell(c, group)) for c in CELLS) + " |" for group in result.groups
+    ]
     quality.append("| **overall** | " + " | ".join(_quality(result.cell(c)) for c in CELLS) + " |")
     judged = any(answer.judge is not None for answer in result.answers)
     lines = [
@@ -93,8 +102,10 @@ def eval_markdown(result: EvaluationResult) -> str:
         "",
         "| instruction | no instruction: fixed / broke (p) | instruction: fixed / broke (p) |",
         "|---|---:|---:|",
-        *[f"| {label} | {_paired(result.paired(False, group))} | {_paired(result.paired(True, group))} |"
-          for label, group in [*((g, g) for g in result.groups), ("**overall**", None)]],
+        *[
+            f"| {label} | {_paired(result.paired(False, group))} | {_paired(result.paired(True, group))} |"
+            for label, group in [*((g, g) for g in result.groups), ("**overall**", None)]
+        ],
         "",
         "Steering per instruction:",
         "",
@@ -104,13 +115,20 @@ def eval_markdown(result: EvaluationResult) -> str:
         lines += ["", f"{result.skipped} data record(s) matched no recipe instruction and were skipped."]
     length_groups = [g for g in result.groups if result.categories.get(g) == "length"]
     if length_groups:
-        lines += ["", "Length: sentences and words, median [quartiles], max.", "",
-                  "| instruction | cell | sentences | words |", "|---|---|---|---|"]
+        lines += [
+            "",
+            "Length: sentences and words, median [quartiles], max.",
+            "",
+            "| instruction | cell | sentences | words |",
+            "|---|---|---|---|",
+        ]
         for group in length_groups:
             for cell in CELLS:
                 summary = result.cell(cell, group)
                 if summary.n:
-                    lines.append(f"| {group} | {cell.label} | {_spread(summary.sentences)} | {_spread(summary.words)} |")
+                    lines.append(
+                        f"| {group} | {cell.label} | {_spread(summary.sentences)} | {_spread(summary.words)} |"
+                    )
     return "\n".join(lines) + "\n"
 
 
@@ -164,8 +182,14 @@ def sweep_png(result: SearchResult) -> bytes:
             layers = [c.setting.layer for c in cells]
             axes.plot(layers, [c.loose for c in cells], marker="o", label=f"w={weight:g}")
             rejected = [c for c in cells if c.rejected]
-            axes.scatter([c.setting.layer for c in rejected], [c.loose for c in rejected], marker="x", color="red",
-                         zorder=3, s=60)
+            axes.scatter(
+                [c.setting.layer for c in rejected],
+                [c.loose for c in rejected],
+                marker="x",
+                color="red",
+                zorder=3,
+                s=60,
+            )
         axes.axhline(sweep.baseline.loose, linestyle="--", color="gray", label="no steering")
         winner = sweep.winner.setting
         axes.set_title(f"{sweep.instruction} → {winner.label}", fontsize=8)
@@ -205,23 +229,25 @@ def _cell_dict(cell: SweepCell, winner: SweepCell) -> dict[str, Any]:
 
 def search_dict(result: SearchResult) -> dict[str, Any]:
     """The search as JSON-ready data, every validation answer included."""
-    return json_safe({
-        "model": result.model_id,
-        "reference_model": result.reference,
-        "elapsed_s": round(result.elapsed_s, 1),
-        "sweeps": [
-            {
-                "instruction": sweep.instruction,
-                "steer_index": sweep.steer_index,
-                "vector": sweep.vector_path,
-                "condition": sweep.condition,
-                "rule": sweep.rule,
-                "winner": sweep.winner.setting.label,
-                "cells": [_cell_dict(c, sweep.winner) for c in (sweep.baseline, *sweep.cells)],
-            }
-            for sweep in result.sweeps
-        ],
-    })
+    return json_safe(
+        {
+            "model": result.model_id,
+            "reference_model": result.reference,
+            "elapsed_s": round(result.elapsed_s, 1),
+            "sweeps": [
+                {
+                    "instruction": sweep.instruction,
+                    "steer_index": sweep.steer_index,
+                    "vector": sweep.vector_path,
+                    "condition": sweep.condition,
+                    "rule": sweep.rule,
+                    "winner": sweep.winner.setting.label,
+                    "cells": [_cell_dict(c, sweep.winner) for c in (sweep.baseline, *sweep.cells)],
+                }
+                for sweep in result.sweeps
+            ],
+        }
+    )
 
 
 def search_rows(result: SearchResult) -> list[tuple[str, str, str, str, str, str, str]]:
@@ -230,8 +256,17 @@ def search_rows(result: SearchResult) -> list[tuple[str, str, str, str, str, str
     for sweep in result.sweeps:
         for cell in (sweep.baseline, *sweep.cells):
             verdict = "WINNER" if cell is sweep.winner else (f"rejected: {cell.rejected}" if cell.rejected else "")
-            rows.append((sweep.instruction, cell.setting.label, f"{cell.loose:.2f}", f"{cell.strict:.2f}",
-                         f"{cell.degenerate_share:.0%}", _number(cell.median_perplexity), verdict))
+            rows.append(
+                (
+                    sweep.instruction,
+                    cell.setting.label,
+                    f"{cell.loose:.2f}",
+                    f"{cell.strict:.2f}",
+                    f"{cell.degenerate_share:.0%}",
+                    _number(cell.median_perplexity),
+                    verdict,
+                )
+            )
     return rows
 
 
@@ -283,9 +318,15 @@ def cosine_between(vectors: Sequence[Any], *, centered: bool = False) -> Any:
 
     shapes = {tuple(v.directions.shape) for v in vectors}
     if len(shapes) > 1:
-        described = ", ".join(f"{v.instruction_id}: {v.metadata.n_layers} layers x width {v.metadata.hidden_size}" for v in vectors)
-        raise VectorFileError(f"Only vectors of the same shape can be compared ({described}); give vectors of one model family.")
-    stacked = torch.stack([torch.nn.functional.normalize(v.directions.detach().double().cpu(), dim=-1) for v in vectors], dim=1)
+        described = ", ".join(
+            f"{v.instruction_id}: {v.metadata.n_layers} layers x width {v.metadata.hidden_size}" for v in vectors
+        )
+        raise VectorFileError(
+            f"Only vectors of the same shape can be compared ({described}); give vectors of one model family."
+        )
+    stacked = torch.stack(
+        [torch.nn.functional.normalize(v.directions.detach().double().cpu(), dim=-1) for v in vectors], dim=1
+    )
     if centered:
         if len(vectors) < 3:
             raise VectorFileError("Centering needs three or more vectors (two centered vectors are always opposite).")
@@ -299,9 +340,12 @@ def vector_labels(vectors: Sequence[Any], paths: Sequence[str | Path]) -> list[s
     return ids if len(set(ids)) == len(ids) else [Path(p).stem for p in paths]
 
 
-def similarity_png(vectors: Sequence[Any], labels: Sequence[str], *, layer: int | None = None, centered: bool = False) -> bytes:
+def similarity_png(
+    vectors: Sequence[Any], labels: Sequence[str], *, layer: int | None = None, centered: bool = False
+) -> bytes:
     """PNG of cosine similarities: one vector -> layer x layer heatmap and norms by layer;
-    several -> instruction x instruction heatmap at ``layer`` (default: the middle layer) and pairwise curves by layer."""
+    several -> instruction x instruction heatmap at ``layer`` (default: the middle layer)
+    and pairwise curves by layer."""
     from nsteer.errors import NsteerError
 
     first = vectors[0]
@@ -324,8 +368,15 @@ def similarity_png(vectors: Sequence[Any], labels: Sequence[str], *, layer: int 
         for row in range(count):
             for column in range(count):
                 value = float(similarity[layer, row, column])
-                heat.text(column, row, f"{value:.2f}", ha="center", va="center", fontsize=9 if count <= 6 else 7,
-                          color="white" if abs(value) > 0.6 else "black")
+                heat.text(
+                    column,
+                    row,
+                    f"{value:.2f}",
+                    ha="center",
+                    va="center",
+                    fontsize=9 if count <= 6 else 7,
+                    color="white" if abs(value) > 0.6 else "black",
+                )
     heat.set_title(f"cosine similarity at layer {layer}{' (centered)' if centered else ''}", fontsize=10)
     figure.colorbar(image, ax=heat, fraction=0.046, pad=0.04)
     curves = figure.add_subplot(1, 2, 2)
@@ -337,8 +388,13 @@ def similarity_png(vectors: Sequence[Any], labels: Sequence[str], *, layer: int 
         curves.legend(fontsize=7, loc="best")
     else:  # too many pairs for one line each: the mean with the min-max band
         values = similarity[:, [a for a, _ in pairs], [b for _, b in pairs]]
-        curves.fill_between(layers, values.min(dim=1).values.numpy(), values.max(dim=1).values.numpy(), alpha=0.25,
-                            label=f"min-max over {len(pairs)} pairs")
+        curves.fill_between(
+            layers,
+            values.min(dim=1).values.numpy(),
+            values.max(dim=1).values.numpy(),
+            alpha=0.25,
+            label=f"min-max over {len(pairs)} pairs",
+        )
         curves.plot(layers, values.mean(dim=1).numpy(), marker=".", label="mean over pairs")
         curves.legend(fontsize=7, loc="best")
     curves.axvline(layer, color="gray", linestyle=":", linewidth=1)
@@ -369,8 +425,12 @@ def _single_vector_png(vector: Any, label: str, model: str) -> bytes:
     norms.plot(range(n_layers), vector.norms.detach().float().cpu().numpy(), marker=".", label="‖u_l‖ (raw norm)")
     chosen = dict(vector.metadata.chosen or {})
     if chosen.get("layer") is not None:
-        norms.axvline(int(chosen["layer"]), color="#d94801", linestyle="--",
-                      label=f"searched: layer {chosen['layer']} {chosen.get('mode', '')} w={chosen.get('weight', '')}")
+        norms.axvline(
+            int(chosen["layer"]),
+            color="#d94801",
+            linestyle="--",
+            label=f"searched: layer {chosen['layer']} {chosen.get('mode', '')} w={chosen.get('weight', '')}",
+        )
     elif chosen.get("no_steering"):
         norms.plot([], [], " ", label="searched: no steering")
     norms.set_xlabel("layer")
@@ -382,7 +442,12 @@ def _single_vector_png(vector: Any, label: str, model: str) -> bytes:
 
 
 def write_similarity_plot(
-    vectors: Sequence[Any], paths: Sequence[str | Path], out: str | Path, *, layer: int | None = None, centered: bool = False
+    vectors: Sequence[Any],
+    paths: Sequence[str | Path],
+    out: str | Path,
+    *,
+    layer: int | None = None,
+    centered: bool = False,
 ) -> Path:
     """Draw ``similarity_png`` for the vectors read from ``paths`` and write it to ``out`` (a .png) atomically."""
     from nsteer.errors import NsteerError

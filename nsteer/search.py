@@ -1,4 +1,4 @@
-"""Layer (and, for ``add``, weight) search on the validation split, with a quality guard and "no steering" as a candidate.
+"""Layer and (for ``add``) weight search on the validation split, with a quality guard and "no steering" as a candidate.
 
 For every steer entry with ``layer: auto`` the sweep generates answers to the instruction's validation prompts under
 no steering (the baseline) and under each candidate setting, scores them with the loose IFEval checker, and applies
@@ -21,9 +21,10 @@ import hashlib
 import math
 import statistics
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 from nsteer.edits import edit_from_vector
 from nsteer.errors import EvaluationError
@@ -219,10 +220,13 @@ def run_cells(
     """
     keys = [
         cell_key(
-            kind="search", model=handle.weights_fingerprint or handle.model_id,
+            kind="search",
+            model=handle.weights_fingerprint or handle.model_id,
             vector=None if setting.no_steering else _vector_hash(vector),  # the baseline does not depend on the vector
-            setting=None if setting.no_steering else dataclasses.asdict(setting), prompts=list(prompts),
-            config=dataclasses.asdict(config), reference=reference.name if reference else "",
+            setting=None if setting.no_steering else dataclasses.asdict(setting),
+            prompts=list(prompts),
+            config=dataclasses.asdict(config),
+            reference=reference.name if reference else "",
         )
         for setting in settings
     ]
@@ -235,8 +239,12 @@ def run_cells(
     for start in range(0, len(pending), size):
         chunk = pending[start : start + size]
         row_edits = [
-            [] if setting.no_steering else [
-                edit_from_vector(vector, layer=setting.layer, mode=setting.mode, weight=setting.weight, positions=setting.positions)
+            []
+            if setting.no_steering
+            else [
+                edit_from_vector(
+                    vector, layer=setting.layer, mode=setting.mode, weight=setting.weight, positions=setting.positions
+                )
             ]
             for _, setting in chunk
             for _ in prompts
@@ -246,11 +254,15 @@ def run_cells(
         answers = generator(handle, rows, row_edits=row_edits, config=config, progress=step)
         if len(answers) != len(rows):
             raise EvaluationError(f"The generator returned {len(answers)} answers for {len(rows)} prompts.")
-        perplexities = perplexity(reference.model, reference.tokenizer, rows, answers) if reference else [math.nan] * len(rows)
+        perplexities = (
+            perplexity(reference.model, reference.tokenizer, rows, answers) if reference else [math.nan] * len(rows)
+        )
         for number, (key, setting) in enumerate(chunk):
             cut = slice(number * len(prompts), (number + 1) * len(prompts))
             records[key] = {
-                "key": key, "label": f"{label} {setting.label}", "answers": list(answers[cut]),
+                "key": key,
+                "label": f"{label} {setting.label}",
+                "answers": list(answers[cut]),
                 "perplexities": [value if math.isfinite(value) else None for value in perplexities[cut]],
             }
             if checkpoint is not None:
@@ -301,7 +313,11 @@ def search_recipe(
     settings = recipe.search
     entries = [index for index, entry in enumerate(recipe.steer) if entry.layer == "auto"]
     if not entries:
-        raise recipe.error(("steer",), "no steer entry has `layer: auto`, so there is nothing to search. Set layer: auto on the entries to search.")
+        raise recipe.error(
+            ("steer",),
+            "no steer entry has `layer: auto`, so there is nothing to search. "
+            "Set layer: auto on the entries to search.",
+        )
     paths = {index: steer_vector_path(recipe, index) for index in entries}
     # Resolved, so one file named two ways (an instruction's vector and a `vector:` path) counts as one file.
     files = {index: path.resolve() for index, path in paths.items()}
@@ -311,7 +327,8 @@ def search_recipe(
     if shared:
         raise recipe.error(
             ("steer",),
-            f"several `layer: auto` entries for '{shared[0][1]}' use the vector {shared[0][0]}, but a vector file holds "
+            f"several `layer: auto` entries for '{shared[0][1]}' use the vector {shared[0][0]}, "
+            "but a vector file holds "
             "one searched setting per instruction. Give all but one of them a fixed layer.",
         )
     vectors = vectors if vectors is not None else load_recipe_vectors(recipe, handle)
@@ -331,7 +348,9 @@ def search_recipe(
         vector = vectors[entry.vector or entry.instruction]
         instruction = resolve_instruction(recipe, entry.instruction)
         if not instruction.check_id:
-            raise recipe.error(("instructions", entry.instruction, "check"), "this instruction has no check to score the search with.")
+            raise recipe.error(
+                ("instructions", entry.instruction, "check"), "this instruction has no check to score the search with."
+            )
         spec = CheckSpec(instruction.check_id, dict(instruction.check_kwargs))
         prompts = validation_prompts(recipe, entry.instruction)
         explicit_weight = "weight" in entry.model_fields_set or entry.mode != "add"
@@ -339,9 +358,19 @@ def search_recipe(
         candidates = [Setting(layer, entry.mode, weight, entry.positions) for layer in layers for weight in weights]
         bar = progress(f"search {entry.instruction}") if progress else None
         swept = run_cells(
-            handle, vector, [Setting(None, entry.mode, 0.0, entry.positions), *candidates], prompts, spec,
-            config=config, reference=reference, generator=generator, checkpoint=checkpoint, finished=finished,
-            label=entry.instruction, together=handle.remote, progress=bar,
+            handle,
+            vector,
+            [Setting(None, entry.mode, 0.0, entry.positions), *candidates],
+            prompts,
+            spec,
+            config=config,
+            reference=reference,
+            generator=generator,
+            checkpoint=checkpoint,
+            finished=finished,
+            label=entry.instruction,
+            together=handle.remote,
+            progress=bar,
         )
         baseline = swept[0]
         cells = [

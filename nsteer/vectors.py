@@ -7,9 +7,10 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
@@ -68,16 +69,24 @@ class VectorMetadata:
         except json.JSONDecodeError as error:
             raise VectorFileError(f"{path}: the nsteer metadata is not valid JSON ({error.msg}).") from None
         names = {f.name for f in dataclasses.fields(cls)}
-        required = {f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+        required = {
+            f.name
+            for f in dataclasses.fields(cls)
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        }
         missing = sorted(required - set(data))
         if missing:
-            raise VectorFileError(f"{path}: the metadata lacks {', '.join(missing)}; recompute the vector with `nsteer compute`.")
+            raise VectorFileError(
+                f"{path}: the metadata lacks {', '.join(missing)}; recompute the vector with `nsteer compute`."
+            )
         data = {key: value for key, value in data.items() if key in names}
         data["phrasings"] = tuple(data.get("phrasings", ()))
         borrowed = data.get("chosen_for", {})
         if not isinstance(borrowed, dict) or not all(isinstance(value, dict) for value in borrowed.values()):
-            raise VectorFileError(f"{path}: the metadata's chosen_for is not a mapping of instruction to setting; "
-                                  "rerun `nsteer search` to rewrite it.")
+            raise VectorFileError(
+                f"{path}: the metadata's chosen_for is not a mapping of instruction to setting; "
+                "rerun `nsteer search` to rewrite it."
+            )
         return cls(**data)
 
 
@@ -126,7 +135,9 @@ def carry_choices(path: str | Path, vector: SteeringVector) -> SteeringVector:
         return vector
     if previous.instruction_id != vector.instruction_id:
         return vector
-    metadata = dataclasses.replace(vector.metadata, chosen=previous.metadata.chosen, chosen_for=previous.metadata.chosen_for)
+    metadata = dataclasses.replace(
+        vector.metadata, chosen=previous.metadata.chosen, chosen_for=previous.metadata.chosen_for
+    )
     return dataclasses.replace(vector, metadata=metadata)
 
 
@@ -202,7 +213,11 @@ def load_vector(path: str | Path) -> SteeringVector:
         raise VectorFileError(f"{path} lacks the tensor(s) {', '.join(missing)}.")
     directions, mean_projections, norms = (tensors[name] for name in TENSOR_NAMES)
     expected = (metadata.n_layers, metadata.hidden_size)
-    if tuple(directions.shape) != expected or tuple(mean_projections.shape) != expected[:1] or tuple(norms.shape) != expected[:1]:
+    if (
+        tuple(directions.shape) != expected
+        or tuple(mean_projections.shape) != expected[:1]
+        or tuple(norms.shape) != expected[:1]
+    ):
         raise VectorFileError(
             f"{path}: tensor shapes {tuple(directions.shape)}, {tuple(mean_projections.shape)}, {tuple(norms.shape)} "
             f"do not match the metadata ({metadata.n_layers} layers, width {metadata.hidden_size})."
@@ -226,8 +241,9 @@ def check_compatible(vector: SteeringVector, handle: ModelHandle, *, allow_trans
     if meta.hidden_size != handle.hidden_size or meta.n_layers != handle.n_layers:
         raise VectorFileError(
             f"The vector '{meta.instruction_id}' was made for {meta.model_id} (width {meta.hidden_size}, "
-            f"{meta.n_layers} layers) but {handle.model_id} has width {handle.hidden_size} and {handle.n_layers} layers. "
-            "Vectors only apply to models of the same width and depth: compute one for this model with `nsteer compute`."
+            f"{meta.n_layers} layers) but {handle.model_id} has width {handle.hidden_size} "
+            f"and {handle.n_layers} layers. Vectors only apply to models of the same width and depth: "
+            "compute one for this model with `nsteer compute`."
         )
     if same_model(meta, handle) or allow_transfer:
         return
@@ -238,10 +254,15 @@ def check_compatible(vector: SteeringVector, handle: ModelHandle, *, allow_trans
         differences.append(f"architecture {meta.architecture} vs {handle.architecture}")
     if meta.config_hash != handle.config_hash:
         differences.append("the model configuration")
-    if meta.weights_fingerprint and handle.weights_fingerprint and meta.weights_fingerprint != handle.weights_fingerprint:
+    if (
+        meta.weights_fingerprint
+        and handle.weights_fingerprint
+        and meta.weights_fingerprint != handle.weights_fingerprint
+    ):
         differences.append("the weights")
     raise VectorFileError(
-        f"The vector '{meta.instruction_id}' was computed on another model ({'; '.join(differences) or 'identity differs'}). "
+        f"The vector '{meta.instruction_id}' was computed on another model "
+        f"({'; '.join(differences) or 'identity differs'}). "
         "To apply it anyway (e.g. instruction-tuned to base model of the same shape), pass --allow-transfer "
         "or set `transfer: true` in the recipe."
     )

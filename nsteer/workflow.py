@@ -1,4 +1,4 @@
-"""The recipe's view of the flow: resolve its instructions, open its model, compute and load its vectors, build its edits.
+"""The recipe's view of the flow: resolve its instructions, open its model, compute/load its vectors, build its edits.
 
 The CLI and the SDK both call these functions; each step delegates to the stage module that owns it.
 """
@@ -6,9 +6,9 @@ The CLI and the SDK both call these functions; each step delegates to the stage 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping
 
 from nsteer.edits import Edit, edit_from_vector
 from nsteer.errors import NsteerError, RecipeError
@@ -16,7 +16,14 @@ from nsteer.extract import compute_vector
 from nsteer.generate import GenerationConfig
 from nsteer.models import ModelHandle, open_model
 from nsteer.prompts import (
-    BUILTIN_PREFIX, Instruction, PromptPair, Split, builtin_instruction, load_base_prompts, load_phrasings, split_pairs,
+    BUILTIN_PREFIX,
+    Instruction,
+    PromptPair,
+    Split,
+    builtin_instruction,
+    load_base_prompts,
+    load_phrasings,
+    split_pairs,
 )
 from nsteer.recipe import Recipe
 from nsteer.vectors import SteeringVector, carry_choices, check_compatible, load_vector, save_vector
@@ -38,13 +45,13 @@ def resolve_instruction(recipe: Recipe, name: str) -> Instruction:
             raise recipe.error(("instructions", name, "phrasings"), f"'{name}' is not built in: give its phrasings.")
         phrasings = builtin.phrasings
     elif isinstance(phrasings_source, str) and phrasings_source.startswith(BUILTIN_PREFIX):
-        phrasings = builtin_instruction(phrasings_source[len(BUILTIN_PREFIX):]).phrasings
+        phrasings = builtin_instruction(phrasings_source[len(BUILTIN_PREFIX) :]).phrasings
     else:
         phrasings = load_phrasings(phrasings_source, recipe.base_dir)
     check = section.check
     if check is None:
         reference = builtin or (
-            builtin_instruction(phrasings_source[len(BUILTIN_PREFIX):])
+            builtin_instruction(phrasings_source[len(BUILTIN_PREFIX) :])
             if isinstance(phrasings_source, str) and phrasings_source.startswith(BUILTIN_PREFIX)
             else None
         )
@@ -136,10 +143,14 @@ def vector_tasks(recipe: Recipe, handle: ModelHandle, *, force: bool = False) ->
         instruction = resolve_instruction(recipe, name)
         pairs = instruction_splits(recipe, name).train
         path = vector_path(recipe, name)
-        keep = not force and path.exists() and (
-            _is_current(path, handle, instruction, prompt_set_hash(pairs))
-            # `transfer: true`: a vector copied from another model is kept (docs/transfer.md)
-            or (recipe.transfer and _is_transferred(path, handle))
+        keep = (
+            not force
+            and path.exists()
+            and (
+                _is_current(path, handle, instruction, prompt_set_hash(pairs))
+                # `transfer: true`: a vector copied from another model is kept (docs/transfer.md)
+                or (recipe.transfer and _is_transferred(path, handle))
+            )
         )
         tasks.append(VectorTask(name, instruction, pairs, path, keep))
     return tasks
@@ -203,7 +214,9 @@ def steer_vector_path(recipe: Recipe, index: int) -> Path:
     return vector_path(recipe, entry.instruction)
 
 
-def load_recipe_vectors(recipe: Recipe, handle: ModelHandle, *, allow_transfer: bool | None = None) -> dict[str, SteeringVector]:
+def load_recipe_vectors(
+    recipe: Recipe, handle: ModelHandle, *, allow_transfer: bool | None = None
+) -> dict[str, SteeringVector]:
     """Load the vectors the recipe's steer entries use, checked against ``handle``'s model."""
     transfer = recipe.transfer if allow_transfer is None else allow_transfer
     vectors: dict[str, SteeringVector] = {}
@@ -214,7 +227,8 @@ def load_recipe_vectors(recipe: Recipe, handle: ModelHandle, *, allow_transfer: 
         path = steer_vector_path(recipe, index)
         if not path.exists():
             raise RecipeError(
-                f"No vector for '{entry.instruction}' at {path}. Run `nsteer compute {recipe._source or 'RECIPE'}` first."
+                f"No vector for '{entry.instruction}' at {path}. "
+                f"Run `nsteer compute {recipe._source or 'RECIPE'}` first."
             )
         vector = load_vector(path)
         check_compatible(vector, handle, allow_transfer=transfer)
@@ -246,7 +260,10 @@ def steer_entry_edit(recipe: Recipe, vectors: Mapping[str, SteeringVector], inde
             own = vector.choice() or {}
             borrowed = ""
             if entry.instruction != vector.instruction_id:
-                borrowed = f" on the borrowed '{vector.instruction_id}' vector (a setting searched for one instruction is not used for another"
+                borrowed = (
+                    f" on the borrowed '{vector.instruction_id}' vector "
+                    "(a setting searched for one instruction is not used for another"
+                )
                 if own.get("layer") is not None:
                     borrowed += f"; its own search chose layer {own['layer']} {own.get('mode')} w={own.get('weight')}"
                 borrowed += ")"
@@ -256,10 +273,16 @@ def steer_entry_edit(recipe: Recipe, vectors: Mapping[str, SteeringVector], inde
                 "Run `nsteer search` on this recipe, or give a layer number.",
             )
         layer = int(chosen["layer"])
-        if "weight" not in entry.model_fields_set and chosen.get("mode") == entry.mode and chosen.get("weight") is not None:
+        if (
+            "weight" not in entry.model_fields_set
+            and chosen.get("mode") == entry.mode
+            and chosen.get("weight") is not None
+        ):
             weight = float(chosen["weight"])
     if not 0 <= layer < vector.metadata.n_layers:
-        raise recipe.error(("steer", index, "layer"), f"layer {layer} is out of range (0..{vector.metadata.n_layers - 1}).")
+        raise recipe.error(
+            ("steer", index, "layer"), f"layer {layer} is out of range (0..{vector.metadata.n_layers - 1})."
+        )
     return edit_from_vector(vector, layer=layer, mode=entry.mode, weight=weight, positions=entry.positions)
 
 

@@ -60,14 +60,22 @@ def plot(rows: list[dict], layer: int, max_new_tokens: int, path: Path) -> None:
     references = [row for row in rows if row["weight"] is None]
     figure, axes = plt.subplots(1, 2, figsize=(9, 3.6), constrained_layout=True)
     for axis, key, title in ((axes[0], "mean_sentences", "mean sentences"), (axes[1], "mean_words", "mean words")):
-        axis.plot([r["weight"] for r in curve], [r[key] for r in curve], marker="o", color="tab:blue", label="steered, no instruction")
+        axis.plot(
+            [r["weight"] for r in curve],
+            [r[key] for r in curve],
+            marker="o",
+            color="tab:blue",
+            label="steered, no instruction",
+        )
         for row, style in zip(references, ("--", ":")):
             axis.axhline(row[key], linestyle=style, color="tab:gray", label=row["condition"])
         axis.set_xlabel(f"weight of the conciseness vector (add, layer {layer})")
         axis.set_title(title)
         axis.grid(alpha=0.3)
     axes[1].legend(fontsize=7, loc="best")
-    figure.suptitle(f"SmolLM2-135M-Instruct, {curve[0]['n']} test prompts, at most {max_new_tokens} new tokens", fontsize=9)
+    figure.suptitle(
+        f"SmolLM2-135M-Instruct, {curve[0]['n']} test prompts, at most {max_new_tokens} new tokens", fontsize=9
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
 
@@ -123,9 +131,14 @@ def main(argv: list[str] | None = None) -> int:
     check_compatible(vector, handle)
     concise = instruction_splits(recipe, "length_0").test[: args.prompts]
     verbose = instruction_splits(recipe, "length_4").test[: args.prompts]
-    spec = CheckSpec(resolve_instruction(recipe, "length_0").check_id, dict(resolve_instruction(recipe, "length_0").check_kwargs))
+    spec = CheckSpec(
+        resolve_instruction(recipe, "length_0").check_id, dict(resolve_instruction(recipe, "length_0").check_kwargs)
+    )
     bare = [pair.without_instruction for pair in concise]
-    conditions = [(f"w={w:g}", w, bare, [] if w == 0 else [edit_from_vector(vector, layer=layer, mode="add", weight=w)]) for w in weights]
+    conditions = [
+        (f"w={w:g}", w, bare, [] if w == 0 else [edit_from_vector(vector, layer=layer, mode="add", weight=w)])
+        for w in weights
+    ]
     conditions.append(("instruction 'extremely concise', unsteered", None, [p.with_instruction for p in concise], []))
     conditions.append(("instruction 'extremely verbose', unsteered", None, [p.with_instruction for p in verbose], []))
     prompts = [p for _, _, group, _ in conditions for p in group]
@@ -141,8 +154,15 @@ def main(argv: list[str] | None = None) -> int:
         offset += len(group)
     args.out.mkdir(parents=True, exist_ok=True)
     report = {
-        "vector": str(args.vector), "layer": layer, "mode": "add", "weights": weights, "max_new_tokens": args.max_new_tokens,
-        "n_prompts": len(bare), "split": "test", "elapsed_s": round(time.monotonic() - started, 1), "rows": rows,
+        "vector": str(args.vector),
+        "layer": layer,
+        "mode": "add",
+        "weights": weights,
+        "max_new_tokens": args.max_new_tokens,
+        "n_prompts": len(bare),
+        "split": "test",
+        "elapsed_s": round(time.monotonic() - started, 1),
+        "rows": rows,
     }
     (args.out / "length-curve.json").write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n")
     (args.out / "length-curve.md").write_text(markdown(rows, layer))

@@ -21,7 +21,8 @@ reproduces the files bit for bit:
     make vectors VECTORS_DIR=/tmp/check VECTORS_RUNS=/tmp/check-runs
     cd /tmp/check && sha256sum -c /path/to/repo/vectors/smollm2-135m-instruct/SHA256SUMS
 
-Search reports (every validation answer, ``search.md``, ``search.json``) and checkpoints go to ``runs/vectors/<recipe>/``.
+Search reports (every validation answer, ``search.md``, ``search.json``) and checkpoints go to
+``runs/vectors/<recipe>/``.
 """
 
 from __future__ import annotations
@@ -73,7 +74,11 @@ def searched(recipe, names, n_layers: int) -> bool:
             chosen = load_vector(vector_path(recipe, name)).metadata.chosen
         except NsteerError:
             return False
-        if not chosen or list(chosen.get("layers_searched", [])) != layers or chosen.get("condition") != settings.condition:
+        if (
+            not chosen
+            or list(chosen.get("layers_searched", [])) != layers
+            or chosen.get("condition") != settings.condition
+        ):
             return False
         entry = modes[name]
         explicit = "weight" in entry.model_fields_set or entry.mode != "add"
@@ -145,17 +150,27 @@ def search_words_shared(recipe, handle, runs_dir: Path, force: bool, words=SHARE
     ]
     for cell in cells:
         verdict = f"rejected: {cell.rejected}" if cell.rejected else ""
-        log(f"{recipe.name} pooled: {cell.setting.label} loose {cell.loose:.3f} strict {cell.strict:.3f} "
-            f"degenerate {cell.degenerate_share:.0%} {verdict}")
+        log(
+            f"{recipe.name} pooled: {cell.setting.label} loose {cell.loose:.3f} strict {cell.strict:.3f} "
+            f"degenerate {cell.degenerate_share:.0%} {verdict}"
+        )
     sweep = InstructionSweep(
-        instruction="+".join(sorted(shared)), steer_index=-1, vector_path="", condition=settings.condition,
-        baseline=baseline, cells=tuple(cells), winner=choose(baseline, cells), rule=result.sweeps[0].rule,
+        instruction="+".join(sorted(shared)),
+        steer_index=-1,
+        vector_path="",
+        condition=settings.condition,
+        baseline=baseline,
+        cells=tuple(cells),
+        winner=choose(baseline, cells),
+        rule=result.sweeps[0].rule,
     )
     layers = candidate_layers(handle.n_layers, settings.layers, settings.layer_step)
     chosen = chosen_metadata(sweep, layers, list(settings.weights))
     chosen["shared_search"] = {
         "words": list(words),
-        "note": "layer and weight searched once on these words' pooled validation answers and shared by every word vector",
+        "note": (
+            "layer and weight searched once on these words' pooled validation answers and shared by every word vector"
+        ),
     }
     log(f"{recipe.name}: shared winner {sweep.winner.setting.label} (baseline loose {baseline.loose:.3f})")
     for name in names:
@@ -193,8 +208,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=Path, default=DEFAULT_RUNS, help="where search reports and checkpoints go")
     parser.add_argument("--only", default=",".join(RECIPES), help="comma-separated recipes (default: all four)")
     parser.add_argument("--force", action="store_true", help="recompute and search again even where files are current")
-    parser.add_argument("--threads", type=int, default=int(os.environ.get("NSTEER_VECTOR_THREADS", "1")),
-                        help="torch CPU threads (fixed, so reruns reproduce the files bit for bit)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=int(os.environ.get("NSTEER_VECTOR_THREADS", "1")),
+        help="torch CPU threads (fixed, so reruns reproduce the files bit for bit)",
+    )
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import pytest
 import torch
@@ -17,9 +17,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 torch.set_num_threads(int(os.environ.get("NSTEER_TEST_THREADS", "1")))
 
 # tests/ has no __init__.py, so pytest puts it on sys.path and `tiny` imports as a top-level module.
-from tiny import tiny_handle, tiny_tokenizer  # noqa: E402
 # The loopback mock NDIF server (tests/mock_ndif): a session server and a per-test handle pointing nnsight at it.
 from mock_ndif.fixture import mock_ndif, mock_ndif_server  # noqa: E402, F401
+from tiny import tiny_handle, tiny_tokenizer  # noqa: E402
 
 _HANDLES: dict[tuple, object] = {}
 
@@ -37,7 +37,9 @@ def tiny():
     Handles are only read by the tests (hooks are always removed), so sharing them is safe.
     """
 
-    def make(family: str = "llama", *, seed: int = 0, dtype: torch.dtype = torch.float32, device: str = "cpu", **kwargs):
+    def make(
+        family: str = "llama", *, seed: int = 0, dtype: torch.dtype = torch.float32, device: str = "cpu", **kwargs
+    ):
         key = (family, seed, dtype, device, tuple(sorted(kwargs.items())))
         if key not in _HANDLES:
             _HANDLES[key] = tiny_handle(family, seed=seed, dtype=dtype, device=device, **kwargs)
@@ -54,7 +56,9 @@ def reference_left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple
     return torch.tensor(rows, dtype=torch.long), torch.tensor(masks, dtype=torch.long)
 
 
-def hf_block_outputs_last_token(hf_model, layers_path: str, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def hf_block_outputs_last_token(
+    hf_model, layers_path: str, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
     """Reference ``[n_layers, B, H]`` (float64): each block's output at the last position, straight from Hugging Face.
 
     Layers 0..L-2 come from ``output_hidden_states`` (``hidden_states[l + 1]``); the last entry of ``hidden_states``

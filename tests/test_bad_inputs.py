@@ -21,9 +21,9 @@ import struct
 import subprocess
 import sys
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch
@@ -69,8 +69,15 @@ class Env:
         """Write a recipe; ``@MODEL@`` is the tiny model's folder and ``@TMP@`` this row's folder."""
         return self.file(name, text.replace("@MODEL@", str(self.model_dir)).replace("@TMP@", str(self.tmp)))
 
-    def tiny_recipe(self, *, model: str | None = None, steer: str | None = None, output: str = '{dir: "@TMP@/out"}',
-                    extra: str = "", name: str = "tiny.yaml") -> str:
+    def tiny_recipe(
+        self,
+        *,
+        model: str | None = None,
+        steer: str | None = None,
+        output: str = '{dir: "@TMP@/out"}',
+        extra: str = "",
+        name: str = "tiny.yaml",
+    ) -> str:
         """A valid recipe for the tiny model; ``model`` / ``steer`` / ``output`` / ``extra`` replace or add parts."""
         model = model or '{id: "@MODEL@", device: cpu}'
         steer = steer if steer is not None else "  - {instruction: shout, layer: 1, mode: add, weight: 4.0}"
@@ -88,8 +95,17 @@ output: {output}
             name,
         )
 
-    def vector(self, name: str = "v.safetensors", *, matching: bool = True, nan: bool = False, hidden: int | None = None,
-               layers: int | None = None, chosen: dict | None = None, **meta) -> str:
+    def vector(
+        self,
+        name: str = "v.safetensors",
+        *,
+        matching: bool = True,
+        nan: bool = False,
+        hidden: int | None = None,
+        layers: int | None = None,
+        chosen: dict | None = None,
+        **meta,
+    ) -> str:
         """A vector file: by default one that fits the tiny model exactly."""
         handle = self.handle
         n_layers = layers or handle.n_layers
@@ -99,8 +115,14 @@ output: {output}
             model_id=handle.model_id if matching else "someone/other-model",
             config_hash=handle.config_hash if matching else "0000",
             weights_fingerprint=handle.weights_fingerprint if matching else "ffff",
-            architecture=handle.architecture, hidden_size=width, n_layers=n_layers, instruction_id="shout",
-            category="format", n_pairs=4, chosen=chosen, **meta,
+            architecture=handle.architecture,
+            hidden_size=width,
+            n_layers=n_layers,
+            instruction_id="shout",
+            category="format",
+            n_pairs=4,
+            chosen=chosen,
+            **meta,
         )
         directions = torch.nn.functional.normalize(torch.randn(n_layers, width), dim=-1)
         if nan:
@@ -126,8 +148,14 @@ def good_tensors(layers: int = 4, width: int = 64) -> dict:
 
 def good_metadata_json(**changes) -> str:
     data = {
-        "nsteer_version": "0.1.0", "model_id": "m", "config_hash": "c", "weights_fingerprint": "f",
-        "architecture": "LlamaForCausalLM", "hidden_size": 64, "n_layers": 4, "instruction_id": "shout",
+        "nsteer_version": "0.1.0",
+        "model_id": "m",
+        "config_hash": "c",
+        "weights_fingerprint": "f",
+        "architecture": "LlamaForCausalLM",
+        "hidden_size": 64,
+        "n_layers": 4,
+        "instruction_id": "shout",
     }
     data.update(changes)
     return json.dumps({k: v for k, v in data.items() if v is not None})
@@ -144,7 +172,12 @@ def wrong_header_length(env: Env) -> str:
 
 
 def ifeval_line(**changes) -> str:
-    record = {"key": 1, "prompt": "Write in capitals.", "instruction_id_list": ["change_case:english_capital"], "kwargs": [{}]}
+    record = {
+        "key": 1,
+        "prompt": "Write in capitals.",
+        "instruction_id_list": ["change_case:english_capital"],
+        "kwargs": [{}],
+    }
     record.update(changes)
     return json.dumps({k: v for k, v in record.items() if v is not None})
 
@@ -173,166 +206,684 @@ ROWS: list[Row] = [
     R("recipe-is-a-directory", lambda e: ["compute", str(e.tmp)], ("Recipe file not found",)),
     R("recipe-empty", lambda e: ["compute", e.recipe("")], ("the recipe is empty", "instructions")),
     R("recipe-only-a-comment", lambda e: ["compute", e.recipe("# nothing yet\n")], ("the recipe is empty",)),
-    R("recipe-not-utf8", lambda e: ["compute", e.file("latin1.yaml", "name: caf\xe9\n".encode("latin-1"))], ("cannot be read as UTF-8",)),
-    R("yaml-unterminated-quote", lambda e: ["compute", e.recipe("name: 'oops\ninstructions: {}\n")], ("invalid YAML", "line")),
-    R("yaml-bad-indentation", lambda e: ["compute", e.recipe("instructions:\n  lowercase: {}\n bad: 1\n")], ("invalid YAML", "line 3")),
-    R("yaml-tab-indentation", lambda e: ["compute", e.recipe("instructions:\n\tlowercase: {}\n")], ("invalid YAML", "line 2")),
-    R("yaml-python-tag", lambda e: ["compute", e.recipe("name: !!python/object/apply:os.system [ls]\n" + MINIMAL)], ("invalid YAML",)),
-    R("recipe-is-a-list", lambda e: ["compute", e.recipe("- lowercase\n- uppercase\n")], ("a recipe must be a mapping of sections, got list",)),
-    R("recipe-is-a-scalar", lambda e: ["compute", e.recipe("just some words\n")], ("a recipe must be a mapping", "got str")),
-    R("unknown-top-level-key", lambda e: ["compute", e.recipe("instruction:\n  lowercase: {}\n")], ("line 1", "unknown key 'instruction'", "Did you mean 'instructions'?")),
-    R("unknown-model-key", lambda e: ["compute", e.recipe("model: {dtyp: float32}\n" + MINIMAL)], ("line 1", "model.dtyp", "unknown key 'dtyp'")),
+    R(
+        "recipe-not-utf8",
+        lambda e: ["compute", e.file("latin1.yaml", "name: caf\xe9\n".encode("latin-1"))],
+        ("cannot be read as UTF-8",),
+    ),
+    R(
+        "yaml-unterminated-quote",
+        lambda e: ["compute", e.recipe("name: 'oops\ninstructions: {}\n")],
+        ("invalid YAML", "line"),
+    ),
+    R(
+        "yaml-bad-indentation",
+        lambda e: ["compute", e.recipe("instructions:\n  lowercase: {}\n bad: 1\n")],
+        ("invalid YAML", "line 3"),
+    ),
+    R(
+        "yaml-tab-indentation",
+        lambda e: ["compute", e.recipe("instructions:\n\tlowercase: {}\n")],
+        ("invalid YAML", "line 2"),
+    ),
+    R(
+        "yaml-python-tag",
+        lambda e: ["compute", e.recipe("name: !!python/object/apply:os.system [ls]\n" + MINIMAL)],
+        ("invalid YAML",),
+    ),
+    R(
+        "recipe-is-a-list",
+        lambda e: ["compute", e.recipe("- lowercase\n- uppercase\n")],
+        ("a recipe must be a mapping of sections, got list",),
+    ),
+    R(
+        "recipe-is-a-scalar",
+        lambda e: ["compute", e.recipe("just some words\n")],
+        ("a recipe must be a mapping", "got str"),
+    ),
+    R(
+        "unknown-top-level-key",
+        lambda e: ["compute", e.recipe("instruction:\n  lowercase: {}\n")],
+        ("line 1", "unknown key 'instruction'", "Did you mean 'instructions'?"),
+    ),
+    R(
+        "unknown-model-key",
+        lambda e: ["compute", e.recipe("model: {dtyp: float32}\n" + MINIMAL)],
+        ("line 1", "model.dtyp", "unknown key 'dtyp'"),
+    ),
     R("instructions-missing", lambda e: ["compute", e.recipe("name: x\n")], ("field instructions", "required")),
-    R("instructions-empty", lambda e: ["compute", e.recipe("instructions: {}\n")], ("field instructions", "at least 1")),
-    R("instructions-a-list", lambda e: ["compute", e.recipe("instructions: [lowercase]\n")], ("field instructions", "valid dictionary")),
-    R("dtype-unknown", lambda e: ["compute", e.recipe("model: {dtype: float64}\n" + MINIMAL)], ("model.dtype", "float32", "float64")),
-    R("backend-unknown", lambda e: ["compute", e.recipe("model: {backend: cloud}\n" + MINIMAL)], ("model.backend", "'local' or 'ndif'")),
+    R(
+        "instructions-empty",
+        lambda e: ["compute", e.recipe("instructions: {}\n")],
+        ("field instructions", "at least 1"),
+    ),
+    R(
+        "instructions-a-list",
+        lambda e: ["compute", e.recipe("instructions: [lowercase]\n")],
+        ("field instructions", "valid dictionary"),
+    ),
+    R(
+        "dtype-unknown",
+        lambda e: ["compute", e.recipe("model: {dtype: float64}\n" + MINIMAL)],
+        ("model.dtype", "float32", "float64"),
+    ),
+    R(
+        "backend-unknown",
+        lambda e: ["compute", e.recipe("model: {backend: cloud}\n" + MINIMAL)],
+        ("model.backend", "'local' or 'ndif'"),
+    ),
     R("device-unknown", lambda e: ["compute", e.recipe("model: {device: gpu}\n" + MINIMAL)], ("model.device", "'gpu'")),
-    R("timeout-not-positive", lambda e: ["compute", e.recipe("model: {timeout: 0}\n" + MINIMAL)], ("model.timeout", "greater than 0")),
-    R("steer-unknown-instruction", lambda e: ["compute", e.recipe(MINIMAL + "steer:\n  - {instruction: uppercase, layer: 1}\n")],
-      ("line 4", "steer[0].instruction", "'uppercase' is not one of the recipe's instructions")),
-    R("steer-weight-a-word", lambda e: ["compute", e.recipe(MINIMAL + "steer:\n  - {instruction: lowercase, weight: big}\n")], ("steer[0].weight", "valid number", "'big'")),
-    R("steer-weight-a-quoted-number", lambda e: ["compute", e.recipe(MINIMAL + "steer:\n  - {instruction: lowercase, weight: '8'}\n")], ("steer[0].weight", "valid number")),
-    R("steer-weight-nan", lambda e: ["compute", e.recipe(MINIMAL + "steer:\n  - {instruction: lowercase, weight: .nan}\n")], ("steer[0].weight", "finite")),
-    R("steer-layer-negative", lambda e: ["compute", e.recipe(MINIMAL + "steer:\n  - {instruction: lowercase, layer: -1}\n")], ("steer[0].layer", "0 or more")),
-    R("steer-layer-yes", lambda e: ["compute", e.recipe(MINIMAL + "steer:\n  - {instruction: lowercase, layer: yes}\n")], ("steer[0].layer", "valid integer", "True")),
-    R("steer-layer-a-word", lambda e: ["compute", e.recipe(MINIMAL + "steer:\n  - {instruction: lowercase, layer: middle}\n")], ("steer[0].layer", "'middle'")),
-    R("steer-mode-unknown", lambda e: ["compute", e.recipe(MINIMAL + "steer:\n  - {instruction: lowercase, mode: multiply}\n")], ("steer[0].mode", "'set', 'add' or 'ablate'")),
-    R("steer-positions-unknown", lambda e: ["compute", e.recipe(MINIMAL + "steer:\n  - {instruction: lowercase, positions: end}\n")], ("steer[0].positions", "'all', 'prompt' or 'generated'")),
-    R("steer-not-a-list", lambda e: ["compute", e.recipe(MINIMAL + "steer: {instruction: lowercase}\n")], ("field steer", "valid list")),
-    R("steer-vector-file-missing", lambda e: ["compute", e.recipe(MINIMAL + "steer:\n  - {instruction: lowercase, vector: gone.safetensors}\n")], ("steer[0].vector", "'gone.safetensors' not found")),
-    R("split-over-one", lambda e: ["compute", e.recipe("prompts: {split: {train: 0.8, validation: 0.2, test: 0.2}}\n" + MINIMAL)], ("prompts.split", "must not exceed 1")),
-    R("split-train-zero", lambda e: ["compute", e.recipe("prompts: {split: {train: 0, validation: 0.5, test: 0.5}}\n" + MINIMAL)], ("prompts.split", "train fraction must be positive")),
-    R("seed-negative", lambda e: ["compute", e.recipe("prompts: {seed: -3}\n" + MINIMAL)], ("prompts.seed", "greater than or equal to 0")),
-    R("max-pairs-zero", lambda e: ["compute", e.recipe("prompts: {max_pairs: 0}\n" + MINIMAL)], ("prompts.max_pairs", "greater than 0")),
-    R("max-new-tokens-zero", lambda e: ["compute", e.recipe("generation: {max_new_tokens: 0}\n" + MINIMAL)], ("generation.max_new_tokens", "greater than 0")),
-    R("do-sample-a-word", lambda e: ["compute", e.recipe("generation: {do_sample: maybe}\n" + MINIMAL)], ("generation.do_sample", "valid boolean")),
-    R("search-weights-empty", lambda e: ["compute", e.recipe("search: {weights: []}\n" + MINIMAL)], ("search.weights", "at least 1")),
-    R("unknown-builtin-instruction", lambda e: ["compute", e.recipe("instructions:\n  sarcasm: {}\n")],
-      ("instructions.sarcasm.phrasings", "Unknown built-in instruction 'sarcasm'", "Give `phrasings`")),
-    R("include-without-a-word", lambda e: ["compute", e.recipe("instructions:\n  'include:': {}\n")], ("names no word", "include:ocean")),
-    R("phrasings-empty-list", lambda e: ["compute", e.recipe("instructions:\n  mine: {phrasings: []}\n")], ("instructions.mine.phrasings", "non-empty list")),
-    R("phrasings-a-number", lambda e: ["compute", e.recipe("instructions:\n  mine: {phrasings: 5}\n")], ("instructions.mine.phrasings", "valid string")),
-    R("check-unknown-id", lambda e: ["compute", e.recipe("instructions:\n  mine: {phrasings: [Be brief.], check: change_case:english_lowercas}\n")],
-      ("instructions.mine.check", "Unknown IFEval instruction id", "Did you mean 'change_case:english_lowercase'")),
-    R("check-missing-kwargs", lambda e: ["compute", e.recipe("instructions:\n  mine: {phrasings: [Be brief.], check: {id: length_constraints:number_sentences}}\n")],
-      ("instructions.mine.check", "missing kwarg(s)", "num_sentences")),
-    R("check-bad-kwarg", lambda e: ["compute", e.recipe("instructions:\n  mine:\n    phrasings: [Be brief.]\n    check: {id: keywords:existence, kwargs: {keywords: ocean}}\n")],
-      ("instructions.mine.check", "keywords='ocean' is invalid")),
-    R("duplicate-key", lambda e: ["compute", e.recipe("name: a\ninstructions:\n  lowercase: {}\nname: b\n")], ("line 4", "appears twice", "first on line 1")),
-    R("name-with-a-space", lambda e: ["compute", e.recipe("name: my recipe\n" + MINIMAL)], ("field name", "should match pattern")),
-    R("name-a-parent-folder", lambda e: ["compute", e.recipe("name: ..\n" + MINIMAL)], ("field name", "should match pattern")),
-    R("name-too-long", lambda e: ["compute", e.recipe("name: " + "n" * 300 + "\n" + MINIMAL)], ("field name", "at most 100 characters")),
-    R("builtin-prompt-set-unknown", lambda e: ["compute", e.recipe("prompts: {base: 'builtin:base-v9'}\n" + MINIMAL)], ("prompts.base", "Unknown built-in prompt set 'base-v9'")),
+    R(
+        "timeout-not-positive",
+        lambda e: ["compute", e.recipe("model: {timeout: 0}\n" + MINIMAL)],
+        ("model.timeout", "greater than 0"),
+    ),
+    R(
+        "steer-unknown-instruction",
+        lambda e: ["compute", e.recipe(MINIMAL + "steer:\n  - {instruction: uppercase, layer: 1}\n")],
+        ("line 4", "steer[0].instruction", "'uppercase' is not one of the recipe's instructions"),
+    ),
+    R(
+        "steer-weight-a-word",
+        lambda e: ["compute", e.recipe(MINIMAL + "steer:\n  - {instruction: lowercase, weight: big}\n")],
+        ("steer[0].weight", "valid number", "'big'"),
+    ),
+    R(
+        "steer-weight-a-quoted-number",
+        lambda e: ["compute", e.recipe(MINIMAL + "steer:\n  - {instruction: lowercase, weight: '8'}\n")],
+        ("steer[0].weight", "valid number"),
+    ),
+    R(
+        "steer-weight-nan",
+        lambda e: ["compute", e.recipe(MINIMAL + "steer:\n  - {instruction: lowercase, weight: .nan}\n")],
+        ("steer[0].weight", "finite"),
+    ),
+    R(
+        "steer-layer-negative",
+        lambda e: ["compute", e.recipe(MINIMAL + "steer:\n  - {instruction: lowercase, layer: -1}\n")],
+        ("steer[0].layer", "0 or more"),
+    ),
+    R(
+        "steer-layer-yes",
+        lambda e: ["compute", e.recipe(MINIMAL + "steer:\n  - {instruction: lowercase, layer: yes}\n")],
+        ("steer[0].layer", "valid integer", "True"),
+    ),
+    R(
+        "steer-layer-a-word",
+        lambda e: ["compute", e.recipe(MINIMAL + "steer:\n  - {instruction: lowercase, layer: middle}\n")],
+        ("steer[0].layer", "'middle'"),
+    ),
+    R(
+        "steer-mode-unknown",
+        lambda e: ["compute", e.recipe(MINIMAL + "steer:\n  - {instruction: lowercase, mode: multiply}\n")],
+        ("steer[0].mode", "'set', 'add' or 'ablate'"),
+    ),
+    R(
+        "steer-positions-unknown",
+        lambda e: ["compute", e.recipe(MINIMAL + "steer:\n  - {instruction: lowercase, positions: end}\n")],
+        ("steer[0].positions", "'all', 'prompt' or 'generated'"),
+    ),
+    R(
+        "steer-not-a-list",
+        lambda e: ["compute", e.recipe(MINIMAL + "steer: {instruction: lowercase}\n")],
+        ("field steer", "valid list"),
+    ),
+    R(
+        "steer-vector-file-missing",
+        lambda e: ["compute", e.recipe(MINIMAL + "steer:\n  - {instruction: lowercase, vector: gone.safetensors}\n")],
+        ("steer[0].vector", "'gone.safetensors' not found"),
+    ),
+    R(
+        "split-over-one",
+        lambda e: ["compute", e.recipe("prompts: {split: {train: 0.8, validation: 0.2, test: 0.2}}\n" + MINIMAL)],
+        ("prompts.split", "must not exceed 1"),
+    ),
+    R(
+        "split-train-zero",
+        lambda e: ["compute", e.recipe("prompts: {split: {train: 0, validation: 0.5, test: 0.5}}\n" + MINIMAL)],
+        ("prompts.split", "train fraction must be positive"),
+    ),
+    R(
+        "seed-negative",
+        lambda e: ["compute", e.recipe("prompts: {seed: -3}\n" + MINIMAL)],
+        ("prompts.seed", "greater than or equal to 0"),
+    ),
+    R(
+        "max-pairs-zero",
+        lambda e: ["compute", e.recipe("prompts: {max_pairs: 0}\n" + MINIMAL)],
+        ("prompts.max_pairs", "greater than 0"),
+    ),
+    R(
+        "max-new-tokens-zero",
+        lambda e: ["compute", e.recipe("generation: {max_new_tokens: 0}\n" + MINIMAL)],
+        ("generation.max_new_tokens", "greater than 0"),
+    ),
+    R(
+        "do-sample-a-word",
+        lambda e: ["compute", e.recipe("generation: {do_sample: maybe}\n" + MINIMAL)],
+        ("generation.do_sample", "valid boolean"),
+    ),
+    R(
+        "search-weights-empty",
+        lambda e: ["compute", e.recipe("search: {weights: []}\n" + MINIMAL)],
+        ("search.weights", "at least 1"),
+    ),
+    R(
+        "unknown-builtin-instruction",
+        lambda e: ["compute", e.recipe("instructions:\n  sarcasm: {}\n")],
+        ("instructions.sarcasm.phrasings", "Unknown built-in instruction 'sarcasm'", "Give `phrasings`"),
+    ),
+    R(
+        "include-without-a-word",
+        lambda e: ["compute", e.recipe("instructions:\n  'include:': {}\n")],
+        ("names no word", "include:ocean"),
+    ),
+    R(
+        "phrasings-empty-list",
+        lambda e: ["compute", e.recipe("instructions:\n  mine: {phrasings: []}\n")],
+        ("instructions.mine.phrasings", "non-empty list"),
+    ),
+    R(
+        "phrasings-a-number",
+        lambda e: ["compute", e.recipe("instructions:\n  mine: {phrasings: 5}\n")],
+        ("instructions.mine.phrasings", "valid string"),
+    ),
+    R(
+        "check-unknown-id",
+        lambda e: [
+            "compute",
+            e.recipe("instructions:\n  mine: {phrasings: [Be brief.], check: change_case:english_lowercas}\n"),
+        ],
+        ("instructions.mine.check", "Unknown IFEval instruction id", "Did you mean 'change_case:english_lowercase'"),
+    ),
+    R(
+        "check-missing-kwargs",
+        lambda e: [
+            "compute",
+            e.recipe(
+                "instructions:\n  mine: {phrasings: [Be brief.], check: {id: length_constraints:number_sentences}}\n"
+            ),
+        ],
+        ("instructions.mine.check", "missing kwarg(s)", "num_sentences"),
+    ),
+    R(
+        "check-bad-kwarg",
+        lambda e: [
+            "compute",
+            e.recipe(
+                "instructions:\n  mine:\n    phrasings: [Be brief.]\n"
+                "    check: {id: keywords:existence, kwargs: {keywords: ocean}}\n"
+            ),
+        ],
+        ("instructions.mine.check", "keywords='ocean' is invalid"),
+    ),
+    R(
+        "duplicate-key",
+        lambda e: ["compute", e.recipe("name: a\ninstructions:\n  lowercase: {}\nname: b\n")],
+        ("line 4", "appears twice", "first on line 1"),
+    ),
+    R(
+        "name-with-a-space",
+        lambda e: ["compute", e.recipe("name: my recipe\n" + MINIMAL)],
+        ("field name", "should match pattern"),
+    ),
+    R(
+        "name-a-parent-folder",
+        lambda e: ["compute", e.recipe("name: ..\n" + MINIMAL)],
+        ("field name", "should match pattern"),
+    ),
+    R(
+        "name-too-long",
+        lambda e: ["compute", e.recipe("name: " + "n" * 300 + "\n" + MINIMAL)],
+        ("field name", "at most 100 characters"),
+    ),
+    R(
+        "builtin-prompt-set-unknown",
+        lambda e: ["compute", e.recipe("prompts: {base: 'builtin:base-v9'}\n" + MINIMAL)],
+        ("prompts.base", "Unknown built-in prompt set 'base-v9'"),
+    ),
     # --- prompt and data files ----------------------------------------------------------------------------------
-    R("base-prompts-missing", lambda e: ["compute", e.recipe("prompts: {base: none.jsonl}\n" + MINIMAL)], ("prompts.base", "Prompt file not found", "none.jsonl")),
-    R("base-prompts-empty", lambda e: [e.file("base.jsonl", "\n\n") and "compute", e.recipe("prompts: {base: base.jsonl}\n" + MINIMAL)],
-      ("prompts.base", "the prompt file is empty")),
-    R("base-prompts-bad-json-line", lambda e: [e.file("base.jsonl", '{"text": "a"}\n{"text": "b"\n') and "compute", e.recipe("prompts: {base: base.jsonl}\n" + MINIMAL)],
-      ("base.jsonl, line 2", "not valid JSON")),
-    R("base-prompts-missing-field", lambda e: [e.file("base.jsonl", '{"text": "a"}\n{"prompt_text": "b"}\n') and "compute", e.recipe("prompts: {base: base.jsonl}\n" + MINIMAL)],
-      ("base.jsonl, line 2", "missing a non-empty 'text'")),
-    R("base-prompts-empty-text", lambda e: [e.file("base.jsonl", '{"text": "  "}\n') and "compute", e.recipe("prompts: {base: base.jsonl}\n" + MINIMAL)],
-      ("line 1", "missing a non-empty 'text'")),
-    R("base-prompts-duplicate-ids", lambda e: [e.file("base.jsonl", '{"id": 1, "text": "a"}\n{"id": 1, "text": "b"}\n') and "compute", e.recipe("prompts: {base: base.jsonl}\n" + MINIMAL)],
-      ("prompt ids are not unique", "1")),
-    R("base-prompts-json-not-a-list", lambda e: [e.file("base.json", '{"text": "a"}') and "compute", e.recipe("prompts: {base: base.json}\n" + MINIMAL)],
-      ("base.json", "expected a list of prompts")),
-    R("base-prompts-yaml-broken", lambda e: [e.file("base.yaml", "- a\n - b: [\n") and "compute", e.recipe("prompts: {base: base.yaml}\n" + MINIMAL, "r.yaml")],
-      ("base.yaml", "cannot be parsed")),
-    R("base-prompts-not-utf8", lambda e: [e.file("base.jsonl", b'{"text": "caf\xe9"}\n') and "compute", e.recipe("prompts: {base: base.jsonl}\n" + MINIMAL)],
-      ("base.jsonl", "not UTF-8 text")),
-    R("phrasings-file-empty", lambda e: [e.file("p.jsonl", "") and "compute", e.recipe("instructions:\n  mine: {phrasings: p.jsonl, check: change_case:english_capital}\n")],
-      ("instructions.mine.phrasings", "are empty")),
-    R("phrasings-file-missing", lambda e: ["compute", e.recipe("instructions:\n  mine: {phrasings: ~nosuchuser_nsteer/p.jsonl}\n")],
-      ("instructions.mine.phrasings", "Prompt file not found")),
-    R("eval-data-bad-json-line", lambda e: ["eval", e.tiny_recipe(steer="  []"), "--data", e.file("d.jsonl", ifeval_line() + "\n{broken\n")],
-      ("d.jsonl, line 2", "not valid JSON")),
-    R("eval-data-missing-field", lambda e: ["eval", e.tiny_recipe(steer="  []"), "--data", e.file("d.jsonl", ifeval_line(kwargs=None) + "\n")],
-      ("d.jsonl, line 1", "missing kwargs")),
-    R("eval-data-empty", lambda e: ["eval", e.tiny_recipe(steer="  []"), "--data", e.file("d.jsonl", "\n")], ("holds no records",)),
-    R("eval-data-missing", lambda e: ["eval", e.tiny_recipe(steer="  []"), "--data", str(e.tmp / "none.jsonl")], ("IFEval data file not found",)),
+    R(
+        "base-prompts-missing",
+        lambda e: ["compute", e.recipe("prompts: {base: none.jsonl}\n" + MINIMAL)],
+        ("prompts.base", "Prompt file not found", "none.jsonl"),
+    ),
+    R(
+        "base-prompts-empty",
+        lambda e: [e.file("base.jsonl", "\n\n") and "compute", e.recipe("prompts: {base: base.jsonl}\n" + MINIMAL)],
+        ("prompts.base", "the prompt file is empty"),
+    ),
+    R(
+        "base-prompts-bad-json-line",
+        lambda e: [
+            e.file("base.jsonl", '{"text": "a"}\n{"text": "b"\n') and "compute",
+            e.recipe("prompts: {base: base.jsonl}\n" + MINIMAL),
+        ],
+        ("base.jsonl, line 2", "not valid JSON"),
+    ),
+    R(
+        "base-prompts-missing-field",
+        lambda e: [
+            e.file("base.jsonl", '{"text": "a"}\n{"prompt_text": "b"}\n') and "compute",
+            e.recipe("prompts: {base: base.jsonl}\n" + MINIMAL),
+        ],
+        ("base.jsonl, line 2", "missing a non-empty 'text'"),
+    ),
+    R(
+        "base-prompts-empty-text",
+        lambda e: [
+            e.file("base.jsonl", '{"text": "  "}\n') and "compute",
+            e.recipe("prompts: {base: base.jsonl}\n" + MINIMAL),
+        ],
+        ("line 1", "missing a non-empty 'text'"),
+    ),
+    R(
+        "base-prompts-duplicate-ids",
+        lambda e: [
+            e.file("base.jsonl", '{"id": 1, "text": "a"}\n{"id": 1, "text": "b"}\n') and "compute",
+            e.recipe("prompts: {base: base.jsonl}\n" + MINIMAL),
+        ],
+        ("prompt ids are not unique", "1"),
+    ),
+    R(
+        "base-prompts-json-not-a-list",
+        lambda e: [
+            e.file("base.json", '{"text": "a"}') and "compute",
+            e.recipe("prompts: {base: base.json}\n" + MINIMAL),
+        ],
+        ("base.json", "expected a list of prompts"),
+    ),
+    R(
+        "base-prompts-yaml-broken",
+        lambda e: [
+            e.file("base.yaml", "- a\n - b: [\n") and "compute",
+            e.recipe("prompts: {base: base.yaml}\n" + MINIMAL, "r.yaml"),
+        ],
+        ("base.yaml", "cannot be parsed"),
+    ),
+    R(
+        "base-prompts-not-utf8",
+        lambda e: [
+            e.file("base.jsonl", b'{"text": "caf\xe9"}\n') and "compute",
+            e.recipe("prompts: {base: base.jsonl}\n" + MINIMAL),
+        ],
+        ("base.jsonl", "not UTF-8 text"),
+    ),
+    R(
+        "phrasings-file-empty",
+        lambda e: [
+            e.file("p.jsonl", "") and "compute",
+            e.recipe("instructions:\n  mine: {phrasings: p.jsonl, check: change_case:english_capital}\n"),
+        ],
+        ("instructions.mine.phrasings", "are empty"),
+    ),
+    R(
+        "phrasings-file-missing",
+        lambda e: ["compute", e.recipe("instructions:\n  mine: {phrasings: ~nosuchuser_nsteer/p.jsonl}\n")],
+        ("instructions.mine.phrasings", "Prompt file not found"),
+    ),
+    R(
+        "eval-data-bad-json-line",
+        lambda e: ["eval", e.tiny_recipe(steer="  []"), "--data", e.file("d.jsonl", ifeval_line() + "\n{broken\n")],
+        ("d.jsonl, line 2", "not valid JSON"),
+    ),
+    R(
+        "eval-data-missing-field",
+        lambda e: ["eval", e.tiny_recipe(steer="  []"), "--data", e.file("d.jsonl", ifeval_line(kwargs=None) + "\n")],
+        ("d.jsonl, line 1", "missing kwargs"),
+    ),
+    R(
+        "eval-data-empty",
+        lambda e: ["eval", e.tiny_recipe(steer="  []"), "--data", e.file("d.jsonl", "\n")],
+        ("holds no records",),
+    ),
+    R(
+        "eval-data-missing",
+        lambda e: ["eval", e.tiny_recipe(steer="  []"), "--data", str(e.tmp / "none.jsonl")],
+        ("IFEval data file not found",),
+    ),
     # --- vector files -------------------------------------------------------------------------------------------
-    R("vector-missing", lambda e: ["inspect", str(e.tmp / "none.safetensors")], ("Vector file not found", "nsteer compute")),
+    R(
+        "vector-missing",
+        lambda e: ["inspect", str(e.tmp / "none.safetensors")],
+        ("Vector file not found", "nsteer compute"),
+    ),
     R("vector-is-a-directory", lambda e: ["inspect", str(e.tmp)], ("Vector file not found",)),
-    R("vector-truncated", lambda e: ["inspect", truncated_vector(e)], ("truncated.safetensors", "not a readable safetensors vector file")),
+    R(
+        "vector-truncated",
+        lambda e: ["inspect", truncated_vector(e)],
+        ("truncated.safetensors", "not a readable safetensors vector file"),
+    ),
     R("vector-empty-file", lambda e: ["inspect", e.file("empty.safetensors", b"")], ("not a readable safetensors",)),
-    R("vector-not-safetensors", lambda e: ["inspect", e.file("v.safetensors", "directions: [1, 2, 3]\n")], ("not a readable safetensors", "another format")),
-    R("vector-is-a-pickle", lambda e: ["inspect", e.file("v.pt", b"\x80\x04\x95\x00\x00\x00\x00")], ("not a readable safetensors",)),
+    R(
+        "vector-not-safetensors",
+        lambda e: ["inspect", e.file("v.safetensors", "directions: [1, 2, 3]\n")],
+        ("not a readable safetensors", "another format"),
+    ),
+    R(
+        "vector-is-a-pickle",
+        lambda e: ["inspect", e.file("v.pt", b"\x80\x04\x95\x00\x00\x00\x00")],
+        ("not a readable safetensors",),
+    ),
     R("vector-header-length-absurd", lambda e: ["inspect", wrong_header_length(e)], ("not a readable safetensors",)),
-    R("vector-without-nsteer-metadata", lambda e: ["inspect", e.raw_safetensors("plain.safetensors", good_tensors(), None)], ("not an nsteer vector", FORMAT)),
-    R("vector-metadata-missing-fields", lambda e: ["inspect", e.raw_safetensors("m.safetensors", good_tensors(), {"format": FORMAT, "nsteer": good_metadata_json(hidden_size=None, n_layers=None)})],
-      ("the metadata lacks", "hidden_size", "n_layers")),
-    R("vector-metadata-not-json", lambda e: ["inspect", e.raw_safetensors("m.safetensors", good_tensors(), {"format": FORMAT, "nsteer": "{not json"})],
-      ("metadata is not valid JSON",)),
-    R("vector-missing-tensor", lambda e: ["inspect", e.raw_safetensors("m.safetensors", {k: v for k, v in good_tensors().items() if k != "norms"}, {"format": FORMAT, "nsteer": good_metadata_json()})],
-      ("lacks the tensor(s) norms",)),
-    R("vector-shape-disagrees-with-metadata", lambda e: ["inspect", e.raw_safetensors("m.safetensors", good_tensors(width=32), {"format": FORMAT, "nsteer": good_metadata_json()})],
-      ("do not match the metadata", "width 64")),
+    R(
+        "vector-without-nsteer-metadata",
+        lambda e: ["inspect", e.raw_safetensors("plain.safetensors", good_tensors(), None)],
+        ("not an nsteer vector", FORMAT),
+    ),
+    R(
+        "vector-metadata-missing-fields",
+        lambda e: [
+            "inspect",
+            e.raw_safetensors(
+                "m.safetensors",
+                good_tensors(),
+                {"format": FORMAT, "nsteer": good_metadata_json(hidden_size=None, n_layers=None)},
+            ),
+        ],
+        ("the metadata lacks", "hidden_size", "n_layers"),
+    ),
+    R(
+        "vector-metadata-not-json",
+        lambda e: [
+            "inspect",
+            e.raw_safetensors("m.safetensors", good_tensors(), {"format": FORMAT, "nsteer": "{not json"}),
+        ],
+        ("metadata is not valid JSON",),
+    ),
+    R(
+        "vector-missing-tensor",
+        lambda e: [
+            "inspect",
+            e.raw_safetensors(
+                "m.safetensors",
+                {k: v for k, v in good_tensors().items() if k != "norms"},
+                {"format": FORMAT, "nsteer": good_metadata_json()},
+            ),
+        ],
+        ("lacks the tensor(s) norms",),
+    ),
+    R(
+        "vector-shape-disagrees-with-metadata",
+        lambda e: [
+            "inspect",
+            e.raw_safetensors(
+                "m.safetensors", good_tensors(width=32), {"format": FORMAT, "nsteer": good_metadata_json()}
+            ),
+        ],
+        ("do not match the metadata", "width 64"),
+    ),
     R("vector-nan", lambda e: ["inspect", e.vector(nan=True)], ("'directions' holds NaN or infinite values",)),
-    R("vector-for-another-model", lambda e: ["generate", e.tiny_recipe(steer=f"  - {{instruction: shout, layer: 1, vector: {e.vector(matching=False)}}}"), "-p", "Hi"],
-      ("computed on another model", "someone/other-model", "--allow-transfer")),
-    R("vector-for-another-shape", lambda e: ["generate", e.tiny_recipe(steer=f"  - {{instruction: shout, layer: 1, vector: {e.vector(matching=False, hidden=32)}}}"), "-p", "Hi"],
-      ("width 32", "width 64", "same width and depth")),
-    R("vector-auto-layer-unsearched", lambda e: ["generate", e.tiny_recipe(steer=f"  - {{instruction: shout, layer: auto, vector: {e.vector()}}}"), "-p", "Hi"],
-      ("steer[0].layer", "no searched layer", "nsteer search")),
-    R("vector-not-computed-yet", lambda e: ["generate", e.tiny_recipe(), "-p", "Hi"], ("No vector for 'shout'", "nsteer compute")),
-    R("layer-beyond-the-model", lambda e: ["generate", e.tiny_recipe(steer="  - {instruction: shout, layer: 9}"), "--no-steer", "-p", "Hi"],
-      ("steer[0].layer", "layer 9 is out of range", "4 layers")),
+    R(
+        "vector-for-another-model",
+        lambda e: [
+            "generate",
+            e.tiny_recipe(steer=f"  - {{instruction: shout, layer: 1, vector: {e.vector(matching=False)}}}"),
+            "-p",
+            "Hi",
+        ],
+        ("computed on another model", "someone/other-model", "--allow-transfer"),
+    ),
+    R(
+        "vector-for-another-shape",
+        lambda e: [
+            "generate",
+            e.tiny_recipe(steer=f"  - {{instruction: shout, layer: 1, vector: {e.vector(matching=False, hidden=32)}}}"),
+            "-p",
+            "Hi",
+        ],
+        ("width 32", "width 64", "same width and depth"),
+    ),
+    R(
+        "vector-auto-layer-unsearched",
+        lambda e: [
+            "generate",
+            e.tiny_recipe(steer=f"  - {{instruction: shout, layer: auto, vector: {e.vector()}}}"),
+            "-p",
+            "Hi",
+        ],
+        ("steer[0].layer", "no searched layer", "nsteer search"),
+    ),
+    R(
+        "vector-not-computed-yet",
+        lambda e: ["generate", e.tiny_recipe(), "-p", "Hi"],
+        ("No vector for 'shout'", "nsteer compute"),
+    ),
+    R(
+        "layer-beyond-the-model",
+        lambda e: ["generate", e.tiny_recipe(steer="  - {instruction: shout, layer: 9}"), "--no-steer", "-p", "Hi"],
+        ("steer[0].layer", "layer 9 is out of range", "4 layers"),
+    ),
     R("export-a-broken-vector", lambda e: ["export", e.file("v.safetensors", "nope")], ("not a readable safetensors",)),
-    R("import-not-a-gguf", lambda e: ["import", e.file("cv.gguf", "hello"), "--out", str(e.tmp / "o.safetensors")], ("is not a GGUF file",)),
-    R("import-missing", lambda e: ["import", str(e.tmp / "cv.gguf"), "--out", str(e.tmp / "o.safetensors")], ("Control vector file not found",)),
-    R("vector-nan-in-a-recipe", lambda e: ["generate", e.tiny_recipe(steer=f"  - {{instruction: shout, layer: 1, vector: {e.vector(nan=True)}}}"), "-p", "Hi"],
-      ("holds NaN or infinite values", "recompute")),
-    R("plot-not-png", lambda e: ["inspect", e.vector(), "--plot", str(e.tmp / "plot.jpg")], ("--plot", "plot.jpg", "ending in .png")),
-    R("plot-layer-out-of-range", lambda e: ["inspect", e.vector("a.safetensors"), e.vector("b.safetensors"), "--layer", "9"], ("--layer 9 is out of range", "0..3")),
-    R("compare-vectors-of-different-shapes", lambda e: ["inspect", e.vector("a.safetensors"), e.vector("b.safetensors", hidden=32), "--plot", str(e.tmp / "p.png")],
-      ("Only vectors of the same shape can be compared", "width 32", "width 64")),
-    R("centered-with-two-vectors", lambda e: ["inspect", e.vector("a.safetensors"), e.vector("b.safetensors"), "--centered"], ("Centering needs three or more vectors",)),
+    R(
+        "import-not-a-gguf",
+        lambda e: ["import", e.file("cv.gguf", "hello"), "--out", str(e.tmp / "o.safetensors")],
+        ("is not a GGUF file",),
+    ),
+    R(
+        "import-missing",
+        lambda e: ["import", str(e.tmp / "cv.gguf"), "--out", str(e.tmp / "o.safetensors")],
+        ("Control vector file not found",),
+    ),
+    R(
+        "vector-nan-in-a-recipe",
+        lambda e: [
+            "generate",
+            e.tiny_recipe(steer=f"  - {{instruction: shout, layer: 1, vector: {e.vector(nan=True)}}}"),
+            "-p",
+            "Hi",
+        ],
+        ("holds NaN or infinite values", "recompute"),
+    ),
+    R(
+        "plot-not-png",
+        lambda e: ["inspect", e.vector(), "--plot", str(e.tmp / "plot.jpg")],
+        ("--plot", "plot.jpg", "ending in .png"),
+    ),
+    R(
+        "plot-layer-out-of-range",
+        lambda e: ["inspect", e.vector("a.safetensors"), e.vector("b.safetensors"), "--layer", "9"],
+        ("--layer 9 is out of range", "0..3"),
+    ),
+    R(
+        "compare-vectors-of-different-shapes",
+        lambda e: [
+            "inspect",
+            e.vector("a.safetensors"),
+            e.vector("b.safetensors", hidden=32),
+            "--plot",
+            str(e.tmp / "p.png"),
+        ],
+        ("Only vectors of the same shape can be compared", "width 32", "width 64"),
+    ),
+    R(
+        "centered-with-two-vectors",
+        lambda e: ["inspect", e.vector("a.safetensors"), e.vector("b.safetensors"), "--centered"],
+        ("Centering needs three or more vectors",),
+    ),
     # --- command-line arguments ---------------------------------------------------------------------------------
     R("argument-missing", lambda e: ["compute"], ("Missing argument 'RECIPE'",), usage=True),
     R("command-unknown", lambda e: ["computee", "x.yaml"], ("No such command 'computee'",), usage=True),
-    R("option-unknown", lambda e: ["generate", "x.yaml", "--temperature", "2"], ("No such option: --temperature",), usage=True),
-    R("max-new-tokens-zero-flag", lambda e: ["generate", "x.yaml", "--max-new-tokens", "0"], ("Invalid value for '--max-new-tokens'", "greater than or equal to 1"), usage=True),
-    R("max-new-tokens-not-a-number", lambda e: ["generate", "x.yaml", "--max-new-tokens", "lots"], ("Invalid value for '--max-new-tokens'", "valid integer"), usage=True),
-    R("limit-negative", lambda e: ["eval", "x.yaml", "--limit", "-4"], ("Invalid value for '--limit'", "greater than or equal to 1"), usage=True),
-    R("wait-negative", lambda e: ["collect", "j", "--wait", "-1"], ("Invalid value for '--wait'", "greater than or equal to 0"), usage=True),
-    R("export-weight-not-a-number", lambda e: ["export", "v.safetensors", "--weight", "strong"], ("Invalid value for '--weight'", "valid number"), usage=True),
-    R("split-unknown", lambda e: ["eval", e.recipe(MINIMAL), "--split", "holdout"], ("--split 'holdout' is not a split", "train, validation or test")),
-    R("generate-no-prompt", lambda e: ["generate", e.recipe(MINIMAL + "steer:\n  - {instruction: lowercase, layer: 1}\n")], ("No prompt given", "--prompt")),
-    R("generate-nothing-to-steer", lambda e: ["generate", e.recipe(MINIMAL), "-p", "Hi"], ("has no `steer` entries", "--no-steer")),
-    R("compute-no-wait-locally", lambda e: ["compute", e.recipe(MINIMAL), "--no-wait"], ("--no-wait submits NDIF jobs", "--remote")),
+    R(
+        "option-unknown",
+        lambda e: ["generate", "x.yaml", "--temperature", "2"],
+        ("No such option: --temperature",),
+        usage=True,
+    ),
+    R(
+        "max-new-tokens-zero-flag",
+        lambda e: ["generate", "x.yaml", "--max-new-tokens", "0"],
+        ("Invalid value for '--max-new-tokens'", "greater than or equal to 1"),
+        usage=True,
+    ),
+    R(
+        "max-new-tokens-not-a-number",
+        lambda e: ["generate", "x.yaml", "--max-new-tokens", "lots"],
+        ("Invalid value for '--max-new-tokens'", "valid integer"),
+        usage=True,
+    ),
+    R(
+        "limit-negative",
+        lambda e: ["eval", "x.yaml", "--limit", "-4"],
+        ("Invalid value for '--limit'", "greater than or equal to 1"),
+        usage=True,
+    ),
+    R(
+        "wait-negative",
+        lambda e: ["collect", "j", "--wait", "-1"],
+        ("Invalid value for '--wait'", "greater than or equal to 0"),
+        usage=True,
+    ),
+    R(
+        "export-weight-not-a-number",
+        lambda e: ["export", "v.safetensors", "--weight", "strong"],
+        ("Invalid value for '--weight'", "valid number"),
+        usage=True,
+    ),
+    R(
+        "split-unknown",
+        lambda e: ["eval", e.recipe(MINIMAL), "--split", "holdout"],
+        ("--split 'holdout' is not a split", "train, validation or test"),
+    ),
+    R(
+        "generate-no-prompt",
+        lambda e: ["generate", e.recipe(MINIMAL + "steer:\n  - {instruction: lowercase, layer: 1}\n")],
+        ("No prompt given", "--prompt"),
+    ),
+    R(
+        "generate-nothing-to-steer",
+        lambda e: ["generate", e.recipe(MINIMAL), "-p", "Hi"],
+        ("has no `steer` entries", "--no-steer"),
+    ),
+    R(
+        "compute-no-wait-locally",
+        lambda e: ["compute", e.recipe(MINIMAL), "--no-wait"],
+        ("--no-wait submits NDIF jobs", "--remote"),
+    ),
     R("collect-nothing", lambda e: ["collect"], ("No job to collect", "--all")),
-    R("export-unknown-format", lambda e: ["export", e.vector(), "--format", "onnx"], ("--format 'onnx' is not supported", "llama-cpp")),
-    R("export-layers-not-numbers", lambda e: ["export", e.vector(), "--layers", "8,ten"], ("--layers '8,ten' is not a comma-separated list",)),
+    R(
+        "export-unknown-format",
+        lambda e: ["export", e.vector(), "--format", "onnx"],
+        ("--format 'onnx' is not supported", "llama-cpp"),
+    ),
+    R(
+        "export-layers-not-numbers",
+        lambda e: ["export", e.vector(), "--layers", "8,ten"],
+        ("--layers '8,ten' is not a comma-separated list",),
+    ),
     R("export-layers-repeated", lambda e: ["export", e.vector(), "--layers", "2,2"], ("names a layer twice",)),
-    R("list-vectors-folder-missing", lambda e: ["list", "--vectors", str(e.tmp / "none")], ("No vectors folder at", "--vectors DIR")),
-    R("eval-composition-split-unknown", lambda e: ["eval-composition", e.recipe(MINIMAL), "--split", "holdout"], ("--split 'holdout' is not a split",)),
-    R("search-nothing-to-search", lambda e: ["search", e.tiny_recipe(steer=f"  - {{instruction: shout, layer: 1, vector: {e.vector()}}}")], ("nothing to search", "layer: auto")),
+    R(
+        "list-vectors-folder-missing",
+        lambda e: ["list", "--vectors", str(e.tmp / "none")],
+        ("No vectors folder at", "--vectors DIR"),
+    ),
+    R(
+        "eval-composition-split-unknown",
+        lambda e: ["eval-composition", e.recipe(MINIMAL), "--split", "holdout"],
+        ("--split 'holdout' is not a split",),
+    ),
+    R(
+        "search-nothing-to-search",
+        lambda e: ["search", e.tiny_recipe(steer=f"  - {{instruction: shout, layer: 1, vector: {e.vector()}}}")],
+        ("nothing to search", "layer: auto"),
+    ),
     # --- model specs --------------------------------------------------------------------------------------------
-    R("model-unknown-hub-id-offline", lambda e: ["compute", e.tiny_recipe(model="{id: nsteer-test/no-such-model}")],
-      ("Could not load 'nsteer-test/no-such-model'", "not a local directory or file")),
-    R("model-directory-missing", lambda e: ["compute", e.tiny_recipe(model="{id: @TMP@/models/missing}")], ("models/missing", "not a local directory or file")),
-    R("model-relative-directory-missing", lambda e: ["compute", e.tiny_recipe(model="{id: ./no/such/dir}")], ("./no/such/dir", "not a local directory or file")),
-    R("model-directory-empty", lambda e: [(e.tmp / "empty-model").mkdir() or "compute", e.tiny_recipe(model="{id: @TMP@/empty-model}")],
-      ("empty-model' is a folder without a config.json", "save_pretrained")),
-    R("model-directory-config-only", lambda e: [e.file("cfg-only/config.json", json.dumps({"model_type": "llama", "hidden_size": 8})) and "compute", e.tiny_recipe(model="{id: @TMP@/cfg-only}")],
-      ("cfg-only' could not be loaded as a causal language model", "hidden size")),
-    R("model-gguf-not-a-model", lambda e: [e.file("fake.gguf", b"GGUF" + os.urandom(64)) and "compute", e.tiny_recipe(model="{id: @TMP@/fake.gguf}")],
-      ("fake.gguf",)),
-    R("model-gguf-text-file", lambda e: [e.file("notes.gguf", "these are my notes") and "compute", e.tiny_recipe(model="{id: @TMP@/notes.gguf}")],
-      ("notes.gguf",)),
-    R("model-home-unknown", lambda e: ["compute", e.tiny_recipe(model="{id: ~nosuchuser_nsteer/model}")], ("~nosuchuser_nsteer/model",)),
-    R("output-dir-is-a-file", lambda e: ["compute", e.tiny_recipe(output=f"{{dir: {e.file('taken', 'a file')}}}")], ("cannot read or write", "taken", "a file stands where a folder is needed")),
-    R("model-gguf-missing", lambda e: ["compute", e.tiny_recipe(model="{id: @TMP@/gone.gguf}")], ("GGUF file not found", "gone.gguf")),
-    R("model-cuda-without-gpu", lambda e: ["compute", e.tiny_recipe(model='{id: "@MODEL@", device: cuda}')], ("device 'cuda'", "no CUDA GPU", "device: cpu")),
-    R("model-layers-path-wrong", lambda e: ["compute", e.tiny_recipe(model='{id: "@MODEL@", layers_path: model.blocks}')], ("layers_path 'model.blocks' does not exist",)),
-    R("model-layers-path-not-a-list", lambda e: ["compute", e.tiny_recipe(model='{id: "@MODEL@", layers_path: model.norm}')], ("layers_path 'model.norm'", "not a list of decoder blocks")),
-    R("ndif-with-a-local-model", lambda e: ["compute", e.tiny_recipe(model='{id: "@MODEL@", backend: ndif}')], ("is a local model", "backend: local")),
-    R("remote-flag-with-a-local-model", lambda e: ["compute", e.tiny_recipe(), "--remote"], ("is a local model", "Hub id")),
-    R("collect-unknown-job", lambda e: ["collect", "no-such-job"], ("could not be collected", "no-such-job"), env={"NSTEER_JOBS_DIR": "jobs"}),
-    R("ndif-without-an-api-key", lambda e: ["compute", e.tiny_recipe(model="{id: meta-llama/Llama-3.1-8B-Instruct, backend: ndif}")],
-      ("No NDIF API key found", "NDIF_API_KEY"), env={"NDIF_API_KEY": None}),
+    R(
+        "model-unknown-hub-id-offline",
+        lambda e: ["compute", e.tiny_recipe(model="{id: nsteer-test/no-such-model}")],
+        ("Could not load 'nsteer-test/no-such-model'", "not a local directory or file"),
+    ),
+    R(
+        "model-directory-missing",
+        lambda e: ["compute", e.tiny_recipe(model="{id: @TMP@/models/missing}")],
+        ("models/missing", "not a local directory or file"),
+    ),
+    R(
+        "model-relative-directory-missing",
+        lambda e: ["compute", e.tiny_recipe(model="{id: ./no/such/dir}")],
+        ("./no/such/dir", "not a local directory or file"),
+    ),
+    R(
+        "model-directory-empty",
+        lambda e: [(e.tmp / "empty-model").mkdir() or "compute", e.tiny_recipe(model="{id: @TMP@/empty-model}")],
+        ("empty-model' is a folder without a config.json", "save_pretrained"),
+    ),
+    R(
+        "model-directory-config-only",
+        lambda e: [
+            e.file("cfg-only/config.json", json.dumps({"model_type": "llama", "hidden_size": 8})) and "compute",
+            e.tiny_recipe(model="{id: @TMP@/cfg-only}"),
+        ],
+        ("cfg-only' could not be loaded as a causal language model", "hidden size"),
+    ),
+    R(
+        "model-gguf-not-a-model",
+        lambda e: [
+            e.file("fake.gguf", b"GGUF" + os.urandom(64)) and "compute",
+            e.tiny_recipe(model="{id: @TMP@/fake.gguf}"),
+        ],
+        ("fake.gguf",),
+    ),
+    R(
+        "model-gguf-text-file",
+        lambda e: [
+            e.file("notes.gguf", "these are my notes") and "compute",
+            e.tiny_recipe(model="{id: @TMP@/notes.gguf}"),
+        ],
+        ("notes.gguf",),
+    ),
+    R(
+        "model-home-unknown",
+        lambda e: ["compute", e.tiny_recipe(model="{id: ~nosuchuser_nsteer/model}")],
+        ("~nosuchuser_nsteer/model",),
+    ),
+    R(
+        "output-dir-is-a-file",
+        lambda e: ["compute", e.tiny_recipe(output=f"{{dir: {e.file('taken', 'a file')}}}")],
+        ("cannot read or write", "taken", "a file stands where a folder is needed"),
+    ),
+    R(
+        "model-gguf-missing",
+        lambda e: ["compute", e.tiny_recipe(model="{id: @TMP@/gone.gguf}")],
+        ("GGUF file not found", "gone.gguf"),
+    ),
+    R(
+        "model-cuda-without-gpu",
+        lambda e: ["compute", e.tiny_recipe(model='{id: "@MODEL@", device: cuda}')],
+        ("device 'cuda'", "no CUDA GPU", "device: cpu"),
+    ),
+    R(
+        "model-layers-path-wrong",
+        lambda e: ["compute", e.tiny_recipe(model='{id: "@MODEL@", layers_path: model.blocks}')],
+        ("layers_path 'model.blocks' does not exist",),
+    ),
+    R(
+        "model-layers-path-not-a-list",
+        lambda e: ["compute", e.tiny_recipe(model='{id: "@MODEL@", layers_path: model.norm}')],
+        ("layers_path 'model.norm'", "not a list of decoder blocks"),
+    ),
+    R(
+        "ndif-with-a-local-model",
+        lambda e: ["compute", e.tiny_recipe(model='{id: "@MODEL@", backend: ndif}')],
+        ("is a local model", "backend: local"),
+    ),
+    R(
+        "remote-flag-with-a-local-model",
+        lambda e: ["compute", e.tiny_recipe(), "--remote"],
+        ("is a local model", "Hub id"),
+    ),
+    R(
+        "collect-unknown-job",
+        lambda e: ["collect", "no-such-job"],
+        ("could not be collected", "no-such-job"),
+        env={"NSTEER_JOBS_DIR": "jobs"},
+    ),
+    R(
+        "ndif-without-an-api-key",
+        lambda e: ["compute", e.tiny_recipe(model="{id: meta-llama/Llama-3.1-8B-Instruct, backend: ndif}")],
+        ("No NDIF API key found", "NDIF_API_KEY"),
+        env={"NDIF_API_KEY": None},
+    ),
 ]
 
 # Rows also run through the installed executable in a fresh process (slower: each imports torch and nnsight).
@@ -354,7 +905,7 @@ def check_message(row: Row, code: int, out: str, err: str) -> None:
         message = flat(err)
     else:
         assert "error:" in err, f"{row.id}: no 'error:' line in\n{err}"
-        text = err[err.index("error:"):].strip()  # "Opening MODEL ..." may come before it
+        text = err[err.index("error:") :].strip()  # "Opening MODEL ..." may come before it
         assert "\n\n" not in text, f"{row.id}: the message is not one paragraph:\n{text}"
         message = flat(text)
     for fragment in row.fragments:
@@ -418,7 +969,9 @@ def test_bad_inputs_through_the_executable(env: Env) -> None:
         folder = env.tmp / row_id
         folder.mkdir()
         argv = row.build(Env(folder, env.model_dir, env.handle))
-        process = subprocess.Popen([*command, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment, cwd=folder)
+        process = subprocess.Popen(
+            [*command, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment, cwd=folder
+        )
         started.append((row, process))
     for row, process in started:
         out, err = process.communicate(timeout=240)

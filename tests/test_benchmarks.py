@@ -47,7 +47,19 @@ def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict]:
     """One ``--quick`` run on the tiny random model (CPU, one thread), in a subprocess."""
     out = tmp_path_factory.mktemp("bench") / "quick.json"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    command = [sys.executable, str(SCRIPT), "--quick", "--model", "tiny", "--device", "cpu", "--threads", "1", "--out", str(out)]
+    command = [
+        sys.executable,
+        str(SCRIPT),
+        "--quick",
+        "--model",
+        "tiny",
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+        "--out",
+        str(out),
+    ]
     completed = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=1200)
     assert completed.returncode == 0, f"stdout:\n{completed.stdout[-3000:]}\nstderr:\n{completed.stderr[-5000:]}"
     return completed.stdout, json.loads(out.read_text())
@@ -68,7 +80,17 @@ def test_json_has_every_ratio_and_the_machine(quick_run: tuple[str, dict]) -> No
     assert set(report["ratios"]) == RATIOS
     assert all(_positive(value) for value in report["ratios"].values()), report["ratios"]
     meta = report["meta"]
-    for key in ("nproc", "cpu_model", "torch", "nnsight", "transformers", "torch_threads", "load_start", "load_end", "command"):
+    for key in (
+        "nproc",
+        "cpu_model",
+        "torch",
+        "nnsight",
+        "transformers",
+        "torch_threads",
+        "load_start",
+        "load_end",
+        "command",
+    ):
         assert key in meta, key
     assert meta["torch_threads"] == 1
     assert meta["quick"] is True
@@ -84,10 +106,16 @@ def test_json_sections_are_complete(quick_run: tuple[str, dict]) -> None:
         assert entry["nsteer_edit_matches_hook"] is True  # same edit both ways: identical greedy tokens
     overhead = report["overhead"]
     assert set(overhead["composed_edits"]) == {"0", "1", "2", "4"}
-    assert set(overhead["cpu_ms_per_step"]) == {"hf_unsteered", "hook_edits_1", *(f"nsteer_edits_{n}" for n in (0, 1, 2, 4))}
+    assert set(overhead["cpu_ms_per_step"]) == {
+        "hf_unsteered",
+        "hook_edits_1",
+        *(f"nsteer_edits_{n}" for n in (0, 1, 2, 4)),
+    }
     assert all(_positive(value) for value in overhead["cpu_ms_per_step"].values())
     assert all(math.isfinite(value) for value in overhead["extra_ms_per_step_over_hf"].values())
-    assert _positive(overhead["expected_nsteer_over_hook_batch_1"]) and _positive(overhead["expected_nsteer_over_hf_batch_8"])
+    assert _positive(overhead["expected_nsteer_over_hook_batch_1"]) and _positive(
+        overhead["expected_nsteer_over_hf_batch_8"]
+    )
     extraction = report["extraction"]
     assert extraction["per_batch"]["samples"] == extraction["batches"] >= 1
     assert _positive(extraction["research_scaled_s"])

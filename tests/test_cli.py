@@ -1,4 +1,4 @@
-"""The `nsteer` command line: inspect, error exits without tracebacks, and compute → generate end to end on a tiny model."""
+"""The `nsteer` command line: inspect, error exits without tracebacks, compute → generate end to end on a tiny model."""
 
 from __future__ import annotations
 
@@ -9,14 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_runner import run_cli
 
 from nsteer.vectors import SteeringVector, VectorMetadata, save_vector
-from cli_runner import run_cli
 
 REPO = Path(__file__).resolve().parent.parent
 NSTEER = Path(sys.executable).parent / "nsteer"
-
-
 
 
 def flat(text: str) -> str:
@@ -36,9 +34,17 @@ def assert_user_error(code: int, out: str, err: str, *fragments: str) -> None:
 @pytest.fixture()
 def vector_file(tmp_path) -> Path:
     metadata = VectorMetadata(
-        nsteer_version="0.1.0", model_id="tiny-llama-0", config_hash="c", weights_fingerprint="f",
-        architecture="LlamaForCausalLM", hidden_size=8, n_layers=3, instruction_id="lowercase", category="format",
-        n_pairs=12, chosen={"layer": 1, "mode": "set", "weight": 1.0, "positions": "all"},
+        nsteer_version="0.1.0",
+        model_id="tiny-llama-0",
+        config_hash="c",
+        weights_fingerprint="f",
+        architecture="LlamaForCausalLM",
+        hidden_size=8,
+        n_layers=3,
+        instruction_id="lowercase",
+        category="format",
+        n_pairs=12,
+        chosen={"layer": 1, "mode": "set", "weight": 1.0, "positions": "all"},
     )
     directions = torch.nn.functional.normalize(torch.randn(3, 8), dim=-1)
     vector = SteeringVector(directions, torch.tensor([0.5, 1.5, 2.5]), torch.tensor([1.0, 3.0, 2.0]), metadata)
@@ -139,9 +145,14 @@ def write_recipe(folder: Path, model_dir: Path) -> Path:
         "\n".join(
             f'{{"text": "{text}"}}'
             for text in [
-                "Explain how rainbows form.", "Describe the water cycle.", "Why is the sea salty?",
-                "Write a letter to a friend.", "What are the pros and cons of working from home?",
-                "Tell me about the mountains.", "How do lakes freeze?", "Name the colors of a rainbow.",
+                "Explain how rainbows form.",
+                "Describe the water cycle.",
+                "Why is the sea salty?",
+                "Write a letter to a friend.",
+                "What are the pros and cons of working from home?",
+                "Tell me about the mountains.",
+                "How do lakes freeze?",
+                "Name the colors of a rainbow.",
             ]
         )
         + "\n"
@@ -160,7 +171,7 @@ steer:
   - {{instruction: shout, layer: 1, mode: add, weight: 8.0, positions: all}}
 extraction: {{batch_size: 4}}
 generation: {{max_new_tokens: 8, batch_size: 2}}
-output: {{dir: "{folder / 'out'}"}}
+output: {{dir: "{folder / "out"}"}}
 demo_prompts: [Describe the water cycle., Hi]
 """
     )
@@ -191,7 +202,9 @@ def test_compute_then_generate_end_to_end(monkeypatch, capsys, tmp_path, tiny_mo
     assert "Describe the water cycle." in plain_out and "Describe the water cycle." in steered_out
     assert plain_out != steered_out  # the add edit at layer 1 changes the answers
 
-    code, out, err = run_cli(monkeypatch, capsys, "generate", str(recipe), "--compare", "--prompt", "Hi", "--max-new-tokens", "4")
+    code, out, err = run_cli(
+        monkeypatch, capsys, "generate", str(recipe), "--compare", "--prompt", "Hi", "--max-new-tokens", "4"
+    )
     assert code == 0, err
     assert "without steering" in out and "with steering" in out and "shout@1 add" in flat(out)
 
@@ -208,7 +221,13 @@ def test_generate_with_a_layer_beyond_the_model(monkeypatch, capsys, tmp_path, t
 
 def test_eval_composition_flag_refuses_external_data(monkeypatch, capsys, tmp_path):
     code, out, err = run_cli(
-        monkeypatch, capsys, "eval", "recipes/compose-format-length.yaml", "--composition", "--data", str(tmp_path / "x.jsonl")
+        monkeypatch,
+        capsys,
+        "eval",
+        "recipes/compose-format-length.yaml",
+        "--composition",
+        "--data",
+        str(tmp_path / "x.jsonl"),
     )
     assert code == 2
     assert "--composition" in err and "--data" in err

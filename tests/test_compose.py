@@ -10,8 +10,9 @@ recipe's list order (``set``: h + w (z − h·u) u; ``add``: h + w u), then deco
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import pytest
 import torch
@@ -64,12 +65,17 @@ def make_recipe(vectors_dir: Path, steer: list[dict]):
 # --- the reference ------------------------------------------------------------------------------------------------
 
 
-def hook_generate(handle, prompts: Sequence[str], row_steer: Sequence[Sequence[dict[str, Any]]], files: dict[str, Path]) -> list[list[int]]:
+def hook_generate(
+    handle, prompts: Sequence[str], row_steer: Sequence[Sequence[dict[str, Any]]], files: dict[str, Path]
+) -> list[list[int]]:
     """Greedy generation with each row's steer entries applied by forward hooks, in list order; new tokens per row."""
     hf_model, tokenizer = handle.hf_model, handle.tokenizer
     blocks = hf_model.get_submodule(handle.layers_path)
     raw = {name: load_file(str(path)) for name, path in files.items()}
-    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False) for p in prompts]
+    texts = [
+        tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
+        for p in prompts
+    ]
     ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
     width = max(len(s) for s in ids)
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
@@ -100,8 +106,14 @@ def hook_generate(handle, prompts: Sequence[str], row_steer: Sequence[Sequence[d
     try:
         with torch.no_grad():
             output = hf_model.generate(
-                input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=NEW_TOKENS, do_sample=False,
-                pad_token_id=pad, temperature=None, top_p=None, top_k=None,
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                max_new_tokens=NEW_TOKENS,
+                do_sample=False,
+                pad_token_id=pad,
+                temperature=None,
+                top_p=None,
+                top_k=None,
             )
     finally:
         for hook in hooks:
@@ -209,7 +221,9 @@ def test_composition_evaluation_scores_the_right_generations(tiny, vectors_dir):
             assert [a.answer for a in answers] == generate(handle, [a.prompt for a in answers], edits, config=CONFIG)
         for answer in picked:  # scores are the checkers' verdicts on those answers
             own = check_all((CheckSpec(*_check(name)),), answer.answer, answer.prompt)
-            joint = check_all((CheckSpec(*_check("lowercase")), CheckSpec(*_check("length_0"))), answer.answer, answer.prompt)
+            joint = check_all(
+                (CheckSpec(*_check("lowercase")), CheckSpec(*_check("length_0"))), answer.answer, answer.prompt
+            )
             assert answer.loose == own[0].loose and answer.joint_loose == all(r.loose for r in joint)
     rows = result.rows()
     assert len(rows) == 2 * 2 * 3 and all(row.n == 2 for row in rows)

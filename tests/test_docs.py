@@ -67,7 +67,15 @@ def blocks_of(path: Path) -> list[Block]:
             index += 1
         previous = next((lines[i] for i in range(start - 1, -1, -1) if lines[i].strip()), "")
         marker = SKIP.search(previous) or SKIP.search(opening.group(3))
-        found.append(Block(path, start + 1, language, "\n".join(body) + "\n", marker.group("reason") or "skipped" if marker else None))
+        found.append(
+            Block(
+                path,
+                start + 1,
+                language,
+                "\n".join(body) + "\n",
+                marker.group("reason") or "skipped" if marker else None,
+            )
+        )
         index += 1
     return found
 
@@ -204,7 +212,9 @@ def parse_nsteer(arguments: list[str]):
     context = group.context_class(group, info_name="nsteer")
     name, *rest = arguments
     command = group.get_command(context, name)
-    assert command is not None, f"`nsteer {name}` is not a command; the commands are {', '.join(group.list_commands(context))}"
+    assert command is not None, (
+        f"`nsteer {name}` is not a command; the commands are {', '.join(group.list_commands(context))}"
+    )
     sub_context = command.make_context(name, rest, parent=context)
     return name, sub_context.params
 
@@ -236,7 +246,7 @@ def run_inspect(arguments: list[str], scratch: Path, monkeypatch, capsys) -> Non
     monkeypatch.chdir(REPO)
     if "--plot" in arguments:
         at = arguments.index("--plot") + 1
-        arguments = [*arguments[:at], str(scratch / Path(arguments[at]).name), *arguments[at + 1:]]
+        arguments = [*arguments[:at], str(scratch / Path(arguments[at]).name), *arguments[at + 1 :]]
     monkeypatch.setattr(sys, "argv", ["nsteer", *arguments])
     try:
         main()
@@ -253,9 +263,12 @@ def run_inspect(arguments: list[str], scratch: Path, monkeypatch, capsys) -> Non
 
 
 RECIPE_BLOCKS = [
-    block for block in ALL_BLOCKS
-    if block.language in ("yaml", "yml") and block.skip is None
-    and isinstance(yaml.safe_load(block.code), dict) and "instructions" in yaml.safe_load(block.code)
+    block
+    for block in ALL_BLOCKS
+    if block.language in ("yaml", "yml")
+    and block.skip is None
+    and isinstance(yaml.safe_load(block.code), dict)
+    and "instructions" in yaml.safe_load(block.code)
 ]
 
 
@@ -279,9 +292,8 @@ def test_recipe_reference_is_current() -> None:
 
 
 def test_every_recipe_field_is_described() -> None:
-    from nsteer.recipe import Strict
-
     import nsteer.recipe as recipe_module
+    from nsteer.recipe import Strict
 
     for model in vars(recipe_module).values():
         if isinstance(model, type) and issubclass(model, Strict) and model is not Strict:

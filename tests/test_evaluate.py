@@ -11,8 +11,17 @@ import torch
 
 from nsteer.errors import EvaluationError
 from nsteer.evaluate.table import (
-    CELLS, Cell, PairedChange, Reference, evaluate_recipe, ifeval_items, instruction_edits, paired_change,
-    read_ifeval_jsonl, recipe_items, sign_test,
+    CELLS,
+    Cell,
+    PairedChange,
+    Reference,
+    evaluate_recipe,
+    ifeval_items,
+    instruction_edits,
+    paired_change,
+    read_ifeval_jsonl,
+    recipe_items,
+    sign_test,
 )
 from nsteer.recipe import recipe_from_dict
 from nsteer.report import eval_markdown, write_eval_report
@@ -88,7 +97,11 @@ def evaluated(tiny, tmp_path_factory):
     compute_recipe_vectors(recipe, handle)
     generator = FixedAnswers(recipe, PLAN, limit=3)
     result = evaluate_recipe(
-        recipe, handle, limit=3, generator=generator, judge=lambda prompt, answer: float(answer.islower()),
+        recipe,
+        handle,
+        limit=3,
+        generator=generator,
+        judge=lambda prompt, answer: float(answer.islower()),
         checkpoint=tmp_path / "eval" / "cells.jsonl",
     )
     return recipe, handle, generator, result, tmp_path
@@ -134,7 +147,8 @@ def test_two_by_two_counts_match_hand_computed_expectations(evaluated) -> None:
 
 def test_paired_change_counts_fixed_and_broken_prompts(evaluated, tmp_path) -> None:
     _, _, _, result, _ = evaluated
-    # Hand-counted from PLAN: lowercase steering fixes all 3 bare prompts and the 2 failing instructed ones, breaks none.
+    # Hand-counted from PLAN: lowercase steering fixes all 3 bare prompts and the 2 failing instructed ones,
+    # breaks none.
     assert result.paired(False, "lowercase") == PairedChange(3, 3, 0, 0.25)
     assert result.paired(True, "lowercase") == PairedChange(3, 2, 0, 0.5)
     assert result.paired(True, "uppercase") == PairedChange(3, 0, 0, 1.0)  # never steered: nothing changes
@@ -165,7 +179,17 @@ def test_answers_are_kept_for_rescoring(evaluated) -> None:
     answers = data["answers"]
     assert len(answers) == 24
     first = answers[0]
-    assert set(first) >= {"prompt", "answer", "strict", "loose", "degeneracy", "perplexity", "checks", "sentences", "words"}
+    assert set(first) >= {
+        "prompt",
+        "answer",
+        "strict",
+        "loose",
+        "degeneracy",
+        "perplexity",
+        "checks",
+        "sentences",
+        "words",
+    }
     assert first["checks"][0]["id"] == "change_case:english_lowercase"
     loops = [a for a in answers if a["answer"] == LOOP_LOWER]
     assert loops and all(a["degeneracy"] == "repetition" and a["loose"] for a in loops)
@@ -197,7 +221,10 @@ def test_length_instructions_get_sentence_and_word_distributions(tiny, tmp_path)
     handle = tiny("llama")
     answers = ["One thing. Two things. Three things here.", "Just this one short sentence."]
     result = evaluate_recipe(
-        recipe, handle, limit=2, reference=Reference(handle.hf_model, handle.tokenizer, "tiny"),
+        recipe,
+        handle,
+        limit=2,
+        reference=Reference(handle.hf_model, handle.tokenizer, "tiny"),
         generator=lambda h, prompts, **_: [answers[(i // 2) % 2] for i in range(len(prompts))],
     )
     summary = result.cell(ABSENT_UNSTEERED, "length_0")
@@ -229,7 +256,10 @@ def test_word_exclusion_uses_the_inclusion_vector_and_the_forbidden_words_check(
     assert torch.equal(edit.direction, vectors["include:ocean"].directions[2])
     assert edits["include:ocean"] == ()
     result = evaluate_recipe(
-        recipe, handle, limit=2, vectors=vectors,
+        recipe,
+        handle,
+        limit=2,
+        vectors=vectors,
         generator=lambda h, prompts, row_edits, **_: [
             "The sea is deep and blue." if edits else "The ocean is deep and blue." for edits in row_edits
         ],
@@ -250,14 +280,26 @@ LOWER_ID = "change_case:english_lowercase"
 
 def test_ifeval_jsonl_is_parsed_and_mapped_by_check_id(tiny, tmp_path) -> None:
     recipe = make_recipe(tmp_path)
-    data = _write_lines(tmp_path / "ifeval.jsonl", [
-        {"key": 1, "prompt": "Describe a cat. Answer in lowercase only.", "instruction_id_list": [LOWER_ID],
-         "kwargs": [{}], "prompt_without_instruction": "Describe a cat."},
-        {"key": 2, "prompt": "Describe a dog in all lowercase.", "instruction_id_list": [LOWER_ID], "kwargs": [{}]},
-        {"key": 3, "prompt": "Write 3 bullets.", "instruction_id_list": ["detectable_format:number_bullet_lists"],
-         "kwargs": [{"num_bullets": 3}]},
-        "",
-    ])
+    data = _write_lines(
+        tmp_path / "ifeval.jsonl",
+        [
+            {
+                "key": 1,
+                "prompt": "Describe a cat. Answer in lowercase only.",
+                "instruction_id_list": [LOWER_ID],
+                "kwargs": [{}],
+                "prompt_without_instruction": "Describe a cat.",
+            },
+            {"key": 2, "prompt": "Describe a dog in all lowercase.", "instruction_id_list": [LOWER_ID], "kwargs": [{}]},
+            {
+                "key": 3,
+                "prompt": "Write 3 bullets.",
+                "instruction_id_list": ["detectable_format:number_bullet_lists"],
+                "kwargs": [{"num_bullets": 3}],
+            },
+            "",
+        ],
+    )
     records = read_ifeval_jsonl(data)
     assert [r.key for r in records] == ["1", "2", "3"]
     items, skipped = ifeval_items(records, recipe)
@@ -266,7 +308,10 @@ def test_ifeval_jsonl_is_parsed_and_mapped_by_check_id(tiny, tmp_path) -> None:
     handle = tiny("llama")
     compute_recipe_vectors(recipe, handle)
     result = evaluate_recipe(
-        recipe, handle, data=data, generator=lambda h, prompts, **_: [PASS_LOWER] * len(prompts),
+        recipe,
+        handle,
+        data=data,
+        generator=lambda h, prompts, **_: [PASS_LOWER] * len(prompts),
     )
     # Key 1 has all four cells, key 2 (no prompt_without_instruction) only the two with the instruction.
     assert len(result.answers) == 6 and result.skipped == 1
@@ -280,11 +325,19 @@ def test_ifeval_jsonl_is_parsed_and_mapped_by_check_id(tiny, tmp_path) -> None:
         ("{not json", r"line 2: not valid JSON"),
         ('["a list"]', r"line 2: expected an object"),
         ({"key": 9, "prompt": "Hi."}, r"line 2: missing instruction_id_list, kwargs"),
-        ({"key": 9, "prompt": "Hi.", "instruction_id_list": [LOWER_ID], "kwargs": []}, r"line 2: kwargs must be a list of 1"),
-        ({"key": 9, "prompt": "Hi.", "instruction_id_list": ["change_case:lowercase"], "kwargs": [{}]},
-         r"line 2: Unknown IFEval instruction id 'change_case:lowercase'"),
+        (
+            {"key": 9, "prompt": "Hi.", "instruction_id_list": [LOWER_ID], "kwargs": []},
+            r"line 2: kwargs must be a list of 1",
+        ),
+        (
+            {"key": 9, "prompt": "Hi.", "instruction_id_list": ["change_case:lowercase"], "kwargs": [{}]},
+            r"line 2: Unknown IFEval instruction id 'change_case:lowercase'",
+        ),
         ({"key": 9, "prompt": "", "instruction_id_list": [LOWER_ID], "kwargs": [{}]}, r"line 2: prompt must be"),
-        ({"key": 1, "prompt": "Hi.", "instruction_id_list": [LOWER_ID], "kwargs": [{}]}, r"line 2: the key '1' appears twice"),
+        (
+            {"key": 1, "prompt": "Hi.", "instruction_id_list": [LOWER_ID], "kwargs": [{}]},
+            r"line 2: the key '1' appears twice",
+        ),
     ],
 )
 def test_bad_ifeval_lines_name_the_line(tmp_path, line, message) -> None:
@@ -296,10 +349,17 @@ def test_bad_ifeval_lines_name_the_line(tmp_path, line, message) -> None:
 
 def test_ifeval_file_with_no_matching_instruction_says_what_to_do(tmp_path) -> None:
     recipe = make_recipe(tmp_path)
-    path = _write_lines(tmp_path / "other.jsonl", [
-        {"key": 1, "prompt": "Write 3 bullets.", "instruction_id_list": ["detectable_format:number_bullet_lists"],
-         "kwargs": [{"num_bullets": 3}]},
-    ])
+    path = _write_lines(
+        tmp_path / "other.jsonl",
+        [
+            {
+                "key": 1,
+                "prompt": "Write 3 bullets.",
+                "instruction_id_list": ["detectable_format:number_bullet_lists"],
+                "kwargs": [{"num_bullets": 3}],
+            },
+        ],
+    )
     with pytest.raises(EvaluationError, match="None of the 1 records uses a check"):
         ifeval_items(read_ifeval_jsonl(path), recipe)
     with pytest.raises(EvaluationError, match="not found"):

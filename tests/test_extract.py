@@ -18,7 +18,10 @@ from nsteer.extract import chat_token_ids, compute_vector, last_token_states, le
 from nsteer.prompts import Instruction, PromptPair
 
 FAMILIES = ("llama", "gpt2", "gemma2", "qwen2", "gpt_neox", "phi3", "mistral")
-DEVICES = ("cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")))
+DEVICES = (
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")),
+)
 
 # Unequal lengths on purpose: left padding from 0 to ~40 positions.
 PROMPTS = [
@@ -39,7 +42,9 @@ BASES = [
 ]
 PHRASINGS = ["Answer in lowercase letters.", "Use no commas.", "Wrap the answer in JSON."]
 PAIRS = [PromptPair(f"b{i}", base, PHRASINGS[i % len(PHRASINGS)]) for i, base in enumerate(BASES)]
-INSTRUCTION = Instruction(id="test_instruction", category="format", description="d", check_id="", phrasings=tuple(PHRASINGS))
+INSTRUCTION = Instruction(
+    id="test_instruction", category="format", description="d", check_id="", phrasings=tuple(PHRASINGS)
+)
 
 
 def assert_states_close(actual: torch.Tensor, expected: torch.Tensor, *, atol: float = 1e-5) -> None:
@@ -172,11 +177,16 @@ def test_compute_vector_equals_brute_force_mean_difference(tiny, tokenizer, hf_l
     assert vector.mean_projections.shape == (n_layers,) and vector.norms.shape == (n_layers,)
     # Unit directions.
     torch.testing.assert_close(
-        torch.linalg.vector_norm(vector.directions.double(), dim=-1), torch.ones(n_layers, dtype=torch.float64), atol=1e-6, rtol=0
+        torch.linalg.vector_norm(vector.directions.double(), dim=-1),
+        torch.ones(n_layers, dtype=torch.float64),
+        atol=1e-6,
+        rtol=0,
     )
     scale = max(1.0, h_with.abs().max().item())
     # u_l = ‖u_l‖ û_l equals the brute-force mean difference.
-    torch.testing.assert_close(vector.directions.double() * vector.norms.double()[:, None], u, atol=1e-5 * scale, rtol=1e-5)
+    torch.testing.assert_close(
+        vector.directions.double() * vector.norms.double()[:, None], u, atol=1e-5 * scale, rtol=1e-5
+    )
     torch.testing.assert_close(vector.norms.double(), norms, atol=1e-5 * scale, rtol=1e-5)
     torch.testing.assert_close(vector.directions.double(), unit, atol=1e-4, rtol=0)
     # z_l is the mean projection of the with-instruction prompts onto û_l.
@@ -234,7 +244,9 @@ def test_mean_difference_holds_at_most_one_batch(tiny, batch_size):
     hook = first_block.register_forward_pre_hook(record, with_kwargs=True)
     progress: list[tuple[int, int]] = []
     try:
-        statistics = mean_difference(handle, PAIRS, batch_size=batch_size, progress=lambda d, t: progress.append((d, t)))
+        statistics = mean_difference(
+            handle, PAIRS, batch_size=batch_size, progress=lambda d, t: progress.append((d, t))
+        )
     finally:
         hook.remove()
     pairs_per_batch = max(1, batch_size // 2)

@@ -26,26 +26,94 @@ from hypothesis import strategies as st
 
 from nsteer.errors import RecipeError
 from nsteer.recipe import (
-    CheckSection, EvaluationSection, ExtractionSection, GenerationSection, InstructionSection, ModelSection,
-    OutputSection, PromptsSection, Recipe, SearchSection, SplitSection, SteerEntry, load_recipe, recipe_from_dict,
+    CheckSection,
+    EvaluationSection,
+    ExtractionSection,
+    GenerationSection,
+    InstructionSection,
+    ModelSection,
+    OutputSection,
+    PromptsSection,
+    Recipe,
+    SearchSection,
+    SplitSection,
+    SteerEntry,
+    load_recipe,
+    recipe_from_dict,
 )
 
-FUZZ = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+FUZZ = settings(
+    max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
 
 SECTIONS = (
-    Recipe, ModelSection, PromptsSection, SplitSection, InstructionSection, CheckSection, SteerEntry,
-    ExtractionSection, GenerationSection, SearchSection, EvaluationSection, OutputSection,
+    Recipe,
+    ModelSection,
+    PromptsSection,
+    SplitSection,
+    InstructionSection,
+    CheckSection,
+    SteerEntry,
+    ExtractionSection,
+    GenerationSection,
+    SearchSection,
+    EvaluationSection,
+    OutputSection,
 )
 FIELD_NAMES = sorted({name for section in SECTIONS for name in section.model_fields})
 BUILTIN_NAMES = ["lowercase", "uppercase", "length_0", "no_comma", "include:ocean", "title"]
 
 # Strings a recipe author (or a typo) plausibly writes, including ones that once crashed the loader.
 INTERESTING_STRINGS = [
-    "auto", "set", "add", "ablate", "all", "prompt", "generated", "local", "ndif", "float32", "bfloat16", "cpu",
-    "cuda:0", "builtin:base-v1", "builtin:lowercase", "builtin:", "builtin:nope", "include:", "include:ocean",
-    "change_case:english_lowercase", "keywords:existence", "embedded:smollm2-135m-instruct", "runs/{name}",
-    "~nosuchuser_nsteer/file.jsonl", "~", "a" * 300, "dir/" * 80 + "x", "/", ".", "..", "", " ", "\x00", "\t",
-    "yes", "no", "on", "null", "1e400", "-0", "NaN", "{", "[", "'", '"', "#", "*alias", "&anchor", "!!python/object",
+    "auto",
+    "set",
+    "add",
+    "ablate",
+    "all",
+    "prompt",
+    "generated",
+    "local",
+    "ndif",
+    "float32",
+    "bfloat16",
+    "cpu",
+    "cuda:0",
+    "builtin:base-v1",
+    "builtin:lowercase",
+    "builtin:",
+    "builtin:nope",
+    "include:",
+    "include:ocean",
+    "change_case:english_lowercase",
+    "keywords:existence",
+    "embedded:smollm2-135m-instruct",
+    "runs/{name}",
+    "~nosuchuser_nsteer/file.jsonl",
+    "~",
+    "a" * 300,
+    "dir/" * 80 + "x",
+    "/",
+    ".",
+    "..",
+    "",
+    " ",
+    "\x00",
+    "\t",
+    "yes",
+    "no",
+    "on",
+    "null",
+    "1e400",
+    "-0",
+    "NaN",
+    "{",
+    "[",
+    "'",
+    '"',
+    "#",
+    "*alias",
+    "&anchor",
+    "!!python/object",
 ]
 
 scalars = st.one_of(
@@ -72,12 +140,20 @@ values = nested(scalars)
 
 
 def instruction_sections() -> st.SearchStrategy:
-    phrasings = st.one_of(st.none(), st.lists(st.text(max_size=10), max_size=3), st.sampled_from(INTERESTING_STRINGS), values)
+    phrasings = st.one_of(
+        st.none(), st.lists(st.text(max_size=10), max_size=3), st.sampled_from(INTERESTING_STRINGS), values
+    )
     check = st.one_of(
         st.none(),
         st.sampled_from(["change_case:english_lowercase", "keywords:existence", "nope:nope", ""]),
-        st.fixed_dictionaries({"id": st.sampled_from(["keywords:existence", "length_constraints:number_sentences"])},
-                              optional={"kwargs": st.dictionaries(st.sampled_from(["keywords", "num_sentences", "relation", "x"]), values, max_size=3)}),
+        st.fixed_dictionaries(
+            {"id": st.sampled_from(["keywords:existence", "length_constraints:number_sentences"])},
+            optional={
+                "kwargs": st.dictionaries(
+                    st.sampled_from(["keywords", "num_sentences", "relation", "x"]), values, max_size=3
+                )
+            },
+        ),
         values,
     )
     return st.one_of(
@@ -100,22 +176,31 @@ def steer_entries(names: list[str]) -> st.SearchStrategy:
 
 
 SECTION_MODELS = {
-    "model": ModelSection, "prompts": PromptsSection, "generation": GenerationSection, "search": SearchSection,
-    "extraction": ExtractionSection, "evaluation": EvaluationSection, "output": OutputSection,
+    "model": ModelSection,
+    "prompts": PromptsSection,
+    "generation": GenerationSection,
+    "search": SearchSection,
+    "extraction": ExtractionSection,
+    "evaluation": EvaluationSection,
+    "output": OutputSection,
 }
 
 
 @st.composite
 def recipe_dicts(draw) -> dict[str, Any]:
     """Recipe-shaped dicts: the right sections, with values that are often right and often not."""
-    names = draw(st.lists(st.sampled_from(BUILTIN_NAMES) | st.text(min_size=1, max_size=6), min_size=0, max_size=3, unique=True))
+    names = draw(
+        st.lists(st.sampled_from(BUILTIN_NAMES) | st.text(min_size=1, max_size=6), min_size=0, max_size=3, unique=True)
+    )
     data: dict[str, Any] = {"instructions": {name: draw(instruction_sections()) for name in names}}
     if draw(st.booleans()):
         data["steer"] = draw(st.lists(steer_entries(names), max_size=3))
     for section, model in SECTION_MODELS.items():
         if draw(st.integers(0, 2)) == 0:
             own_keys = st.sampled_from(sorted(model.model_fields)) | st.sampled_from(FIELD_NAMES)
-            data[section] = draw(st.dictionaries(own_keys, st.sampled_from(INTERESTING_STRINGS) | values, max_size=4) | values)
+            data[section] = draw(
+                st.dictionaries(own_keys, st.sampled_from(INTERESTING_STRINGS) | values, max_size=4) | values
+            )
     for key in ("name", "transfer", "demo_prompts"):
         if draw(st.integers(0, 3)) == 0:
             data[key] = draw(values)
@@ -127,10 +212,18 @@ def recipe_dicts(draw) -> dict[str, Any]:
 VALID = {
     "name": "fuzz",
     "model": {"id": "embedded:smollm2-135m-instruct", "dtype": "float32", "device": "cpu"},
-    "prompts": {"base": "builtin:base-v1", "seed": 0, "max_pairs": 8, "split": {"train": 0.6, "validation": 0.2, "test": 0.2}},
+    "prompts": {
+        "base": "builtin:base-v1",
+        "seed": 0,
+        "max_pairs": 8,
+        "split": {"train": 0.6, "validation": 0.2, "test": 0.2},
+    },
     "instructions": {
         "lowercase": {},
-        "mine": {"phrasings": ["Answer in French.", "Reply in French."], "check": {"id": "language:response_language", "kwargs": {"language": "fr"}}},
+        "mine": {
+            "phrasings": ["Answer in French.", "Reply in French."],
+            "check": {"id": "language:response_language", "kwargs": {"language": "fr"}},
+        },
     },
     "steer": [
         {"instruction": "lowercase", "layer": 3, "mode": "set", "weight": 1.0, "positions": "all"},
@@ -217,14 +310,49 @@ def test_arbitrary_text(recipe_file, text) -> None:
 
 
 YAML_FRAGMENTS = [
-    "name: x", "instructions:", "  lowercase: {}", "  lowercase:", "    phrasings: [a, b]", "    check: nope",
-    "steer:", "  - {instruction: lowercase, layer: 2}", "  - instruction: lowercase", "    layer: yes", "    weight: .inf",
-    "model: {id: embedded:smollm2-135m-instruct}", "model:", "  dtype: float64", "prompts: {base: nope.jsonl}",
-    "base: &a {x: 1}", "other: *a", "<<: *a", "merged: {<<: *a}", "? [a, b]\n: c", "? {a: 1}\n: c", "tag: !!python/object:os.system {}",
-    "bin: !!binary aGk=", "date: 2024-01-01", "big: 1e400", "\tindented: tab", "- top level list item", "...", "---",
-    "%YAML 1.1", "key: 'unterminated", 'key: "\\x00"', "dup: 1", "dup: 2", "instructions: [a, b]", "instructions: ~",
-    "search: {layers: []}", "generation: {max_new_tokens: 0}", "name: ../../etc", "name: " + "n" * 300, "&x y: *x",
-    "instructions: {x: {phrasings: ~nosuchuser_nsteer/p.txt}}", "prompts: {base: " + "b" * 300 + "}",
+    "name: x",
+    "instructions:",
+    "  lowercase: {}",
+    "  lowercase:",
+    "    phrasings: [a, b]",
+    "    check: nope",
+    "steer:",
+    "  - {instruction: lowercase, layer: 2}",
+    "  - instruction: lowercase",
+    "    layer: yes",
+    "    weight: .inf",
+    "model: {id: embedded:smollm2-135m-instruct}",
+    "model:",
+    "  dtype: float64",
+    "prompts: {base: nope.jsonl}",
+    "base: &a {x: 1}",
+    "other: *a",
+    "<<: *a",
+    "merged: {<<: *a}",
+    "? [a, b]\n: c",
+    "? {a: 1}\n: c",
+    "tag: !!python/object:os.system {}",
+    "bin: !!binary aGk=",
+    "date: 2024-01-01",
+    "big: 1e400",
+    "\tindented: tab",
+    "- top level list item",
+    "...",
+    "---",
+    "%YAML 1.1",
+    "key: 'unterminated",
+    'key: "\\x00"',
+    "dup: 1",
+    "dup: 2",
+    "instructions: [a, b]",
+    "instructions: ~",
+    "search: {layers: []}",
+    "generation: {max_new_tokens: 0}",
+    "name: ../../etc",
+    "name: " + "n" * 300,
+    "&x y: *x",
+    "instructions: {x: {phrasings: ~nosuchuser_nsteer/p.txt}}",
+    "prompts: {base: " + "b" * 300 + "}",
 ]
 
 
@@ -263,12 +391,26 @@ def test_mutations_of_a_valid_recipe(data) -> None:
 
 path_strings = st.one_of(
     st.text(alphabet="ab~/. -_:\x00\u00e9\\", max_size=30),
-    st.builds(lambda part, count: part * count, st.sampled_from(["a", "dir/", "~nosuchuser_nsteer/", "../", "\u00e9"]), st.integers(1, 300)),
-    st.builds(lambda head, tail: head + tail, st.sampled_from(["~", "~nosuchuser_nsteer/", "/", "./", "builtin:", "include:"]), st.text(max_size=12)),
+    st.builds(
+        lambda part, count: part * count,
+        st.sampled_from(["a", "dir/", "~nosuchuser_nsteer/", "../", "\u00e9"]),
+        st.integers(1, 300),
+    ),
+    st.builds(
+        lambda head, tail: head + tail,
+        st.sampled_from(["~", "~nosuchuser_nsteer/", "/", "./", "builtin:", "include:"]),
+        st.text(max_size=12),
+    ),
 )
 STRING_FIELDS = [
-    ("prompts", "base"), ("instructions", "mine", "phrasings"), ("steer", 1, "vector"), ("name",), ("output", "dir"),
-    ("model", "id"), ("instructions", "mine", "check", "id"), ("evaluation", "reference_model"),
+    ("prompts", "base"),
+    ("instructions", "mine", "phrasings"),
+    ("steer", 1, "vector"),
+    ("name",),
+    ("output", "dir"),
+    ("model", "id"),
+    ("instructions", "mine", "check", "id"),
+    ("evaluation", "reference_model"),
 ]
 
 
@@ -289,20 +431,39 @@ def test_path_like_strings_in_a_valid_recipe(field, text) -> None:
 @pytest.mark.parametrize(
     "data",
     [
-        pytest.param({"instructions": {"x": {"phrasings": ["a"]}}, "prompts": {"base": "a" * 300}}, id="base-name-too-long"),
-        pytest.param({"instructions": {"x": {"phrasings": ["a"]}}, "prompts": {"base": "~nosuchuser_nsteer/x.jsonl"}}, id="base-unknown-home"),
+        pytest.param(
+            {"instructions": {"x": {"phrasings": ["a"]}}, "prompts": {"base": "a" * 300}}, id="base-name-too-long"
+        ),
+        pytest.param(
+            {"instructions": {"x": {"phrasings": ["a"]}}, "prompts": {"base": "~nosuchuser_nsteer/x.jsonl"}},
+            id="base-unknown-home",
+        ),
         pytest.param({"instructions": {"x": {"phrasings": "~nosuchuser_nsteer/p.txt"}}}, id="phrasings-unknown-home"),
-        pytest.param({"instructions": {"lowercase": {}}, "steer": [{"instruction": "lowercase", "vector": "~nosuchuser_nsteer/v"}]}, id="vector-unknown-home"),
-        pytest.param({"instructions": {"lowercase": {}}, "steer": [{"instruction": "lowercase", "vector": "v" * 300}]}, id="vector-name-too-long"),
+        pytest.param(
+            {
+                "instructions": {"lowercase": {}},
+                "steer": [{"instruction": "lowercase", "vector": "~nosuchuser_nsteer/v"}],
+            },
+            id="vector-unknown-home",
+        ),
+        pytest.param(
+            {"instructions": {"lowercase": {}}, "steer": [{"instruction": "lowercase", "vector": "v" * 300}]},
+            id="vector-name-too-long",
+        ),
         pytest.param({"instructions": {"lowercase": {}}, "name": "n" * 300}, id="name-too-long"),
-        pytest.param({"instructions": {"lowercase": {}}, "steer": [{"instruction": "lowercase", "layer": True}]}, id="bool-layer"),
+        pytest.param(
+            {"instructions": {"lowercase": {}}, "steer": [{"instruction": "lowercase", "layer": True}]}, id="bool-layer"
+        ),
         pytest.param({"instructions": {"lowercase": {}}, "generation": {"max_new_tokens": True}}, id="bool-count"),
-        pytest.param({"instructions": {"lowercase": {}}, "steer": [{"instruction": "lowercase", "weight": "8"}]}, id="string-weight"),
+        pytest.param(
+            {"instructions": {"lowercase": {}}, "steer": [{"instruction": "lowercase", "weight": "8"}]},
+            id="string-weight",
+        ),
         pytest.param({"instructions": {"include:": {}}}, id="include-no-word"),
     ],
 )
 def test_inputs_that_once_crashed_or_slipped_through(data) -> None:
-    """Found by the fuzzers above (or next to them): each must be a RecipeError now, not a crash or a silent coercion."""
+    """Found by the fuzzers above (or beside them): each must be a RecipeError now, not a crash or silent coercion."""
     with pytest.raises(RecipeError):
         recipe_from_dict(data)
 

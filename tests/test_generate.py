@@ -17,7 +17,7 @@ so the bf16 reference mirrors that op order. With it, parity in bf16 is exact to
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import pytest
 import torch
@@ -29,7 +29,10 @@ from nsteer.generate import GenerationConfig, generate, generate_tokens
 
 FAMILIES = ("llama", "gpt2")
 DTYPES = (torch.float32, torch.bfloat16)
-DEVICES = ("cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")))
+DEVICES = (
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")),
+)
 PROMPTS = [
     "What are the pros and cons of working from home for a software engineer?",
     "Hi",
@@ -101,8 +104,14 @@ def hook_generate(
     try:
         with torch.no_grad():
             output = hf_model.generate(
-                input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens, do_sample=False,
-                pad_token_id=pad, temperature=None, top_p=None, top_k=None,
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=pad,
+                temperature=None,
+                top_p=None,
+                top_k=None,
             )
     finally:
         for hook in hooks:
@@ -130,7 +139,9 @@ def mean_state_direction(handle, layer: int) -> torch.Tensor:
     try:
         with torch.no_grad():
             for prompt in PROMPTS:
-                ids = torch.tensor([chat_token_ids(tokenizer, prompt)], device=next(handle.hf_model.parameters()).device)
+                ids = torch.tensor(
+                    [chat_token_ids(tokenizer, prompt)], device=next(handle.hf_model.parameters()).device
+                )
                 handle.hf_model(input_ids=ids)
     finally:
         hook.remove()
@@ -141,10 +152,21 @@ def mean_state_direction(handle, layer: int) -> torch.Tensor:
 def mode_edit(handle, mode: str, positions: str, layer: int = LAYER) -> Edit:
     """An edit strong enough to change greedy tokens on the tiny models."""
     if mode == "set":
-        return Edit(layer=layer, direction=unit_vector(handle.hidden_size, 1), mode="set", weight=1.0, target=8.0, positions=positions)
+        return Edit(
+            layer=layer,
+            direction=unit_vector(handle.hidden_size, 1),
+            mode="set",
+            weight=1.0,
+            target=8.0,
+            positions=positions,
+        )
     if mode == "add":
-        return Edit(layer=layer, direction=unit_vector(handle.hidden_size, 2), mode="add", weight=8.0, positions=positions)
-    return Edit(layer=layer, direction=mean_state_direction(handle, layer), mode="ablate", weight=1.0, positions=positions)
+        return Edit(
+            layer=layer, direction=unit_vector(handle.hidden_size, 2), mode="add", weight=8.0, positions=positions
+        )
+    return Edit(
+        layer=layer, direction=mean_state_direction(handle, layer), mode="ablate", weight=1.0, positions=positions
+    )
 
 
 _PLAIN: dict[tuple, list[list[int]]] = {}
@@ -183,7 +205,9 @@ def test_steered_generation_equals_hook_reference(tiny, family, dtype, mode, pos
     edit = mode_edit(handle, mode, positions)
     steered = generate_tokens(handle, PROMPTS, [edit], config=CONFIG)
     expected = hook_generate(handle, PROMPTS, [[edit]] * len(PROMPTS), mirror_op_order=dtype != torch.float32)
-    assert steered == expected, "bf16 parity needs nsteer's op order, see the module docstring" if dtype != torch.float32 else ""
+    assert steered == expected, (
+        "bf16 parity needs nsteer's op order, see the module docstring" if dtype != torch.float32 else ""
+    )
     assert steered != plain_tokens(handle, (family, dtype, device)), "the edit must change tokens, or parity is vacuous"
 
 
@@ -217,7 +241,9 @@ def test_two_edits_at_one_layer_apply_in_list_order(tiny, family):
 def test_edits_at_different_layers_compose(tiny, family):
     handle = tiny(family)
     first = Edit(layer=0, direction=unit_vector(handle.hidden_size, 4), mode="set", target=5.0, name="a")
-    second = Edit(layer=3, direction=unit_vector(handle.hidden_size, 5), mode="add", weight=6.0, positions="generated", name="b")
+    second = Edit(
+        layer=3, direction=unit_vector(handle.hidden_size, 5), mode="add", weight=6.0, positions="generated", name="b"
+    )
     # Listed late-layer first: layers still run in forward order.
     both = generate_tokens(handle, PROMPTS, [second, first], config=CONFIG)
     assert both == hook_generate(handle, PROMPTS, [[second, first]] * 3)
@@ -229,8 +255,12 @@ def test_edits_at_different_layers_compose(tiny, family):
 def test_row_edits_equal_each_row_alone(tiny, family):
     handle = tiny(family)
     a = Edit(layer=1, direction=unit_vector(handle.hidden_size, 6), mode="add", weight=8.0, name="a")
-    b = Edit(layer=1, direction=unit_vector(handle.hidden_size, 7), mode="set", target=6.0, positions="prompt", name="b")
-    c = Edit(layer=2, direction=unit_vector(handle.hidden_size, 8), mode="add", weight=-7.0, positions="generated", name="c")
+    b = Edit(
+        layer=1, direction=unit_vector(handle.hidden_size, 7), mode="set", target=6.0, positions="prompt", name="b"
+    )
+    c = Edit(
+        layer=2, direction=unit_vector(handle.hidden_size, 8), mode="add", weight=-7.0, positions="generated", name="c"
+    )
     rows = [[a, c], [], [b, a]]
     batched = generate_tokens(handle, PROMPTS, row_edits=rows, config=CONFIG)
     for row, prompt in enumerate(PROMPTS):
@@ -266,7 +296,9 @@ def test_small_batches_equal_one_batch(tiny):
     handle = tiny("llama")
     edit = mode_edit(handle, "set", "all")
     one_batch = generate_tokens(handle, PROMPTS, [edit], config=CONFIG)
-    small = generate_tokens(handle, PROMPTS, [edit], config=GenerationConfig(max_new_tokens=MAX_NEW_TOKENS, batch_size=2))
+    small = generate_tokens(
+        handle, PROMPTS, [edit], config=GenerationConfig(max_new_tokens=MAX_NEW_TOKENS, batch_size=2)
+    )
     assert one_batch == small
 
 
@@ -280,7 +312,10 @@ def test_sampled_generation_is_reproducible_with_a_seed(tiny):
     first = generate_tokens(handle, PROMPTS, [edit], config=config)
     again = generate_tokens(handle, PROMPTS, [edit], config=config)
     other = generate_tokens(
-        handle, PROMPTS, [edit], config=GenerationConfig(max_new_tokens=MAX_NEW_TOKENS, do_sample=True, temperature=1.5, seed=7)
+        handle,
+        PROMPTS,
+        [edit],
+        config=GenerationConfig(max_new_tokens=MAX_NEW_TOKENS, do_sample=True, temperature=1.5, seed=7),
     )
     assert first == again
     assert first != other

@@ -15,13 +15,13 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from cli_runner import run_cli
 
 from nsteer.edits import edit_from_vector
 from nsteer.errors import NsteerError, VectorFileError
 from nsteer.generate import GenerationConfig, generate_tokens
 from nsteer.interop import control_vector_edits, export_llama_cpp, import_llama_cpp, read_control_vector
 from nsteer.vectors import SteeringVector, VectorMetadata, check_compatible, load_vector, save_vector
-from cli_runner import run_cli
 
 PROMPTS = ["Describe the water cycle.", "Hi", "What are the pros and cons of working from home?"]
 CONFIG = GenerationConfig(max_new_tokens=12)
@@ -29,15 +29,26 @@ CONFIG = GenerationConfig(max_new_tokens=12)
 
 def make_vector(handle, *, seed: int = 0, chosen=None) -> SteeringVector:
     generator = torch.Generator().manual_seed(seed)
-    directions = torch.nn.functional.normalize(torch.randn(handle.n_layers, handle.hidden_size, generator=generator), dim=-1)
+    directions = torch.nn.functional.normalize(
+        torch.randn(handle.n_layers, handle.hidden_size, generator=generator), dim=-1
+    )
     metadata = VectorMetadata(
-        nsteer_version="0.1.0", model_id=handle.model_id, config_hash=handle.config_hash,
-        weights_fingerprint=handle.weights_fingerprint, architecture=handle.architecture,
-        hidden_size=handle.hidden_size, n_layers=handle.n_layers, instruction_id="length_0", category="length",
-        check_id="length_constraints:number_sentences", check_kwargs={"relation": "less than", "num_sentences": 3},
+        nsteer_version="0.1.0",
+        model_id=handle.model_id,
+        config_hash=handle.config_hash,
+        weights_fingerprint=handle.weights_fingerprint,
+        architecture=handle.architecture,
+        hidden_size=handle.hidden_size,
+        n_layers=handle.n_layers,
+        instruction_id="length_0",
+        category="length",
+        check_id="length_constraints:number_sentences",
+        check_kwargs={"relation": "less than", "num_sentences": 3},
         chosen=chosen,
     )
-    return SteeringVector(directions, torch.randn(handle.n_layers, generator=generator), torch.rand(handle.n_layers) + 1, metadata)
+    return SteeringVector(
+        directions, torch.randn(handle.n_layers, generator=generator), torch.rand(handle.n_layers) + 1, metadata
+    )
 
 
 def reader_tensors(path: Path) -> dict[str, np.ndarray]:
@@ -67,7 +78,9 @@ def test_export_writes_llama_cpp_layout_read_back_by_gguf(tiny, tmp_path):
     tensors = reader_tensors(path)
     assert sorted(tensors) == ["direction.1", "direction.3"]
     reader = gguf.GGUFReader(str(path))
-    assert all(t.tensor_type == gguf.GGMLQuantizationType.F32 and list(t.shape) == [handle.hidden_size] for t in reader.tensors)
+    assert all(
+        t.tensor_type == gguf.GGMLQuantizationType.F32 and list(t.shape) == [handle.hidden_size] for t in reader.tensors
+    )
     for layer in (1, 3):  # scaled as an add edit of weight 6.5 acts: w * u_l
         expected = (6.5 * vector.directions[layer].double()).float().numpy()
         np.testing.assert_allclose(tensors[f"direction.{layer}"], expected, rtol=0, atol=1e-6)
@@ -137,7 +150,9 @@ def test_imported_vector_refuses_set_and_replays_llama_cpp(tiny, tmp_path):
     assert steered != generate_tokens(handle, PROMPTS, [], config=CONFIG)  # the edits do something
 
 
-def write_foreign(path: Path, tensors: dict[str, np.ndarray], *, arch: str = "controlvector", hint: str = "llama") -> Path:
+def write_foreign(
+    path: Path, tensors: dict[str, np.ndarray], *, arch: str = "controlvector", hint: str = "llama"
+) -> Path:
     """A control vector as repeng writes one (no nsteer metadata), through the gguf package's writer."""
     writer = gguf.GGUFWriter(str(path), arch)
     if arch == "controlvector":
@@ -183,7 +198,9 @@ def test_bad_files_are_clear_errors(tiny, tmp_path):
     cases[empty] = "not a GGUF file"
     model_file = write_foreign(tmp_path / "model.gguf", {"token_embd.weight": np.ones(4, np.float32)}, arch="llama")
     cases[model_file] = "not a llama.cpp control vector"
-    mixed = write_foreign(tmp_path / "mixed.gguf", {"direction.1": np.ones(8, np.float32), "direction.2": np.ones(9, np.float32)})
+    mixed = write_foreign(
+        tmp_path / "mixed.gguf", {"direction.1": np.ones(8, np.float32), "direction.2": np.ones(9, np.float32)}
+    )
     cases[mixed] = "different widths"
     half = write_foreign(tmp_path / "half.gguf", {"direction.1": np.ones(8, np.float16)})
     cases[half] = "not float32"
@@ -209,15 +226,25 @@ def test_bad_files_are_clear_errors(tiny, tmp_path):
 # --- command line -------------------------------------------------------------------------------------------------
 
 
-
-
 def test_cli_export_and_import(tiny, tmp_path, monkeypatch, capsys):
     handle = tiny("llama")
     vector = make_vector(handle, chosen={"layer": 2, "mode": "set", "weight": 1.0})
     source = save_vector(vector, tmp_path / "length_0.safetensors")
     out = tmp_path / "cv.gguf"
-    code, stdout, err = run_cli(monkeypatch, capsys, "export", str(source), "--format", "llama-cpp", "--layers", "1,3",
-                                "--weight", "-4", "--out", str(out))
+    code, stdout, err = run_cli(
+        monkeypatch,
+        capsys,
+        "export",
+        str(source),
+        "--format",
+        "llama-cpp",
+        "--layers",
+        "1,3",
+        "--weight",
+        "-4",
+        "--out",
+        str(out),
+    )
     assert code == 0, err
     assert "llama.cpp can only add" in " ".join(err.split())
     np.testing.assert_allclose(reader_tensors(out)["direction.3"], (-4 * vector.directions[3]).numpy(), atol=1e-6)
@@ -245,7 +272,9 @@ def test_cli_import_of_a_foreign_file_opens_the_model(tiny, tmp_path, monkeypatc
     back = tmp_path / "v.safetensors"
     code, _, err = run_cli(monkeypatch, capsys, "import", str(foreign), "--out", str(back))
     assert code == 2 and "--model-id" in err
-    code, _, err = run_cli(monkeypatch, capsys, "import", str(foreign), "--out", str(back), "--model-id", str(model_dir))
+    code, _, err = run_cli(
+        monkeypatch, capsys, "import", str(foreign), "--out", str(back), "--model-id", str(model_dir)
+    )
     assert code == 0, err
     vector = load_vector(back)
     assert vector.metadata.model_id == str(model_dir) and vector.metadata.n_layers == 4

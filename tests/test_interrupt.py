@@ -51,7 +51,7 @@ search: {{layers: [1, 2], max_prompts: 2, condition: absent, min_perplexity_rati
 evaluation: {{max_prompts: 2}}
 generation: {{max_new_tokens: 2, batch_size: 4}}
 extraction: {{batch_size: 8}}
-output: {{dir: "{folder / 'out'}"}}
+output: {{dir: "{folder / "out"}"}}
 """
     )
     return recipe
@@ -86,13 +86,16 @@ class Counting:
 def leftovers(folder: Path) -> list[str]:
     """Temporary or hidden files under ``folder`` (what an interrupted atomic write would leave)."""
     return sorted(
-        str(path.relative_to(folder)) for path in folder.rglob("*")
+        str(path.relative_to(folder))
+        for path in folder.rglob("*")
         if path.is_file() and (path.name.startswith(".") or path.suffix in (".tmp", ".part", ".partial"))
     )
 
 
 def snapshot(folder: Path) -> dict[str, tuple[int, bytes]]:
-    return {str(p.relative_to(folder)): (p.stat().st_mtime_ns, p.read_bytes()) for p in folder.rglob("*") if p.is_file()}
+    return {
+        str(p.relative_to(folder)): (p.stat().st_mtime_ns, p.read_bytes()) for p in folder.rglob("*") if p.is_file()
+    }
 
 
 def assert_interrupted(code: int, output: str) -> None:

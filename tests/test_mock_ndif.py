@@ -64,7 +64,8 @@ def test_trace_layer_output_blocking_matches_local(mock_ndif):
 def test_trace_non_blocking_job_id_and_poll(mock_ndif):
     remote = mock_ndif.remote_model()
     with remote.trace(PROMPT, remote=True, blocking=False) as tracer:
-        hidden = remote.model.layers[1].output.save()
+        # Unused here but needed: nnsight keys the saved values by variable name, so this makes result["hidden"].
+        hidden = remote.model.layers[1].output.save()  # noqa: F841
     backend = tracer.backend
     assert backend.job_id  # submitted; nothing is pushed into this frame
     result = wait_for_result(backend)
@@ -96,7 +97,7 @@ def test_generate_with_edit_every_step_matches_local(mock_ndif):
     def run(model, remote):
         with model.generate(max_new_tokens=6, do_sample=False, remote=remote) as tracer:
             with tracer.invoke(PROMPT):
-                for step in tracer.all():
+                for _step in tracer.all():
                     model.model.layers[1].output[:] += 3.0
             with tracer.invoke():
                 tokens = tracer.result.save()

@@ -11,7 +11,13 @@ import pytest
 from nsteer.errors import PromptDataError
 from nsteer.evaluate.checkers import CheckSpec, validate_spec
 from nsteer.prompts import (
-    BasePrompt, builtin_instruction, builtin_instructions, load_base_prompts, load_phrasings, make_pairs, split_items,
+    BasePrompt,
+    builtin_instruction,
+    builtin_instructions,
+    load_base_prompts,
+    load_phrasings,
+    make_pairs,
+    split_items,
     split_pairs,
 )
 
@@ -50,7 +56,7 @@ def test_every_builtin_instruction_has_at_least_five_distinct_phrasings():
 
 
 def test_every_builtin_check_is_a_valid_ifeval_check():
-    for name, instruction in builtin_instructions().items():
+    for _name, instruction in builtin_instructions().items():
         validate_spec(CheckSpec(instruction.check_id, dict(instruction.check_kwargs)))
 
 
@@ -87,8 +93,12 @@ def test_no_base_prompt_in_two_splits_and_none_lost(builtin_base):
 
 @pytest.mark.parametrize(
     "fractions",
-    [FRACTIONS, {"train": 0.8, "validation": 0.1, "test": 0.1}, {"train": 0.5, "validation": 0.5, "test": 0.0},
-     {"train": 0.5, "validation": 0.1, "test": 0.1}],
+    [
+        FRACTIONS,
+        {"train": 0.8, "validation": 0.1, "test": 0.1},
+        {"train": 0.5, "validation": 0.5, "test": 0.0},
+        {"train": 0.5, "validation": 0.1, "test": 0.1},
+    ],
 )
 def test_fractions_are_respected(builtin_base, fractions):
     n = len(builtin_base)
@@ -136,9 +146,12 @@ def test_make_pairs_uses_every_phrasing():
 def test_user_jsonl_loads(tmp_path):
     path = tmp_path / "prompts.jsonl"
     path.write_text(
-        json.dumps({"id": "q1", "text": "  Why is the sky blue?  "}) + "\n\n"
-        + json.dumps({"prompt": "Name three rivers."}) + "\n"
-        + json.dumps("A bare string prompt.") + "\n",
+        json.dumps({"id": "q1", "text": "  Why is the sky blue?  "})
+        + "\n\n"
+        + json.dumps({"prompt": "Name three rivers."})
+        + "\n"
+        + json.dumps("A bare string prompt.")
+        + "\n",
         encoding="utf-8",
     )
     prompts = load_base_prompts(str(path))
@@ -184,7 +197,9 @@ def test_bad_jsonl_names_the_line(tmp_path, content, where, fragment):
     assert fragment in str(error.value)
 
 
-@pytest.mark.parametrize("name, content", [("empty.jsonl", ""), ("blank.jsonl", "\n\n  \n"), ("empty.yaml", ""), ("empty.json", "[]")])
+@pytest.mark.parametrize(
+    "name, content", [("empty.jsonl", ""), ("blank.jsonl", "\n\n  \n"), ("empty.yaml", ""), ("empty.json", "[]")]
+)
 def test_empty_prompt_file(tmp_path, name, content):
     path = tmp_path / name
     path.write_text(content)

@@ -1,4 +1,4 @@
-"""Recipes: every bad recipe raises a RecipeError naming the file, the line and the field; every shipped recipe loads."""
+"""Recipes: every bad recipe raises a RecipeError naming the file, line and field; every shipped recipe loads."""
 
 from __future__ import annotations
 
@@ -17,172 +17,242 @@ BAD_RECIPES = [
     (
         "unknown-top-level-key",
         "name: x\ninstructions:\n  lowercase: {}\ninstrucions: {}\n",
-        4, "instrucions", "unknown key 'instrucions'. Allowed here: name, model, prompts, instructions",
+        4,
+        "instrucions",
+        "unknown key 'instrucions'. Allowed here: name, model, prompts, instructions",
     ),
     (
         "unknown-nested-key",
         "name: x\nmodel:\n  id: foo\n  dtyp: float32\ninstructions:\n  lowercase: {}\n",
-        4, "model.dtyp", "unknown key 'dtyp'. Allowed here: id, backend, dtype",
+        4,
+        "model.dtyp",
+        "unknown key 'dtyp'. Allowed here: id, backend, dtype",
     ),
     (
         "unknown-key-in-steer-entry",
         "instructions:\n  lowercase: {}\nsteer:\n  - instruction: lowercase\n    layr: 3\n",
-        5, "steer[0].layr", "unknown key 'layr'. Allowed here: instruction, layer, mode, weight, positions",
+        5,
+        "steer[0].layr",
+        "unknown key 'layr'. Allowed here: instruction, layer, mode, weight, positions",
     ),
     (
         "unknown-key-in-instruction",
         "instructions:\n  lowercase:\n    phrasing: [a]\n",
-        3, "instructions.lowercase.phrasing", "unknown key 'phrasing'. Allowed here: phrasings, check, category",
+        3,
+        "instructions.lowercase.phrasing",
+        "unknown key 'phrasing'. Allowed here: phrasings, check, category",
     ),
     (
         "weight-not-a-number",
         "instructions:\n  lowercase: {}\nsteer:\n  - instruction: lowercase\n    layer: 2\n    weight: big\n",
-        6, "steer[0].weight", "valid number",
+        6,
+        "steer[0].weight",
+        "valid number",
     ),
     (
         "weight-not-finite",
         "instructions:\n  lowercase: {}\nsteer:\n  - {instruction: lowercase, layer: 1, weight: .nan}\n",
-        4, "steer[0].weight", "finite",
+        4,
+        "steer[0].weight",
+        "finite",
     ),
     (
         "negative-layer",
         "instructions:\n  lowercase: {}\nsteer:\n  - instruction: lowercase\n    layer: -1\n",
-        5, "steer[0].layer", "layer must be 0 or more",
+        5,
+        "steer[0].layer",
+        "layer must be 0 or more",
     ),
     (
         "layer-not-a-number",
         "instructions:\n  lowercase: {}\nsteer:\n  - {instruction: lowercase, layer: middle}\n",
-        4, "steer[0].layer", "valid integer",
+        4,
+        "steer[0].layer",
+        "valid integer",
     ),
     (
         "unknown-instruction-in-steer",
-        "instructions:\n  lowercase: {}\nsteer:\n  - {instruction: lowercase, layer: 1}\n  - {instruction: uppercase, layer: 1}\n",
-        5, "steer[1].instruction", "'uppercase' is not one of the recipe's instructions (lowercase)",
+        "instructions:\n  lowercase: {}\nsteer:\n"
+        "  - {instruction: lowercase, layer: 1}\n  - {instruction: uppercase, layer: 1}\n",
+        5,
+        "steer[1].instruction",
+        "'uppercase' is not one of the recipe's instructions (lowercase)",
     ),
     (
         "missing-prompt-file",
         "prompts:\n  base: nothere.jsonl\ninstructions:\n  lowercase: {}\n",
-        2, "prompts.base", "Prompt file not found",
+        2,
+        "prompts.base",
+        "Prompt file not found",
     ),
     (
         "negative-max-new-tokens",
         "instructions:\n  lowercase: {}\ngeneration:\n  max_new_tokens: -1\n",
-        4, "generation.max_new_tokens", "greater than 0 (got -1)",
+        4,
+        "generation.max_new_tokens",
+        "greater than 0 (got -1)",
     ),
     (
         "zero-batch-size",
         "instructions:\n  lowercase: {}\nextraction: {batch_size: 0}\n",
-        3, "extraction.batch_size", "greater than 0 (got 0)",
+        3,
+        "extraction.batch_size",
+        "greater than 0 (got 0)",
     ),
     (
         "zero-generation-batch-size",
         "instructions:\n  lowercase: {}\ngeneration:\n  batch_size: 0\n",
-        4, "generation.batch_size", "greater than 0 (got 0)",
+        4,
+        "generation.batch_size",
+        "greater than 0 (got 0)",
     ),
     (
         "bad-mode",
         "instructions:\n  lowercase: {}\nsteer:\n  - instruction: lowercase\n    mode: multiply\n",
-        5, "steer[0].mode", "'set', 'add' or 'ablate' (got 'multiply')",
+        5,
+        "steer[0].mode",
+        "'set', 'add' or 'ablate' (got 'multiply')",
     ),
     (
         "bad-positions",
         "instructions:\n  lowercase: {}\nsteer:\n  - instruction: lowercase\n    positions: middle\n",
-        5, "steer[0].positions", "'all', 'prompt' or 'generated' (got 'middle')",
+        5,
+        "steer[0].positions",
+        "'all', 'prompt' or 'generated' (got 'middle')",
     ),
     (
         "top-level-list",
         "- instructions\n- steer\n",
-        1, "(top level)", "a recipe must be a mapping of sections, got list",
+        1,
+        "(top level)",
+        "a recipe must be a mapping of sections, got list",
     ),
     (
         "split-fractions-over-one",
         "prompts:\n  split:\n    train: 0.8\n    validation: 0.3\n    test: 0.2\ninstructions:\n  lowercase: {}\n",
-        2, "prompts.split", "must not exceed 1",
+        2,
+        "prompts.split",
+        "must not exceed 1",
     ),
     (
         "negative-split-fraction",
         "prompts:\n  split: {train: 0.5, validation: -0.1}\ninstructions:\n  lowercase: {}\n",
-        2, "prompts.split.validation", "greater than or equal to 0",
+        2,
+        "prompts.split.validation",
+        "greater than or equal to 0",
     ),
     (
         "unknown-builtin-instruction",
         "name: x\ninstructions:\n  lowercse: {}\n",
-        3, "instructions.lowercse.phrasings", "Unknown built-in instruction 'lowercse'",
+        3,
+        "instructions.lowercse.phrasings",
+        "Unknown built-in instruction 'lowercse'",
     ),
     (
         "unknown-builtin-phrasings",
         "instructions:\n  mine:\n    phrasings: builtin:nope\n",
-        3, "instructions.mine.phrasings", "Unknown built-in instruction 'nope'",
+        3,
+        "instructions.mine.phrasings",
+        "Unknown built-in instruction 'nope'",
     ),
     (
         "bad-check-id",
         "instructions:\n  mine:\n    phrasings: [Be brief.]\n    check: change_case:lowercase\n",
-        4, "instructions.mine.check", "Did you mean 'change_case:english_lowercase'?",
+        4,
+        "instructions.mine.check",
+        "Did you mean 'change_case:english_lowercase'?",
     ),
     (
         "bad-check-kwarg",
-        "instructions:\n  mine:\n    phrasings: [Be brief.]\n    check: {id: length_constraints:number_sentences, kwargs: {relation: fewer, num_sentences: 2}}\n",
-        4, "instructions.mine.check", "relation='fewer' is invalid",
+        "instructions:\n  mine:\n    phrasings: [Be brief.]\n"
+        "    check: {id: length_constraints:number_sentences, kwargs: {relation: fewer, num_sentences: 2}}\n",
+        4,
+        "instructions.mine.check",
+        "relation='fewer' is invalid",
     ),
     (
         "phrasings-empty-list",
         "instructions:\n  mine:\n    phrasings: []\n    check: change_case:english_lowercase\n",
-        3, "instructions.mine.phrasings", "non-empty list",
+        3,
+        "instructions.mine.phrasings",
+        "non-empty list",
     ),
     (
         "dtype-not-allowed",
         "model:\n  id: x\n  dtype: float64\ninstructions:\n  lowercase: {}\n",
-        3, "model.dtype", "'float32', 'bfloat16' or 'float16' (got 'float64')",
+        3,
+        "model.dtype",
+        "'float32', 'bfloat16' or 'float16' (got 'float64')",
     ),
     (
         "bad-device",
         "model: {device: gpu}\ninstructions:\n  lowercase: {}\n",
-        1, "model.device", "(got 'gpu')",
+        1,
+        "model.device",
+        "(got 'gpu')",
     ),
     (
         "no-instructions",
         "name: x\n",
-        1, "instructions", "this field is required",
+        1,
+        "instructions",
+        "this field is required",
     ),
     (
         "empty-instructions",
         "name: x\ninstructions: {}\n",
-        2, "instructions", "at least 1 item",
+        2,
+        "instructions",
+        "at least 1 item",
     ),
     (
         "bad-name",
         "name: my recipe\ninstructions:\n  lowercase: {}\n",
-        1, "name", "(got 'my recipe')",
+        1,
+        "name",
+        "(got 'my recipe')",
     ),
     (
         "negative-seed",
         "instructions:\n  lowercase: {}\nprompts: {seed: -3}\n",
-        3, "prompts.seed", "greater than or equal to 0",
+        3,
+        "prompts.seed",
+        "greater than or equal to 0",
     ),
     (
         "transfer-not-a-boolean",
         "instructions:\n  lowercase: {}\ntransfer: maybe\n",
-        3, "transfer", "valid boolean",
+        3,
+        "transfer",
+        "valid boolean",
     ),
     (
         "steer-not-a-list",
         "instructions:\n  lowercase: {}\nsteer: {instruction: lowercase}\n",
-        3, "steer", "valid list",
+        3,
+        "steer",
+        "valid list",
     ),
     (
         "missing-vector-file",
         "instructions:\n  lowercase: {}\nsteer:\n  - {instruction: lowercase, layer: 1, vector: nothere.safetensors}\n",
-        4, "steer[0].vector", "vector file 'nothere.safetensors' not found",
+        4,
+        "steer[0].vector",
+        "vector file 'nothere.safetensors' not found",
     ),
     (
         "duplicate-key",
         "instructions:\n  lowercase: {}\nsteer: []\ninstructions:\n  uppercase: {}\n",
-        4, "instructions", "appears twice (first on line 1)",
+        4,
+        "instructions",
+        "appears twice (first on line 1)",
     ),
     (
         "duplicate-nested-key",
         "instructions:\n  lowercase: {}\nsteer:\n  - instruction: lowercase\n    weight: 2\n    weight: 3\n",
-        6, "steer[0].weight", "appears twice (first on line 5)",
+        6,
+        "steer[0].weight",
+        "appears twice (first on line 5)",
     ),
 ]
 
@@ -193,7 +263,9 @@ def write(tmp_path: Path, text: str, name: str = "recipe.yaml") -> Path:
     return path
 
 
-@pytest.mark.parametrize("text, line, field, fragment", [case[1:] for case in BAD_RECIPES], ids=[case[0] for case in BAD_RECIPES])
+@pytest.mark.parametrize(
+    "text, line, field, fragment", [case[1:] for case in BAD_RECIPES], ids=[case[0] for case in BAD_RECIPES]
+)
 def test_bad_recipe_names_file_line_and_field(tmp_path, text, line, field, fragment):
     path = write(tmp_path, text)
     with pytest.raises(RecipeError) as error:
@@ -231,7 +303,8 @@ def test_yaml_syntax_error_names_file_line_and_column(tmp_path, text, line, colu
 def test_layer_out_of_range_for_the_model(tmp_path):
     path = write(
         tmp_path,
-        "instructions:\n  lowercase: {}\nsteer:\n  - {instruction: lowercase, layer: 3}\n  - instruction: lowercase\n    layer: 7\n",
+        "instructions:\n  lowercase: {}\nsteer:\n"
+        "  - {instruction: lowercase, layer: 3}\n  - instruction: lowercase\n    layer: 7\n",
     )
     recipe = load_recipe(path)  # the layer count is only known once the model is open
     recipe.check_layers(8)
@@ -338,7 +411,11 @@ demo_prompts: [Hi]
 
 
 def test_bad_check_kwargs_in_a_full_recipe_are_refused(tmp_path):
-    path = write(tmp_path, "instructions:\n  brief:\n    phrasings: [Be brief.]\n    check: {id: length_constraints:number_words, kwargs: {bogus: 1}}\n")
+    path = write(
+        tmp_path,
+        "instructions:\n  brief:\n    phrasings: [Be brief.]\n"
+        "    check: {id: length_constraints:number_words, kwargs: {bogus: 1}}\n",
+    )
     with pytest.raises(RecipeError, match=re.escape(f"{path}, line 4, field instructions.brief.check: ")):
         load_recipe(path)
 
@@ -358,10 +435,22 @@ def test_recipe_from_dict_accepts_a_minimal_recipe():
         (None, "(top level)", "got NoneType"),
         ("instructions: {}", "(top level)", "got str"),
         ({"instructions": {"lowercase": {}}, "bogus": 1}, "bogus", "unknown key 'bogus'"),
-        ({"instructions": {"lowercase": {}}, "steer": [{"instruction": "lowercase", "weight": "big"}]}, "steer[0].weight", "valid number"),
-        ({"instructions": {"lowercase": {}}, "steer": [{"instruction": "nope"}]}, "steer[0].instruction", "'nope' is not one of"),
+        (
+            {"instructions": {"lowercase": {}}, "steer": [{"instruction": "lowercase", "weight": "big"}]},
+            "steer[0].weight",
+            "valid number",
+        ),
+        (
+            {"instructions": {"lowercase": {}}, "steer": [{"instruction": "nope"}]},
+            "steer[0].instruction",
+            "'nope' is not one of",
+        ),
         ({"instructions": {"lowercase": {}}, "model": {"dtype": "int8"}}, "model.dtype", "(got 'int8')"),
-        ({"instructions": {"lowercase": {}}, "generation": {"max_new_tokens": 0}}, "generation.max_new_tokens", "greater than 0"),
+        (
+            {"instructions": {"lowercase": {}}, "generation": {"max_new_tokens": 0}},
+            "generation.max_new_tokens",
+            "greater than 0",
+        ),
         ({"instructions": {"nope": {}}}, "instructions.nope.phrasings", "Unknown built-in instruction 'nope'"),
         ({}, "instructions", "this field is required"),
     ],

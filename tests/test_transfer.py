@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from cli_runner import run_cli
 
 from nsteer.errors import VectorFileError
 from nsteer.generate import GenerationConfig, generate_tokens
@@ -25,7 +26,6 @@ from nsteer.recipe import recipe_from_dict
 from nsteer.search import search_recipe
 from nsteer.vectors import check_compatible, load_vector
 from nsteer.workflow import compute_recipe_vectors, load_recipe_vectors, recipe_edits, vector_path
-from cli_runner import run_cli
 
 
 def perturbed(handle, *, scale: float = 0.05, seed: int = 1, model_id: str = "tiny-llama-base"):
@@ -86,7 +86,9 @@ def test_transfer_refused_without_the_flag_and_allowed_with_it(pair, source_dir,
     with pytest.raises(VectorFileError, match="another model") as error:
         load_recipe_vectors(recipe_for(folder), base)
     assert "transfer: true" in str(error.value) and "--allow-transfer" in str(error.value)
-    assert load_recipe_vectors(recipe_for(folder, transfer=True), base)["lowercase"].metadata.model_id == instruct.model_id
+    assert (
+        load_recipe_vectors(recipe_for(folder, transfer=True), base)["lowercase"].metadata.model_id == instruct.model_id
+    )
     assert load_recipe_vectors(recipe_for(folder), base, allow_transfer=True)  # the CLI flag's path
     with pytest.raises(VectorFileError):  # the flag given as False overrides the recipe's true
         load_recipe_vectors(recipe_for(folder, transfer=True), base, allow_transfer=False)
@@ -106,8 +108,6 @@ def test_other_shapes_are_refused_whatever_the_flag(tiny, source_dir, tmp_path, 
             load_recipe_vectors(recipe_for(folder, transfer=flag), other, allow_transfer=flag)
 
 
-
-
 def test_cli_generate_needs_allow_transfer(pair, source_dir, tmp_path, monkeypatch, capsys):
     """End to end from the shell: a base model directory, a recipe pointing at the instruct model's vector file."""
     from tiny import tiny_tokenizer
@@ -117,9 +117,14 @@ def test_cli_generate_needs_allow_transfer(pair, source_dir, tmp_path, monkeypat
     base.hf_model.save_pretrained(model_dir)
     tiny_tokenizer().save_pretrained(model_dir)
     recipe = {
-        "name": "base", "model": {"id": str(model_dir)}, "instructions": {"lowercase": {}},
-        "steer": [{"instruction": "lowercase", "layer": 2, "mode": "set", "vector": str(source_dir / "lowercase.safetensors")}],
-        "generation": {"max_new_tokens": 4}, "output": {"dir": str(tmp_path / "runs")},
+        "name": "base",
+        "model": {"id": str(model_dir)},
+        "instructions": {"lowercase": {}},
+        "steer": [
+            {"instruction": "lowercase", "layer": 2, "mode": "set", "vector": str(source_dir / "lowercase.safetensors")}
+        ],
+        "generation": {"max_new_tokens": 4},
+        "output": {"dir": str(tmp_path / "runs")},
     }
     path = tmp_path / "base.yaml"
     path.write_text(yaml.safe_dump(recipe))

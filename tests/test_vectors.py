@@ -42,7 +42,10 @@ def make_vector(handle=None, *, hidden: int = 64, layers: int = 4, seed: int = 0
     )
     fields.update(meta)
     return SteeringVector(
-        directions, torch.randn(layers, generator=generator), torch.rand(layers, generator=generator) + 0.5, VectorMetadata(**fields)
+        directions,
+        torch.randn(layers, generator=generator),
+        torch.rand(layers, generator=generator) + 0.5,
+        VectorMetadata(**fields),
     )
 
 

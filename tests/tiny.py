@@ -46,7 +46,13 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
 def tiny_config(family: str, *, hidden: int = 64, layers: int = 4, vocab: int | None = None):
     """A config for a tiny model of ``family`` (llama, gpt2, gemma2, qwen2, mistral, phi3, gpt_neox)."""
     from transformers import (
-        Gemma2Config, GPT2Config, GPTNeoXConfig, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config,
+        Gemma2Config,
+        GPT2Config,
+        GPTNeoXConfig,
+        LlamaConfig,
+        MistralConfig,
+        Phi3Config,
+        Qwen2Config,
     )
 
     tokenizer = tiny_tokenizer()
@@ -56,10 +62,23 @@ def tiny_config(family: str, *, hidden: int = 64, layers: int = 4, vocab: int | 
     if family == "gpt2":
         return GPT2Config(n_embd=hidden, n_layer=layers, n_head=4, n_positions=256, **common)
     if family == "gpt_neox":
-        return GPTNeoXConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
-                             intermediate_size=hidden * 2, max_position_embeddings=256, **common)
-    llama_like = dict(hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, **common)
+        return GPTNeoXConfig(
+            hidden_size=hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            intermediate_size=hidden * 2,
+            max_position_embeddings=256,
+            **common,
+        )
+    llama_like = dict(
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        **common,
+    )
     if family == "llama":
         return LlamaConfig(**llama_like)
     if family == "mistral":
@@ -90,7 +109,9 @@ def tiny_hf_model(family: str = "llama", *, seed: int = 0, dtype: torch.dtype = 
     return model.to(dtype).eval()
 
 
-def tiny_handle(family: str = "llama", *, seed: int = 0, dtype: torch.dtype = torch.float32, device: str = "cpu", **kwargs):
+def tiny_handle(
+    family: str = "llama", *, seed: int = 0, dtype: torch.dtype = torch.float32, device: str = "cpu", **kwargs
+):
     """A nsteer ModelHandle around a tiny random model."""
     from nsteer.models import wrap_model
 

@@ -15,9 +15,10 @@ import dataclasses
 import math
 import statistics
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 from nsteer.edits import Edit
 from nsteer.errors import EvaluationError
@@ -25,7 +26,14 @@ from nsteer.evaluate.checkers import CheckSpec, check_all, count_sentences, coun
 from nsteer.evaluate.checkpoint import append_checkpoint, cell_key, read_checkpoint
 from nsteer.evaluate.quality import degeneracy, perplexity
 from nsteer.evaluate.table import (
-    EvalItem, Generator, Reference, describe_edits, edit_signature, instruction_edits, json_safe, open_reference,
+    EvalItem,
+    Generator,
+    Reference,
+    describe_edits,
+    edit_signature,
+    instruction_edits,
+    json_safe,
+    open_reference,
     recipe_items,
 )
 from nsteer.generate import GenerationConfig, generate
@@ -95,7 +103,8 @@ class CompositionResult:
             for present in (False, True):
                 for steering in STEERING:
                     picked = [
-                        a for a in self.answers
+                        a
+                        for a in self.answers
                         if a.instruction == name and a.instruction_in_prompt == present and a.steering == steering
                     ]
                     if picked:
@@ -161,7 +170,8 @@ def evaluate_composition(
     steered = [name for name, edits in alone.items() if edits]
     if len(steered) < 2:
         raise EvaluationError(
-            f"Composition needs edits for at least two instructions; got {len(steered)} ({', '.join(steered) or 'none'})."
+            "Composition needs edits for at least two instructions; "
+            f"got {len(steered)} ({', '.join(steered) or 'none'})."
         )
     generator = generator or generate
     started = time.monotonic()
@@ -186,15 +196,23 @@ def evaluate_composition(
         prompts = [item.prompt_with if present else item.prompt_without for item, present, _ in rows]
         row_edits = [edits_by_state[steering] for _, _, steering in rows]
         key = cell_key(
-            kind="composition", model=handle.weights_fingerprint or handle.model_id, instruction=name, prompts=prompts,
-            alone=[edit_signature(e) for e in alone[name]], composed=[edit_signature(e) for e in composed],
-            states=[steering for _, _, steering in rows], config=dataclasses.asdict(config),
+            kind="composition",
+            model=handle.weights_fingerprint or handle.model_id,
+            instruction=name,
+            prompts=prompts,
+            alone=[edit_signature(e) for e in alone[name]],
+            composed=[edit_signature(e) for e in composed],
+            states=[steering for _, _, steering in rows],
+            config=dataclasses.asdict(config),
         )
         if key in finished:
             texts = list(finished[key]["answers"])
         else:
             texts = generator(
-                handle, prompts, row_edits=row_edits, config=config,
+                handle,
+                prompts,
+                row_edits=row_edits,
+                config=config,
                 progress=progress(f"composition {name}") if progress else None,
             )
             if len(texts) != len(prompts):
@@ -210,10 +228,19 @@ def evaluate_composition(
             joint = check_all(every_check, text, item.prompt_with)
             answers.append(
                 CompositionAnswer(
-                    instruction=name, key=item.key, instruction_in_prompt=present, steering=steering, prompt=prompt,
-                    answer=text, strict=all(r.strict for r in own), loose=all(r.loose for r in own),
-                    joint_loose=all(r.loose for r in joint), degeneracy=degeneracy(text), perplexity=ppl,
-                    sentences=count_sentences(text), words=count_words(text),
+                    instruction=name,
+                    key=item.key,
+                    instruction_in_prompt=present,
+                    steering=steering,
+                    prompt=prompt,
+                    answer=text,
+                    strict=all(r.strict for r in own),
+                    loose=all(r.loose for r in own),
+                    joint_loose=all(r.loose for r in joint),
+                    degeneracy=degeneracy(text),
+                    perplexity=ppl,
+                    sentences=count_sentences(text),
+                    words=count_words(text),
                 )
             )
     return CompositionResult(
@@ -223,8 +250,12 @@ def evaluate_composition(
         alone={name: describe_edits(alone[name]) for name in steered},
         answers=tuple(answers),
         elapsed_s=time.monotonic() - started,
-        settings={"max_new_tokens": config.max_new_tokens, "do_sample": config.do_sample, "batch_size": config.batch_size,
-                  "prompts_per_instruction": {name: sum(i.group == name for i in items) for name in steered}},
+        settings={
+            "max_new_tokens": config.max_new_tokens,
+            "do_sample": config.do_sample,
+            "batch_size": config.batch_size,
+            "prompts_per_instruction": {name: sum(i.group == name for i in items) for name in steered},
+        },
     )
 
 
@@ -251,8 +282,16 @@ def evaluate_recipe_composition(
     if reference is None:
         reference = open_reference(recipe, handle)
     return evaluate_composition(
-        handle, items, alone, composed, config=generation_config(recipe), reference=reference, generator=generator,
-        checkpoint=checkpoint, progress=progress, split=split,
+        handle,
+        items,
+        alone,
+        composed,
+        config=generation_config(recipe),
+        reference=reference,
+        generator=generator,
+        checkpoint=checkpoint,
+        progress=progress,
+        split=split,
     )
 
 
@@ -292,6 +331,12 @@ def write_composition_report(result: CompositionResult, out_dir: str | Path) -> 
 
 
 __all__ = [
-    "STEERING", "CompositionAnswer", "CompositionResult", "CompositionRow", "composition_markdown",
-    "evaluate_composition", "evaluate_recipe_composition", "write_composition_report",
+    "STEERING",
+    "CompositionAnswer",
+    "CompositionResult",
+    "CompositionRow",
+    "composition_markdown",
+    "evaluate_composition",
+    "evaluate_recipe_composition",
+    "write_composition_report",
 ]

@@ -13,9 +13,10 @@ import json
 import math
 import statistics
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 from nsteer.edits import Edit
 from nsteer.errors import EvaluationError
@@ -40,7 +41,10 @@ class Cell:
     @property
     def label(self) -> str:
         """A short human label, e.g. ``no instruction, steered``."""
-        return f"{'instruction' if self.instruction_in_prompt else 'no instruction'}, {'steered' if self.steered else 'unsteered'}"
+        return (
+            f"{'instruction' if self.instruction_in_prompt else 'no instruction'}, "
+            f"{'steered' if self.steered else 'unsteered'}"
+        )
 
 
 CELLS = (Cell(False, False), Cell(False, True), Cell(True, False), Cell(True, True))
@@ -169,8 +173,11 @@ class EvaluationResult:
             group: {_cell_name(cell): dataclasses.asdict(self.cell(cell, group)) for cell in CELLS}
             for group in self.groups
         }
+
         def paired_by_condition(group: str | None) -> dict[str, Any]:
-            return {_condition_name(present): dataclasses.asdict(self.paired(present, group)) for present in (False, True)}
+            return {
+                _condition_name(present): dataclasses.asdict(self.paired(present, group)) for present in (False, True)
+            }
 
         return json_safe(
             {
@@ -250,12 +257,14 @@ def recipe_items(recipe: Any, split: str = "test", limit: int | None = None) -> 
         instruction = resolve_instruction(recipe, name)
         if not instruction.check_id:
             raise recipe.error(
-                ("instructions", name, "check"), f"'{name}' has no check, so it cannot be scored: give `check: {{id, kwargs}}`."
+                ("instructions", name, "check"),
+                f"'{name}' has no check, so it cannot be scored: give `check: {{id, kwargs}}`.",
             )
         pairs = instruction_splits(recipe, name).part(split)
         if not pairs:
             raise EvaluationError(
-                f"The {split} split of '{name}' is empty: give prompts.split.{split} a positive fraction, or more base prompts."
+                f"The {split} split of '{name}' is empty: "
+                f"give prompts.split.{split} a positive fraction, or more base prompts."
             )
         spec = CheckSpec(instruction.check_id, dict(instruction.check_kwargs))
         for pair in pairs[:limit]:
@@ -285,7 +294,7 @@ class IFEvalRecord:
 
 
 def read_ifeval_jsonl(path: str | Path) -> list[IFEvalRecord]:
-    """Parse an IFEval-format JSONL file (key, prompt, instruction_id_list, kwargs, optional prompt_without_instruction)."""
+    """Parse an IFEval JSONL file (key, prompt, instruction_id_list, kwargs, optional prompt_without_instruction)."""
     path = Path(path)
     if not path.is_file():
         raise EvaluationError(f"IFEval data file not found: {path}. Give a JSONL file with one prompt per line.")
@@ -297,7 +306,9 @@ def read_ifeval_jsonl(path: str | Path) -> list[IFEvalRecord]:
                 continue
             record = _ifeval_record(line, number, path)
             if record.key in seen:
-                raise EvaluationError(f"{path}, line {number}: the key {record.key!r} appears twice; keys must be unique.")
+                raise EvaluationError(
+                    f"{path}, line {number}: the key {record.key!r} appears twice; keys must be unique."
+                )
             seen.add(record.key)
             records.append(record)
     if not records:
@@ -340,9 +351,7 @@ def _ifeval_record(line: str, number: int, path: Path) -> IFEvalRecord:
     return IFEvalRecord(str(key), prompt, checks, without, number)
 
 
-def ifeval_items(
-    records: Sequence[IFEvalRecord], recipe: Any, limit: int | None = None
-) -> tuple[list[EvalItem], int]:
+def ifeval_items(records: Sequence[IFEvalRecord], recipe: Any, limit: int | None = None) -> tuple[list[EvalItem], int]:
     """Map each record to the recipe instructions that share one of its check ids; returns items and the skip count.
 
     Where several recipe instructions share a check id (``include:ocean``, ``include:brave``), only those whose
@@ -464,8 +473,12 @@ def evaluate(
         prompts = [_prompt(item, cell) for item, cell in rows]
         row_edits = [list(group_edits) if cell.steered else [] for _, cell in rows]
         key = cell_key(
-            kind="eval", model=handle.weights_fingerprint or handle.model_id, group=group, prompts=prompts,
-            edits=[edit_signature(e) for e in group_edits], steered=[cell.steered for _, cell in rows],
+            kind="eval",
+            model=handle.weights_fingerprint or handle.model_id,
+            group=group,
+            prompts=prompts,
+            edits=[edit_signature(e) for e in group_edits],
+            steered=[cell.steered for _, cell in rows],
             config=dataclasses.asdict(config),
         )
         if key in finished:
@@ -475,10 +488,17 @@ def evaluate(
             # (instructions share their base prompts, so the no-instruction, unsteered cells often coincide).
             reuse = {} if config.do_sample else unsteered_answers
             todo = [i for i, (prompt, edits_) in enumerate(zip(prompts, row_edits)) if edits_ or prompt not in reuse]
-            fresh = generator(
-                handle, [prompts[i] for i in todo], row_edits=[row_edits[i] for i in todo], config=config,
-                progress=progress(f"eval {group}") if progress else None,
-            ) if todo else []
+            fresh = (
+                generator(
+                    handle,
+                    [prompts[i] for i in todo],
+                    row_edits=[row_edits[i] for i in todo],
+                    config=config,
+                    progress=progress(f"eval {group}") if progress else None,
+                )
+                if todo
+                else []
+            )
             if len(fresh) != len(todo):
                 raise EvaluationError(f"The generator returned {len(fresh)} answers for {len(todo)} prompts.")
             made = dict(zip(todo, fresh))
@@ -504,7 +524,11 @@ def evaluate(
         categories={group: group_items[0].category for group, group_items in by_group.items()},
         answers=tuple(answers),
         elapsed_s=time.monotonic() - started,
-        settings={"max_new_tokens": config.max_new_tokens, "do_sample": config.do_sample, "batch_size": config.batch_size},
+        settings={
+            "max_new_tokens": config.max_new_tokens,
+            "do_sample": config.do_sample,
+            "batch_size": config.batch_size,
+        },
     )
 
 
@@ -580,8 +604,16 @@ def evaluate_recipe(
     if reference is None:
         reference = open_reference(recipe, handle)
     result = evaluate(
-        handle, items, edits, config=generation_config(recipe), reference=reference, judge=judge,
-        generator=generator, checkpoint=checkpoint, progress=progress, split=split if data is None else "data",
+        handle,
+        items,
+        edits,
+        config=generation_config(recipe),
+        reference=reference,
+        judge=judge,
+        generator=generator,
+        checkpoint=checkpoint,
+        progress=progress,
+        split=split if data is None else "data",
         source=source,
     )
     notes = {name: _steering_note(recipe, vectors, name) for name in recipe.instructions}
@@ -600,7 +632,24 @@ def _steering_note(recipe: Any, vectors: Mapping[str, Any], name: str) -> str:
 
 
 __all__ = [
-    "CELLS", "Answer", "Cell", "CellSummary", "EvalItem", "EvaluationResult", "IFEvalRecord", "PairedChange",
-    "Reference", "describe_edits", "evaluate", "evaluate_recipe", "ifeval_items", "instruction_edits", "open_reference",
-    "paired_change", "read_ifeval_jsonl", "recipe_items", "sign_test", "summarize",
+    "CELLS",
+    "Answer",
+    "Cell",
+    "CellSummary",
+    "EvalItem",
+    "EvaluationResult",
+    "IFEvalRecord",
+    "PairedChange",
+    "Reference",
+    "describe_edits",
+    "evaluate",
+    "evaluate_recipe",
+    "ifeval_items",
+    "instruction_edits",
+    "open_reference",
+    "paired_change",
+    "read_ifeval_jsonl",
+    "recipe_items",
+    "sign_test",
+    "summarize",
 ]

@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional
+from typing import Any
 
 #: The commit every fake snapshot is stored under (refs/main points at it).
 FAKE_COMMIT = "0" * 40
@@ -30,7 +31,7 @@ def snapshot_dir(cache: str | os.PathLike, repo_id: str) -> Path:
     return Path(cache) / ("models--" + repo_id.replace("/", "--")) / "snapshots" / FAKE_COMMIT
 
 
-def write_fake_hub(cache: str | os.PathLike, repo_ids: Optional[Iterable[str]] = None) -> Path:
+def write_fake_hub(cache: str | os.PathLike, repo_ids: Iterable[str] | None = None) -> Path:
     """Write (idempotently) a snapshot per tiny model into ``cache``; return ``cache``."""
     try:
         from . import tiny_models

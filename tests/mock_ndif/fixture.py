@@ -24,9 +24,10 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional
+from typing import Any
 
 import pytest
 
@@ -48,7 +49,7 @@ __all__ = [
 @contextlib.contextmanager
 def running_mock_ndif(
     hub_cache: str | os.PathLike,
-    deployed: Optional[Iterable[str]] = None,
+    deployed: Iterable[str] | None = None,
     **options: Any,
 ) -> Iterator[MockNDIF]:
     """Write the fake Hub into ``hub_cache``, start a ``MockNDIF`` on it, stop it after."""
@@ -70,7 +71,7 @@ class MockNDIFHandle:
     api_key: str
     hub_cache: Path
 
-    def fail(self, kind: Optional[str], **options: Any) -> None:
+    def fail(self, kind: str | None, **options: Any) -> None:
         """Make the server misbehave for the rest of the test (see ``server.Failure``)."""
         self.server.fail(kind, **options)
 
@@ -171,9 +172,7 @@ class _DeadlineDisplay:
     def refresh(self) -> None:
         if time.monotonic() >= self.deadline:
             status = getattr(getattr(self.response, "status", None), "value", None)
-            raise TimeoutError(
-                f"NDIF job did not finish within {self.timeout_s:.0f} s (last status: {status})"
-            )
+            raise TimeoutError(f"NDIF job did not finish within {self.timeout_s:.0f} s (last status: {status})")
 
 
 def deadline_backend(model: Any, timeout_s: float, **kwargs: Any) -> Any:
@@ -184,9 +183,7 @@ def deadline_backend(model: Any, timeout_s: float, **kwargs: Any) -> Any:
     """
     from nnsight.intervention.backends.remote import RemoteBackend
 
-    backend = RemoteBackend(
-        model.to_model_key(), env=model._remoteable_get_env(), blocking=True, **kwargs
-    )
+    backend = RemoteBackend(model.to_model_key(), env=model._remoteable_get_env(), blocking=True, **kwargs)
     backend.display = _DeadlineDisplay(timeout_s)
     return backend
 
@@ -194,7 +191,7 @@ def deadline_backend(model: Any, timeout_s: float, **kwargs: Any) -> Any:
 def mock_ndif_fixtures(
     server_name: str = "mock_ndif_server",
     handle_name: str = "mock_ndif",
-    deployed: Optional[Iterable[str]] = None,
+    deployed: Iterable[str] | None = None,
     quiet: bool = True,
     **options: Any,
 ) -> tuple[Any, Any]:

@@ -44,7 +44,7 @@ import uuid
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from nnsight.schema.response import ResponseModel, Status
 
@@ -53,9 +53,7 @@ REPO_ROOT = HERE.parents[1]
 WORKER = HERE / "worker.py"
 
 DEFAULT_API_KEY = "mock-ndif-key"
-INVALID_KEY_DETAIL = (
-    "Missing or invalid API key. Please visit https://login.ndif.us/ to create a new one."
-)
+INVALID_KEY_DETAIL = "Missing or invalid API key. Please visit https://login.ndif.us/ to create a new one."
 NOT_DEPLOYED_DETAIL = (
     "Model is not dedicated and hotswapping is not supported for this API key. "
     "See https://nnsight.net/status/ for a list of scheduled models."
@@ -77,7 +75,7 @@ class _Channel:
         readable, _, _ = select.select([self.sock], [], [], max(0.0, timeout))
         return bool(readable)
 
-    def recv(self, timeout: Optional[float] = None) -> Any:
+    def recv(self, timeout: float | None = None) -> Any:
         self.sock.settimeout(timeout)
         try:
             (length,) = struct.unpack("!Q", _recv_exact(self.sock, 8))
@@ -96,16 +94,16 @@ class _Channel:
 class Failure:
     """How the server misbehaves (``MockNDIF.fail``); ``None`` kind = behave."""
 
-    kind: Optional[str] = None
+    kind: str | None = None
     #: "drop": where the connection is cut — "post", "ws", "poll", "download".
     phase: str = "post"
     #: "auth" / "http": HTTP status and detail of the refusal.
     status: int = 401
-    detail: Optional[str] = None
+    detail: str | None = None
     #: "offline": only these repo ids (empty: every model).
     models: tuple = ()
     #: "hang" / "stall": how long to hold before giving up (None: the job deadline).
-    hold_s: Optional[float] = None
+    hold_s: float | None = None
     #: Set when this failure is replaced (``fail``/``reset``) or the server stops:
     #: whatever it holds lets go at once.
     released: threading.Event = field(default_factory=threading.Event, repr=False)
@@ -118,15 +116,15 @@ KINDS = {"auth", "offline", "hang", "stall", "exec_error", "drop", "http"}
 class Job:
     id: str
     model_key: str
-    repo_id: Optional[str]
+    repo_id: str | None
     env: dict
     compress: bool
     blob: bytes
     session_id: str
     failure: Failure
     created: float = field(default_factory=time.time)
-    latest: Optional[ResponseModel] = None
-    result: Optional[bytes] = None
+    latest: ResponseModel | None = None
+    result: bytes | None = None
     done: threading.Event = field(default_factory=threading.Event)
 
 
@@ -135,7 +133,7 @@ class _Session:
 
     def __init__(self) -> None:
         self.id = uuid.uuid4().hex
-        self.outbox: "queue.Queue[tuple[str, Any]]" = queue.Queue()
+        self.outbox: queue.Queue[tuple[str, Any]] = queue.Queue()
 
 
 # ----------------------------------------------------------------------- websocket
@@ -221,18 +219,18 @@ class MockNDIF:
         self.failure = Failure()
         #: (kind, job id / path, description) for everything that went wrong, newest last.
         self.log: list[tuple[str, str, str]] = []
-        self.worker_info: Optional[dict] = None
+        self.worker_info: dict | None = None
 
         self._jobs: dict[str, Job] = {}
         self._sessions: dict[str, _Session] = {}
-        self._queue: "queue.Queue[Optional[Job]]" = queue.Queue()
+        self._queue: queue.Queue[Job | None] = queue.Queue()
         self._stopping = threading.Event()
         self._lock = threading.Lock()
-        self._httpd: Optional[ThreadingHTTPServer] = None
+        self._httpd: ThreadingHTTPServer | None = None
         self._threads: list[threading.Thread] = []
-        self._worker: Optional[subprocess.Popen] = None
-        self._worker_conn: Optional[_Channel] = None
-        self._listener: Optional[socket.socket] = None
+        self._worker: subprocess.Popen | None = None
+        self._worker_conn: _Channel | None = None
+        self._listener: socket.socket | None = None
         self._authkey = secrets.token_bytes(16)
         self._scratch = tempfile.mkdtemp(prefix="mock-ndif-worker-")
 
@@ -243,7 +241,7 @@ class MockNDIF:
         assert self._httpd is not None, "server not started"
         return f"http://127.0.0.1:{self._httpd.server_address[1]}"
 
-    def start(self) -> "MockNDIF":
+    def start(self) -> MockNDIF:
         self._listener = socket.create_server(("127.0.0.1", 0))
         self._spawn_worker()
         handler = type("Handler", (_Handler,), {"mock": self})
@@ -271,7 +269,7 @@ class MockNDIF:
         for thread in self._threads:
             thread.join(timeout=10)
 
-    def __enter__(self) -> "MockNDIF":
+    def __enter__(self) -> MockNDIF:
         return self.start()
 
     def __exit__(self, *exc: Any) -> None:
@@ -279,7 +277,7 @@ class MockNDIF:
 
     # -- per-test configuration ----------------------------------------------
 
-    def fail(self, kind: Optional[str], **options: Any) -> None:
+    def fail(self, kind: str | None, **options: Any) -> None:
         """Misbehave from now on (``kind=None`` behaves again). See ``Failure``."""
         if kind is not None and kind not in KINDS:
             raise ValueError(f"unknown failure kind {kind!r}; one of {sorted(KINDS)}")
@@ -314,11 +312,7 @@ class MockNDIF:
 
     def _spawn_worker(self) -> None:
         address = self._listener.getsockname()
-        env = {
-            key: value
-            for key, value in os.environ.items()
-            if not key.startswith(("PYTHON", "NDIF_", "PYTEST"))
-        }
+        env = {key: value for key, value in os.environ.items() if not key.startswith(("PYTHON", "NDIF_", "PYTEST"))}
         env.update(
             {
                 "MOCK_NDIF_WORKER_ADDR": f"{address[0]}:{address[1]}",
@@ -357,7 +351,7 @@ class MockNDIF:
             self._listener.settimeout(min(1.0, remaining))
             try:
                 sock, _ = self._listener.accept()
-            except socket.timeout:
+            except TimeoutError:
                 continue
             candidate = _Channel(sock)
             try:
@@ -406,7 +400,9 @@ class MockNDIF:
 
     # -- jobs -----------------------------------------------------------------
 
-    def _update(self, job: Job, status: Status, description: str = "", data: Any = None, meta: Optional[dict] = None) -> None:
+    def _update(
+        self, job: Job, status: Status, description: str = "", data: Any = None, meta: dict | None = None
+    ) -> None:
         response = ResponseModel(id=job.id, status=status, description=description, data=data, meta=meta)
         job.latest = response
         session = self._sessions.get(job.session_id) if job.session_id else None
@@ -460,15 +456,11 @@ class MockNDIF:
         self._ensure_worker()
         self._update(job, Status.DISPATCHED, "Your job has been sent to the model deployment.")
         self._update(job, Status.RUNNING, "Your job has started running.")
-        self._worker_conn.send(
-            ("run", job.id, job.model_key, job.env, job.compress, job.blob, failure.kind)
-        )
+        self._worker_conn.send(("run", job.id, job.model_key, job.env, job.compress, job.blob, failure.kind))
         remaining = max(0.1, deadline - time.time())
         if not self._worker_conn.poll(remaining):
             self._abandon_worker()
-            self._finish_error(
-                job, f"mock NDIF: job exceeded the server's deadline of {self.job_timeout_s:.0f} s"
-            )
+            self._finish_error(job, f"mock NDIF: job exceeded the server's deadline of {self.job_timeout_s:.0f} s")
             return
         try:
             reply = self._worker_conn.recv(timeout=max(5.0, deadline - time.time()))
@@ -494,7 +486,7 @@ class MockNDIF:
         self._update(job, Status.COMPLETED, "Your job has been completed.", data=data, meta=meta)
         job.done.set()
 
-    def _hold(self, failure: Failure, seconds: Optional[float]) -> None:
+    def _hold(self, failure: Failure, seconds: float | None) -> None:
         """Sleep up to ``seconds`` (default: the job deadline), less if released or stopping."""
         end = time.time() + (self.job_timeout_s if seconds is None else seconds)
         while time.time() < end and not failure.released.is_set() and not self._stopping.is_set():
@@ -585,9 +577,8 @@ class _Handler(BaseHTTPRequestHandler):
     def _deployments(self) -> dict:
         out = {}
         for repo_id in sorted(self.mock.deployed):
-            key = (
-                "nnsight.modeling.transformers.TransformersModel:"
-                + json.dumps({"repo_id": repo_id, "revision": None, "task": "text-generation"})
+            key = "nnsight.modeling.transformers.TransformersModel:" + json.dumps(
+                {"repo_id": repo_id, "revision": None, "task": "text-generation"}
             )
             out[key] = {
                 "model_key": key,
@@ -619,7 +610,9 @@ class _Handler(BaseHTTPRequestHandler):
         key = self.headers.get("ndif-api-key", "")
         if failure.kind == "auth" or key not in mock.api_keys:
             mock.log.append(("auth", path, "refused the API key"))
-            return self._json(failure.status if failure.kind == "auth" else 401, {"detail": failure.detail or INVALID_KEY_DETAIL})
+            return self._json(
+                failure.status if failure.kind == "auth" else 401, {"detail": failure.detail or INVALID_KEY_DETAIL}
+            )
 
         try:
             metadata, blob = self._multipart(body)

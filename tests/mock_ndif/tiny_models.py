@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import hashlib
 import zlib
-from typing import Any, Callable, Dict
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -68,7 +69,7 @@ def _gpt2_config(layers: int) -> Any:
 
 #: Hub-style id -> (config factory, weight seed). The ids deliberately look like
 #: real Hub ids; nothing resolves them against the Hub.
-TINY_MODELS: Dict[str, tuple[Callable[[], Any], int]] = {
+TINY_MODELS: dict[str, tuple[Callable[[], Any], int]] = {
     "mock-ndif/tiny-llama": (lambda: _llama_config(3), 0),
     "mock-ndif/tiny-llama-2l": (lambda: _llama_config(2), 1),
     "mock-ndif/tiny-gpt2": (lambda: _gpt2_config(2), 2),
@@ -101,9 +102,7 @@ def make_tokenizer() -> Any:
 
     # GPT-2's byte -> printable-unicode table, in byte order, so id == byte value.
     printable = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     )
     chars: dict[int, str] = {}
     extra = 0
@@ -137,7 +136,12 @@ def _init_weights(module: torch.nn.Module, seed: int) -> None:
     with torch.no_grad():
         for name, param in module.named_parameters():
             generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-            if param.ndim == 1 and ("norm" in name or name.endswith("ln_1.weight") or name.endswith("ln_2.weight") or name.endswith("ln_f.weight")):
+            if param.ndim == 1 and (
+                "norm" in name
+                or name.endswith("ln_1.weight")
+                or name.endswith("ln_2.weight")
+                or name.endswith("ln_f.weight")
+            ):
                 values = 1.0 + 0.1 * torch.randn(param.shape, generator=generator)
             elif param.ndim == 1:
                 values = 0.02 * torch.randn(param.shape, generator=generator)

@@ -42,9 +42,7 @@ from typing import Any
 # --------------------------------------------------------------------------- isolation
 
 _REPO_ROOT = os.environ.get("MOCK_NDIF_REPO_ROOT", "")
-_BLOCKED = tuple(
-    name for name in os.environ.get("MOCK_NDIF_BLOCKED", "nsteer").split(",") if name
-)
+_BLOCKED = tuple(name for name in os.environ.get("MOCK_NDIF_BLOCKED", "nsteer").split(",") if name)
 
 
 def _under_repo(path: str) -> bool:
@@ -184,7 +182,7 @@ class _ImportGuard:
             raise _not_whitelisted(name)
         return self.original(name, globals, locals, fromlist, level)
 
-    def __enter__(self) -> "_ImportGuard":
+    def __enter__(self) -> _ImportGuard:
         if STRICT:
             builtins.__import__ = self
         return self
@@ -238,11 +236,7 @@ def run_job(model_key: str, env: dict, compress: bool, blob: bytes, fail: str | 
     try:
         with _ImportGuard():
             tracer.execute(tracer.info.code)
-        saves = {
-            name: value
-            for name, value in tracer.info.frame.f_locals.items()
-            if id(value) in _saves()
-        }
+        saves = {name: value for name, value in tracer.info.frame.f_locals.items() if id(value) in _saves()}
     finally:
         dec()
 
@@ -292,8 +286,8 @@ def main() -> None:
     connection.sock.settimeout(None)
 
     started = time.time()
-    import torch  # noqa: F401  (warm the heavy imports before saying hello)
     import nnsight
+    import torch  # noqa: F401  (warm the heavy imports before saying hello)
     import transformers
     from nnsight.modeling.mixins.remotable import Remotable  # noqa: F401
     from nnsight.schema.request import RequestModel  # noqa: F401
