@@ -1,4 +1,5 @@
-"""Degeneracy on clearly good and clearly bad texts; batched perplexity against a one-by-one reference."""
+"""Quality measures on good and bad texts (real answers of the embedded model among them); batched perplexity against
+a one-by-one reference."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from nsteer.errors import EvaluationError
-from nsteer.evaluate.quality import degeneracy, perplexity
+from nsteer.evaluate.quality import Quality, assess, degeneracy, hollowness, perplexity, prompt_echo, substantive
 
 ESSAY = (
     "Photosynthesis is the process by which plants convert light energy into chemical energy. During this process, "
@@ -69,6 +70,179 @@ def test_normal_text_is_not_degenerate(text: str) -> None:
 @pytest.mark.parametrize(("text", "reason"), BAD)
 def test_degenerate_text_is_flagged_with_its_reason(text: str, reason: str) -> None:
     assert degeneracy(text) == reason
+
+
+# Loops the token-level test misses: inside one run of letters, and whole sentences or lines coming back.
+SENTENCE_LOOPS = [
+    "Our bakery opens at dawn. SUPERSUBSPUNPUPUPUPUPUPUP and the bread is warm.",
+    "The sky looks blue because air scatters short wavelengths. That is why it is blue. Sunsets are red because "
+    "light travels through more air. That is why it is blue. Clouds are white. That is why it is blue.",
+    # Real (embedded model, unsteered, 256 tokens): a signature block that comes back again and again.
+    "Best regards,\n\n[Your Name]\n[Your Address]\n[Your Phone Number]\n[Your Email Address]\n\n"
+    "I hope this message finds you well.\n\n[Your Name]\n[Your Address]\n[Your Phone Number]\n\n"
+    "[Your Name]\n[Your Address]\n[Your Phone Number]\n[Your Email Address]",
+    # Real: a numbered list whose items turn into copies of one another.
+    "Here are some of the best things to do in Edinburgh:\n\n1. Edinburgh Castle: The iconic Castle of Edinburgh is "
+    "a UNESCO World Heritage Site.\n\n2. Edinburgh's Royal Mile: The Royal Mile is a scenic walking route that offers "
+    "stunning views of the city.\n\n3. Edinburgh's Royal Mile: The Royal Mile is a scenic walking route that offers "
+    "stunning views of the city.\n\n4. Edinburgh's Royal Mile: The Royal Mile is a scenic walking route that offers "
+    "stunning views of the city.",
+    # A paragraph loop: each long sentence comes back once, three repeats in all.
+    "The animation is brought to the screen with special equipment. This process involves cameras, lighting and "
+    "sound. The post-production stage involves finalizing the film and its special effects.\n\nThe animation is "
+    "brought to the screen with special equipment. This process involves cameras, lighting and sound. The "
+    "post-production stage involves finalizing the film and its special effects.",
+]
+
+# Real answers of the embedded model (unsteered) and texts like them: none is degenerate, hollow or an echo.
+REAL = [
+    (
+        "Write a Python function that reverses a string.",
+        "```python\ndef reverse_string(input_str):\n    return input_str[::-1]\n```\n\nThis function uses slicing "
+        "to reverse the input string. The `[::-1]` syntax in Python is a slice that returns a reversed copy of the "
+        "string.",
+    ),
+    (
+        "Give me a JSON object describing a book, with title, author and year.",
+        '```json\n{\n    "title": "The Nightingale",\n    "author": "Avaara",\n    "year": "2023"\n}\n```\n\nThis JSON '
+        'object is a JSON string that represents a book with the title "The Nightingale" and author Avaara.',
+    ),
+    ("What is the capital of France?", "The capital of France is Paris."),
+    ("Translate 'good morning' into Spanish.", "Hoy, buen hora!"),
+    (
+        "Is the Earth round? Answer yes or no.",
+        "No, the Earth is not round. The Earth is a sphere, composed of a combination of solid, rotating, and "
+        "revolving parts.",
+    ),
+    (
+        "Why is the sky blue? Answer with one of the following options: My answer is yes., My answer is no., "
+        "My answer is maybe.",
+        "My answer is no.",
+    ),
+    (
+        "Describe a sunset in exactly 3 bullet points.",
+        "1. A warm, golden light spills across the horizon, casting a golden glow over the sky.\n2. The sky is "
+        "painted with hues of orange, pink, and purple, with a hint of gold and silver.\n3. The sun rises, casting a "
+        "golden light on the horizon, and the sky transforms into a vibrant tapestry of colors.",
+    ),
+    (
+        "Explain photosynthesis in three sections, each starting with 'Section X'.",
+        "Section 1: Photosynthesis Overview\nPhotosynthesis is a vital biological process in which plants convert "
+        "light energy into chemical energy.\n\nSection 2: Carbon Dioxide and Energy\nThe process involves the "
+        "conversion of carbon dioxide into glucose and oxygen.\n\nSection 3: Energy and Carbon Dioxide\nThe process "
+        "of photosynthesis is also a critical component of the Earth's carbon cycle.",
+    ),
+    (
+        "Give me a title for a blog post about gardening, wrapped in double angular brackets like <<title>>.",
+        "<<gardening: double-angled brackets of inspiration>>\n\nIn the realm of gardening lies a world of endless "
+        "possibilities, where the very fabric of the garden itself becomes a canvas.",
+    ),
+    (
+        "Write a poem about the first snowfall of winter.",
+        "Soft and slow the snow comes down,\nIt falls on roof and field and town.\nThe children wake to a world of "
+        "white,\nSoft and slow the snow comes down.\n\nThe old oak wears a quiet coat,\nThe river hums a muted note.",
+    ),
+    (
+        "Write a short motivational slogan. Your entire response should be in English, and in all capital letters.",
+        "DREAM BIG, WORK HARD, AND NEVER GIVE UP ON THE GOALS THAT MAKE YOU WHO YOU ARE.",
+    ),
+    (
+        "Why do cats purr?",
+        "Why do cats purr? Cats purr when they are content, but also when they are stressed or hurt: the vibration "
+        "of the larynx may help them calm down and even heal.",
+    ),
+    (
+        "Why do cats purr? Highlight at least 2 sections in your answer with markdown, i.e. *highlighted section*.",
+        "Cats purr for *comfort* and for *healing*: the low vibration soothes them when they are content, stressed "
+        "or in pain.",
+    ),
+    ("What are the benefits of keeping a journal?", ESSAY),
+]
+
+
+@pytest.mark.parametrize("text", SENTENCE_LOOPS)
+def test_loops_within_words_and_across_sentences_are_repetition(text: str) -> None:
+    assert degeneracy(text) == "repetition"
+
+
+@pytest.mark.parametrize(("prompt", "answer"), REAL)
+def test_real_answers_are_neither_degenerate_nor_hollow_nor_echoes(prompt: str, answer: str) -> None:
+    quality = assess(answer, prompt)
+    assert quality == Quality(), quality.reason
+    assert quality.ok and quality.reason is None
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ("Section 1\nSection 2\nSection 3", "structure with 0 words of content"),  # 5 of 13 steered passes were this
+        ("SECTION 1:\n\nSECTION 2:\n\nSECTION 3:", "structure with 0 words of content"),
+        ("<<Ode to the Sea>>", "structure with 0 words of content"),
+        ("<<Why the Sky Is Blue>>\n\nIt is blue.", "structure with 3 words of content"),
+        ("* Sleep\n* Rest\n* Health", "structure with 3 words of content"),
+        ("Section 1: Intro\nSection 2: Body\nSection 3: End", "structure with 3 words of content"),
+        ("Why people need sleep, in brief:\n* Sleep\n* Rest\n* Health\n* Food\n* Calm", "5 bullets of one word"),
+    ],
+)
+def test_requested_structure_without_content_is_hollow(text: str, reason: str) -> None:
+    assert hollowness(text) == reason
+    assert degeneracy(text) is None  # well-formed, only empty: hollowness is its own verdict
+
+
+def test_short_answers_without_structure_are_never_hollow() -> None:
+    for text in ("Yes.", "42", "My answer is maybe.", "The capital of France is Paris.", "E = mc^2"):
+        assert hollowness(text) is None
+
+
+def test_a_bare_list_of_single_words_is_hollow_even_when_asked_for() -> None:
+    """The known limit: without the request's meaning the measure cannot tell "List five fruits" from an open request
+    answered with one-word bullets, so it judges every answer as if the request were open (as IFEval's are)."""
+    assert hollowness("1. Bananas\n2. Apples\n3. Oranges\n4. Grapes\n5. Strawberries") is not None
+
+
+END = "Is there anything else I can help with?"
+
+
+@pytest.mark.parametrize(
+    ("answer", "prompt"),
+    [
+        # The request restated, then the requested element appended: in the cell with the instruction ...
+        (f"Why do humans need to sleep? {END}", f"Why do humans need to sleep? End your response with '{END}'"),
+        # ... and where only steering asked for it (the prompt given is the one with the instruction).
+        (f"Why do humans need to sleep?\n\n{END}", f"Why do humans need to sleep? Finish with the phrase '{END}'"),
+        # Real (embedded model, unsteered): the title it was asked for, then the prompt again.
+        (
+            "<<a fitting title>>\n\nWhy do different cultures eat different breakfasts? Your answer must contain a "
+            "title, wrapped in double angular brackets, such as <<a fitting title>>.",
+            "Why do different cultures eat such different breakfasts? Your answer must contain a title, wrapped in "
+            "double angular brackets, such as <<a fitting title>>.",
+        ),
+        ("How do vaccines work? My answer is yes.", "How do vaccines work? Answer with 'My answer is yes.' or no."),
+    ],
+)
+def test_restating_the_prompt_with_next_to_nothing_added_is_an_echo(answer: str, prompt: str) -> None:
+    assert prompt_echo(answer, prompt) is not None
+    assert not assess(answer, prompt).ok
+
+
+def test_quoting_the_question_and_answering_it_is_not_an_echo() -> None:
+    prompt = f"Why do humans need to sleep? End your response with '{END}'"
+    answer = (
+        "Why do humans need to sleep? Sleep lets the brain clear waste, store memories and restore energy, and "
+        f"without it attention and mood suffer within days. {END}"
+    )
+    assert prompt_echo(answer, prompt) is None
+    assert prompt_echo("My answer is yes.", "Is it safe? Answer with 'My answer is yes.' or 'My answer is no.'") is None
+
+
+def test_substantive_pass_needs_a_pass_and_a_real_answer() -> None:
+    good, hollow = assess(ESSAY), assess("Section 1\nSection 2\nSection 3")
+    assert substantive(True, good)
+    assert not substantive(False, good)
+    assert not substantive(True, hollow)
+    assert not substantive(True, assess("the the the the the the the the the the"))
+    assert hollow.reason == "hollow: structure with 0 words of content"
+    assert assess("").degenerate == "empty" and assess("").hollow is None
 
 
 # ---- perplexity ---------------------------------------------------------------------------------------------------

@@ -1,4 +1,11 @@
-"""Quality guards for steered text: a cheap degeneracy test and answer perplexity under a reference model."""
+"""Quality guards for steered text: degeneracy, hollow answers, prompt echo, substantive passes, and perplexity.
+
+A checker says whether an answer has the requested form; these measures say whether it is still an answer. A pass is
+*substantive* when the checker passes and the answer is neither degenerate (empty, broken, looping — within a word,
+across tokens, or across sentences and lines) nor hollow (the requested structure with almost no content) nor an echo
+(the prompt restated, with next to nothing of its own). All of it is plain string work: cheap, deterministic, and the
+same on every machine.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +14,7 @@ import math
 import re
 import unicodedata
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -30,17 +38,84 @@ _NGRAM_MIN_DISTINCT = 0.35  # fluent text sits near 0.9 and above
 _MAX_CHAR_RUN = 50  # "aaaa…", "!!!!…"; markdown rules and table borders stay far shorter
 _BROKEN_MIN_CHARS = 16
 _BROKEN_MAX_SYMBOL_SHARE = 0.7  # JSON with short keys reaches about 0.7 symbols; garbage goes beyond
+# Inside one run of letters ("SUPERSUBSPUNPUPUPUP"): a unit of 2–6 characters repeated back to back. Words repeat
+# a syllable twice ("banana", "Mississippi" never reach 4 copies); laughter ("hahaha") stays shorter than 12 letters.
+_WORD_LOOP_MAX_UNIT = 6
+_WORD_LOOP_MIN_REPEATS = 4
+_WORD_LOOP_MIN_CHARS = 12
+# Sentences and lines: the same one three times is a loop, and so are three repeats spread over long ones (a
+# paragraph loop whose sentences each come back once). Short ones ("Lunch:", "Yes.") repeat in normal lists.
+_SEGMENT_MIN_WORDS = 3
+_SEGMENT_MAX_COPIES = 2
+_LONG_SEGMENT_WORDS = 6
+_LONG_SEGMENT_MAX_REPEATS = 2  # copies beyond the first, summed over all sentences of 6+ words
+_LETTER_RUN = re.compile(r"[^\W\d_]+")
+_SEGMENT_END = re.compile(r"(?<=[.!?。！？])\s+|\n+")
+_WORD = re.compile(r"[^\W_]+")
 
 
 def degeneracy(text: str) -> str | None:
-    """None for normal text, else why it is degenerate: "empty", "broken" or "repetition"."""
+    """None for normal text, else why it is degenerate: "empty", "broken" or "repetition".
+
+    Repetition is looked for at three scales: a unit of characters looping inside one word, a unit of up to 8 tokens
+    looping back to back (or very few distinct 4-grams), and a sentence or line of 3+ words occurring 3 or more times.
+    """
     if not text.strip():
         return "empty"
     if _is_broken(text):
         return "broken"
-    if _is_repetitive([token.lower() for token in _TOKEN.findall(text)]):
+    if (
+        _has_word_loop(text)
+        or _is_repetitive([token.lower() for token in _TOKEN.findall(text)])
+        or _repeated_segment(text) is not None
+    ):
         return "repetition"
     return None
+
+
+def _has_word_loop(text: str) -> bool:
+    """A run of letters in which a 2–6 character unit repeats at least 4 times back to back over 12+ characters."""
+    for run in _LETTER_RUN.findall(text):
+        if len(run) < _WORD_LOOP_MIN_CHARS:
+            continue
+        folded = run.lower()
+        for period in range(2, _WORD_LOOP_MAX_UNIT + 1):
+            stretch = 0
+            for index in range(period, len(folded)):
+                stretch = stretch + 1 if folded[index] == folded[index - period] else 0
+                if stretch + period >= max(_WORD_LOOP_MIN_CHARS, _WORD_LOOP_MIN_REPEATS * period):
+                    return True
+    return False
+
+
+def _segments(text: str) -> list[str]:
+    """Sentences and lines, normalised: lower case, words only (markup, numbering and punctuation dropped)."""
+    return [" ".join(_WORD.findall(part.lower())) for part in _SEGMENT_END.split(text) if part.strip()]
+
+
+def _repeated_segment(text: str) -> str | None:
+    """A sentence or line that shows a loop, else None.
+
+    A loop is one sentence or line of 3+ words occurring 3 or more times, or sentences of 6+ words coming back 3
+    times in all (each a repeat of an earlier one).
+    """
+    counts: dict[str, int] = {}
+    long_repeats = 0
+    for segment in _segments(text):
+        words = len(segment.split())
+        if words < _SEGMENT_MIN_WORDS and not _is_no_space_script(segment):
+            continue
+        counts[segment] = counts.get(segment, 0) + 1
+        if counts[segment] > 1 and (words >= _LONG_SEGMENT_WORDS or _is_no_space_script(segment)):
+            long_repeats += 1
+        if counts[segment] > _SEGMENT_MAX_COPIES or long_repeats > _LONG_SEGMENT_MAX_REPEATS:
+            return segment
+    return None
+
+
+def _is_no_space_script(segment: str) -> bool:
+    """A segment of 6+ characters in a script written without spaces (one 'word' may be a whole sentence)."""
+    return len(re.findall(f"[{_NO_SPACE_CHARS}]", segment)) >= 6
 
 
 def _is_broken(text: str) -> bool:
@@ -89,6 +164,133 @@ def _longest_periodic_span(tokens: list[str], period: int) -> int:
             if any(any(char.isalnum() for char in token) for token in unit):
                 best = run + period
     return best
+
+
+# Hollow answers: the scaffolding a format asks for, with almost nothing in it.
+_SECTION_HEADER = re.compile(r"^\W*(section|part|chapter|paragraph|slide|step)\s*(\d+|[ivxlc]+|[a-z])\b\W*", re.I)
+_MARKDOWN_HEADING = re.compile(r"^\s*#{1,6}\s+")
+_BULLET = re.compile(r"^\s*(?:[-*+•]|\d{1,3}[.)])\s+")
+_TITLE = re.compile(r"<<[^<>\n]*>>")
+_HIGHLIGHT = re.compile(r"\*{1,2}[^*\n]+\*{1,2}")
+_MIN_CONTENT_WORDS = 8  # a title and one short clause; every real answer of the embedded model has more
+_MIN_BULLETS = 3
+_MAX_BULLET_WORDS = 1  # "* Sleep\n* Rest\n* Health"
+# Prompt echo: the answer repeats the prompt (or the instruction's own words) in runs of 3+ words and adds almost
+# nothing. A short factual answer that reuses 3-4 words of the question ("My answer is yes.") is not an echo.
+_ECHO_RUN_WORDS = 3
+_ECHO_MIN_COPIED = 5
+_ECHO_MAX_OWN_WORDS = 5
+
+
+@dataclass(frozen=True)
+class Quality:
+    """What is wrong with an answer as an answer (None everywhere: nothing); see ``assess``."""
+
+    degenerate: str | None = None  # "empty" | "broken" | "repetition"
+    hollow: str | None = None  # why, e.g. "structure with 2 words of content"
+    echo: str | None = None  # why, e.g. "restates the prompt and adds 1 word"
+
+    @property
+    def ok(self) -> bool:
+        """Whether the answer is neither degenerate nor hollow nor an echo."""
+        return self.degenerate is None and self.hollow is None and self.echo is None
+
+    @property
+    def reason(self) -> str | None:
+        """The first problem found, labelled (``degenerate: repetition``), or None."""
+        for label, value in (("degenerate", self.degenerate), ("hollow", self.hollow), ("echo", self.echo)):
+            if value is not None:
+                return f"{label}: {value}"
+        return None
+
+
+def assess(answer: str, prompt: str = "") -> Quality:
+    """Degeneracy, hollowness and prompt echo of ``answer``.
+
+    ``prompt`` is what the answer is compared with for echo: pass the prompt *with* the instruction (the request and
+    the instruction's words), also when the model saw the request alone, so that an answer restating the request and
+    appending the requested element ("… Is there anything else I can help with?") counts as an echo in both cells.
+    """
+    reason = degeneracy(answer)
+    if reason == "empty":
+        return Quality(degenerate=reason)
+    return Quality(degenerate=reason, hollow=hollowness(answer), echo=prompt_echo(answer, prompt) if prompt else None)
+
+
+def substantive(passed: bool, quality: Quality) -> bool:
+    """A substantive pass: the checker passed and the answer is neither degenerate nor hollow nor an echo."""
+    return bool(passed) and quality.ok
+
+
+def hollowness(text: str) -> str | None:
+    """Why ``text`` is the requested structure with almost no content (None: it is not).
+
+    Structure is what format instructions ask for: "Section N" headers, <<titles>>, markdown headings, bullets,
+    *highlights*. Content is every word outside the headers' "Section N" and the title. An answer with structure is
+    hollow when fewer than 8 words of content remain, or when it is only a list of 3+ one-word bullets. Answers
+    without such structure are never hollow ("Yes.", "42", "My answer is no." are answers, however short).
+    """
+    lines = [line for line in text.splitlines() if line.strip()]
+    structured = False
+    content: list[str] = []
+    bullet_words: list[int] = []
+    for line in lines:
+        if _TITLE.search(line):
+            structured = True
+            line = _TITLE.sub(" ", line)
+        if _HIGHLIGHT.search(line):
+            structured = True
+        header = _SECTION_HEADER.match(line)
+        if header:
+            structured = True
+            line = line[header.end() :]
+        heading = _MARKDOWN_HEADING.match(line)
+        if heading:
+            structured = True
+        bullet = _BULLET.match(line)
+        if bullet:
+            structured = True
+            line = line[bullet.end() :]  # the marker ("1.") is not content
+        words = _WORD.findall(line)
+        if bullet:
+            bullet_words.append(len(words))
+        content.extend(words)
+    if not structured:
+        return None
+    if len(content) < _MIN_CONTENT_WORDS:
+        return f"structure with {len(content)} word{'s' * (len(content) != 1)} of content"
+    prose = len(content) - sum(bullet_words)
+    if len(bullet_words) >= _MIN_BULLETS and max(bullet_words) <= _MAX_BULLET_WORDS and prose < _MIN_CONTENT_WORDS:
+        return f"{len(bullet_words)} bullets of one word"
+    return None
+
+
+def prompt_echo(answer: str, prompt: str) -> str | None:
+    """Why ``answer`` is an echo of ``prompt`` (None: it is not).
+
+    Words of the answer that repeat the prompt in runs of 3 or more words are copied; the rest are the answer's own.
+    An echo copies at least 5 words and adds at most 5 of its own.
+    """
+    answer_words = [word.lower() for word in _WORD.findall(answer)]
+    prompt_words = [word.lower() for word in _WORD.findall(prompt)]
+    copied = _copied_mask(answer_words, prompt_words)
+    n_copied = sum(copied)
+    own = len(answer_words) - n_copied
+    if n_copied >= _ECHO_MIN_COPIED and own <= _ECHO_MAX_OWN_WORDS:
+        return f"restates {n_copied} words of the prompt and adds {own}"
+    return None
+
+
+def _copied_mask(answer: Sequence[str], prompt: Sequence[str]) -> list[bool]:
+    """For each answer word, whether it lies in a run of 3+ words that also occurs in the prompt."""
+    run = _ECHO_RUN_WORDS
+    grams = {tuple(prompt[i : i + run]) for i in range(len(prompt) - run + 1)}
+    mask = [False] * len(answer)
+    for start in range(len(answer) - run + 1):
+        if tuple(answer[start : start + run]) in grams:
+            for index in range(start, start + run):
+                mask[index] = True
+    return mask
 
 
 def perplexity(
