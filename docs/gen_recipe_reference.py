@@ -44,6 +44,10 @@ prompts, the instructions and the edits. `nsteer compute | search | generate | e
   **`output.dir`** is relative to the current directory.
 - Files, built-in names and checkers a recipe refers to are checked when it is loaded, before any model is opened;
   layer numbers are checked against the model when it is opened.
+- **Files are read as data, within bounds**: YAML's safe types only (no Python tags); anchors and aliases
+  (`&name` / `*name`, `<<: *name`) work, but aliases may add at most 100,000 values to a document, may not refer to a
+  node that contains them, and nesting stops at 100 levels. A recipe is at most 1 MiB; prompt and data files at most
+  64 MiB, with lines and prompts of at most 1 MiB. Paths must name regular files (a folder, pipe or device is refused).
 - Every error names the file, the line and the field, e.g.
   `my.yaml, line 7, field steer[0].weight: Input should be a valid number (got 'big').`
 

@@ -31,3 +31,11 @@ class EvaluationError(NsteerError):
 
 class RemoteError(NsteerError):
     """Remote execution on NDIF failed: key, model, timeout, server or connection."""
+
+
+class FileError(NsteerError):
+    """A path names the wrong kind of thing (a folder, a pipe, a device), or a file is too large to read."""
+
+
+class ArgumentError(NsteerError, ValueError):
+    """An SDK function got an argument it cannot use (also a ValueError, for callers that catch those)."""

@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +36,7 @@ import torch
 
 from nsteer.edits import Edit
 from nsteer.errors import NsteerError, VectorFileError
+from nsteer.fileio import atomic_write, require_file
 from nsteer.models import ModelHandle
 from nsteer.vectors import SteeringVector, VectorMetadata
 
@@ -151,12 +150,9 @@ def export_llama_cpp(
         "mode": "add",
         "positions": "all",
     }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        writer = gguf.GGUFWriter(temporary, ARCHITECTURE)
+
+    def write(temporary: Path) -> None:
+        writer = gguf.GGUFWriter(str(temporary), ARCHITECTURE)
         writer.add_name(f"{meta.instruction_id} ({meta.model_id})")
         writer.add_string(MODEL_HINT_KEY, meta.model_id)
         writer.add_uint32(LAYER_COUNT_KEY, len(layers))
@@ -168,10 +164,8 @@ def export_llama_cpp(
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+
+    path = atomic_write(path, write)
     return path
 
 
@@ -184,9 +178,7 @@ def read_control_vector(path: str | Path) -> ControlVectorFile:
     """Read and validate a llama.cpp control-vector GGUF; every defect is a VectorFileError that names it."""
     import gguf
 
-    path = Path(path)
-    if not path.is_file():
-        raise VectorFileError(f"Control vector file not found: {path}.")
+    path = require_file(path, "control vector file", VectorFileError)
     with path.open("rb") as stream:
         magic = stream.read(4)
     if magic != GGUF_MAGIC:

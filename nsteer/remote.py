@@ -496,7 +496,7 @@ def _job_file(job_id: str, *, done: bool = False) -> Path:
 
 
 def _write_job(job: RemoteJob, *, done: bool = False) -> Path:
-    from nsteer.vectors import atomic_write_bytes
+    from nsteer.fileio import atomic_write_bytes
 
     path = _job_file(job.id, done=done)
     atomic_write_bytes(path, job.to_json().encode())

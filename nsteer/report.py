@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from nsteer.evaluate.table import CELLS, CellSummary, EvaluationResult, PairedChange, json_safe
+from nsteer.fileio import atomic_write_bytes
 from nsteer.search import SearchResult, SweepCell
-from nsteer.vectors import atomic_write_bytes
 
 CELL_HEADERS = ("no instr., unsteered", "no instr., steered", "instr., unsteered", "instr., steered")
 

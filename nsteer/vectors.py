@@ -6,7 +6,6 @@ import dataclasses
 import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Any
 import torch
 
 from nsteer.errors import NsteerError, VectorFileError
+from nsteer.fileio import atomic_write_bytes, require_file
 from nsteer.models import ModelHandle
 
 FORMAT = "nsteer.vector/1"
@@ -141,26 +141,6 @@ def carry_choices(path: str | Path, vector: SteeringVector) -> SteeringVector:
     return dataclasses.replace(vector, metadata=metadata)
 
 
-def atomic_write_bytes(path: Path, payload: bytes) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename: readers see the old file or the new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        # mkstemp creates the file private (0600); give it the permissions a plain open() would (0666 minus umask).
-        umask = os.umask(0o022)
-        os.umask(umask)
-        os.fchmod(handle, 0o666 & ~umask)
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(payload)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
 def save_vector(vector: SteeringVector, path: str | Path) -> Path:
     """Write ``vector`` to a safetensors file atomically and return its path."""
     from safetensors.torch import save
@@ -192,9 +172,7 @@ def load_vector(path: str | Path) -> SteeringVector:
     """Read and validate a vector file; every defect gets a VectorFileError that names it."""
     from safetensors import safe_open
 
-    path = Path(path)
-    if not path.is_file():
-        raise VectorFileError(f"Vector file not found: {path}. Compute one with `nsteer compute RECIPE`.")
+    path = require_file(path, "vector file", VectorFileError, "Compute one with `nsteer compute RECIPE`.")
     try:
         with safe_open(str(path), framework="pt") as stream:
             header = stream.metadata() or {}

@@ -13,6 +13,7 @@ from pathlib import Path
 from nsteer.edits import Edit, edit_from_vector
 from nsteer.errors import NsteerError, RecipeError
 from nsteer.extract import compute_vector
+from nsteer.fileio import user_path
 from nsteer.generate import GenerationConfig
 from nsteer.models import ModelHandle, open_model
 from nsteer.prompts import (
@@ -209,7 +210,7 @@ def steer_vector_path(recipe: Recipe, index: int) -> Path:
     if entry.vector in recipe.instructions:
         return vector_path(recipe, entry.vector)
     if entry.vector:
-        path = Path(entry.vector).expanduser()
+        path = user_path(entry.vector)
         return path if path.is_absolute() or path.exists() else recipe.base_dir / path
     return vector_path(recipe, entry.instruction)
 

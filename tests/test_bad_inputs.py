@@ -199,17 +199,22 @@ class Row:
 
 R = Row
 MINIMAL = "instructions:\n  lowercase: {}\n"
+# "Billion laughs": five lines of aliases, each listing the previous line nine times (9**6 values, a few hundred bytes).
+ALIAS_BOMB = "".join(
+    [f"l0: &l0 [{', '.join(['lol'] * 9)}]\n"]
+    + [f"l{level}: &l{level} [{', '.join([f'*l{level - 1}'] * 9)}]\n" for level in range(1, 6)]
+)
 
 ROWS: list[Row] = [
     # --- recipes ------------------------------------------------------------------------------------------------
     R("recipe-missing", lambda e: ["compute", str(e.tmp / "nope.yaml")], ("Recipe file not found", "nope.yaml")),
-    R("recipe-is-a-directory", lambda e: ["compute", str(e.tmp)], ("Recipe file not found",)),
+    R("recipe-is-a-directory", lambda e: ["compute", str(e.tmp)], ("is a folder, not a recipe file",)),
     R("recipe-empty", lambda e: ["compute", e.recipe("")], ("the recipe is empty", "instructions")),
     R("recipe-only-a-comment", lambda e: ["compute", e.recipe("# nothing yet\n")], ("the recipe is empty",)),
     R(
         "recipe-not-utf8",
         lambda e: ["compute", e.file("latin1.yaml", "name: caf\xe9\n".encode("latin-1"))],
-        ("cannot be read as UTF-8",),
+        ("line 1", "not UTF-8 text", "at byte 9"),
     ),
     R(
         "yaml-unterminated-quote",
@@ -438,6 +443,36 @@ ROWS: list[Row] = [
         ("field name", "at most 100 characters"),
     ),
     R(
+        "yaml-alias-bomb",
+        lambda e: ["compute", e.recipe(ALIAS_BOMB + MINIMAL)],
+        ("line 6", "invalid YAML", "aliases", "expand the document by more than 100,000 values"),
+    ),
+    R(
+        "yaml-alias-cycle",
+        lambda e: ["compute", e.recipe("instructions: &i\n  lowercase: {}\n  more: *i\n")],
+        ("line 3", "the alias *i refers to a node that contains it"),
+    ),
+    R(
+        "yaml-nested-too-deep",
+        lambda e: ["compute", e.recipe(MINIMAL + "demo_prompts: " + "[" * 400 + "]" * 400 + "\n")],
+        ("line 3", "nested more than 100 levels"),
+    ),
+    R(
+        "yaml-huge-integer",
+        lambda e: ["compute", e.recipe("prompts: {seed: " + "9" * 5000 + "}\n" + MINIMAL)],
+        ("invalid YAML", "a number has more than 4300 digits"),
+    ),
+    R(
+        "recipe-is-a-fifo",
+        lambda e: [os.mkfifo(e.tmp / "r.yaml") or "compute", str(e.tmp / "r.yaml")],
+        ("is a named pipe (FIFO), not a recipe file",),
+    ),
+    R(
+        "recipe-larger-than-a-megabyte",
+        lambda e: ["compute", e.recipe(MINIMAL + "# padding\n" * 120_000)],
+        ("the recipe file is larger than 1 MiB",),
+    ),
+    R(
         "builtin-prompt-set-unknown",
         lambda e: ["compute", e.recipe("prompts: {base: 'builtin:base-v9'}\n" + MINIMAL)],
         ("prompts.base", "Unknown built-in prompt set 'base-v9'"),
@@ -510,6 +545,30 @@ ROWS: list[Row] = [
         ("base.jsonl", "not UTF-8 text"),
     ),
     R(
+        "base-prompts-yaml-alias-bomb",
+        lambda e: [
+            e.file("base.yaml", ALIAS_BOMB + "prompts: [a]\n") and "compute",
+            e.recipe("prompts: {base: base.yaml}\n" + MINIMAL, "r.yaml"),
+        ],
+        ("prompts.base", "base.yaml", "aliases"),
+    ),
+    R(
+        "base-prompts-json-too-deep",
+        lambda e: [
+            e.file("base.json", "[" * 100_000 + "]" * 100_000) and "compute",
+            e.recipe("prompts: {base: base.json}\n" + MINIMAL),
+        ],
+        ("prompts.base", "base.json", "nested too deeply"),
+    ),
+    R(
+        "base-prompts-line-too-long",
+        lambda e: [
+            e.file("base.jsonl", json.dumps({"text": "x" * (1 << 20)}) + "\n") and "compute",
+            e.recipe("prompts: {base: base.jsonl}\n" + MINIMAL),
+        ],
+        ("base.jsonl, line 1", "characters long", "limited to 1,048,576"),
+    ),
+    R(
         "phrasings-file-empty",
         lambda e: [
             e.file("p.jsonl", "") and "compute",
@@ -542,13 +601,63 @@ ROWS: list[Row] = [
         lambda e: ["eval", e.tiny_recipe(steer="  []"), "--data", str(e.tmp / "none.jsonl")],
         ("IFEval data file not found",),
     ),
+    R(
+        "eval-data-not-utf8",
+        lambda e: [
+            "eval",
+            e.tiny_recipe(steer="  []"),
+            "--data",
+            e.file("d.jsonl", (ifeval_line() + "\n").encode() + b'{"key": "caf\xe9"}\n'),
+        ],
+        ("d.jsonl, line 2", "not UTF-8 text"),
+    ),
+    R(
+        "eval-data-nested-too-deep",
+        lambda e: ["eval", e.tiny_recipe(steer="  []"), "--data", e.file("d.jsonl", "[" * 100_000 + "\n")],
+        ("d.jsonl, line 1", "nested too deeply"),
+    ),
+    R(
+        "eval-data-huge-integer",
+        lambda e: [
+            "eval",
+            e.tiny_recipe(steer="  []"),
+            "--data",
+            e.file("d.jsonl", ifeval_line().replace('"key": 1', '"key": ' + "9" * 5000)),
+        ],
+        ("d.jsonl, line 1", "more than 4300 digits"),
+    ),
+    R(
+        "eval-data-line-too-long",
+        lambda e: [
+            "eval",
+            e.tiny_recipe(steer="  []"),
+            "--data",
+            e.file("d.jsonl", ifeval_line(prompt="Write. " * 200_000) + "\n"),
+        ],
+        ("d.jsonl, line 1", "characters long"),
+    ),
+    R(
+        "eval-data-is-a-folder",
+        lambda e: ["eval", e.tiny_recipe(steer="  []"), "--data", str(e.tmp)],
+        ("is a folder, not an IFEval data file",),
+    ),
     # --- vector files -------------------------------------------------------------------------------------------
     R(
         "vector-missing",
         lambda e: ["inspect", str(e.tmp / "none.safetensors")],
         ("Vector file not found", "nsteer compute"),
     ),
-    R("vector-is-a-directory", lambda e: ["inspect", str(e.tmp)], ("Vector file not found",)),
+    R("vector-is-a-directory", lambda e: ["inspect", str(e.tmp)], ("is a folder, not a vector file",)),
+    R(
+        "vector-is-a-device",
+        lambda e: ["inspect", "/dev/null"],
+        ("/dev/null is a character device, not a vector file",),
+    ),
+    R(
+        "import-a-folder",
+        lambda e: ["import", str(e.tmp), "--out", str(e.tmp / "o.safetensors")],
+        ("is a folder, not a control vector file",),
+    ),
     R(
         "vector-truncated",
         lambda e: ["inspect", truncated_vector(e)],
@@ -841,6 +950,11 @@ ROWS: list[Row] = [
         "output-dir-is-a-file",
         lambda e: ["compute", e.tiny_recipe(output=f"{{dir: {e.file('taken', 'a file')}}}")],
         ("cannot read or write", "taken", "a file stands where a folder is needed"),
+    ),
+    R(
+        "model-gguf-is-a-folder",
+        lambda e: [(e.tmp / "m.gguf").mkdir() or "compute", e.tiny_recipe(model="{id: @TMP@/m.gguf}")],
+        ("m.gguf is a folder, not a GGUF file",),
     ),
     R(
         "model-gguf-missing",

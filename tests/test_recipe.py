@@ -338,7 +338,7 @@ def test_missing_recipe_file(tmp_path):
 def test_recipe_that_is_not_text(tmp_path):
     path = tmp_path / "recipe.yaml"
     path.write_bytes(b"\xff\xfe\x00binary")
-    with pytest.raises(RecipeError, match="cannot be read as UTF-8"):
+    with pytest.raises(RecipeError, match="not UTF-8 text"):
         load_recipe(path)
 
 

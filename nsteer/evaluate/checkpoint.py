@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from nsteer.errors import EvaluationError
+from nsteer.fileio import parse_json
 
 
 def cell_key(**parts: Any) -> str:
@@ -34,8 +35,8 @@ def read_checkpoint(path: Path) -> dict[str, dict[str, Any]]:
             if not line.endswith(b"\n"):
                 break  # a partial last line from an interrupted write
             try:
-                record = json.loads(line)
-            except (json.JSONDecodeError, UnicodeDecodeError):
+                record = parse_json(line)
+            except (ValueError, UnicodeDecodeError):  # a broken line (any cause) only means the cell is done again
                 continue
             if isinstance(record, dict) and isinstance(record.get("key"), str):
                 finished[record["key"]] = record

@@ -321,7 +321,7 @@ def write_composition_report(result: CompositionResult, out_dir: str | Path) -> 
     """Write ``composition.json`` (every answer) and ``composition.md`` into ``out_dir``."""
     import json
 
-    from nsteer.vectors import atomic_write_bytes
+    from nsteer.fileio import atomic_write_bytes
 
     out_dir = Path(out_dir)
     paths = {"json": out_dir / "composition.json", "markdown": out_dir / "composition.md"}

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import math
 import statistics
 import time
@@ -23,6 +22,7 @@ from nsteer.errors import EvaluationError
 from nsteer.evaluate.checkers import CheckSpec, check_all, count_sentences, count_words, validate_spec
 from nsteer.evaluate.checkpoint import append_checkpoint, cell_key, read_checkpoint
 from nsteer.evaluate.quality import degeneracy, perplexity
+from nsteer.fileio import MAX_DATA_BYTES, parse_json, read_text, text_lines
 from nsteer.generate import GenerationConfig, generate
 from nsteer.models import ModelHandle
 
@@ -296,21 +296,16 @@ class IFEvalRecord:
 def read_ifeval_jsonl(path: str | Path) -> list[IFEvalRecord]:
     """Parse an IFEval JSONL file (key, prompt, instruction_id_list, kwargs, optional prompt_without_instruction)."""
     path = Path(path)
-    if not path.is_file():
-        raise EvaluationError(f"IFEval data file not found: {path}. Give a JSONL file with one prompt per line.")
+    hint = "Give a JSONL file with one prompt per line."
+    text = read_text(path, "IFEval data file", EvaluationError, limit=MAX_DATA_BYTES, hint=hint)
     records: list[IFEvalRecord] = []
     seen: set[str] = set()
-    with path.open(encoding="utf-8") as stream:
-        for number, line in enumerate(stream, start=1):
-            if not line.strip():
-                continue
-            record = _ifeval_record(line, number, path)
-            if record.key in seen:
-                raise EvaluationError(
-                    f"{path}, line {number}: the key {record.key!r} appears twice; keys must be unique."
-                )
-            seen.add(record.key)
-            records.append(record)
+    for number, line in text_lines(text, path, "IFEval data file", EvaluationError):
+        record = _ifeval_record(line, number, path)
+        if record.key in seen:
+            raise EvaluationError(f"{path}, line {number}: the key {record.key!r} appears twice; keys must be unique.")
+        seen.add(record.key)
+        records.append(record)
     if not records:
         raise EvaluationError(f"{path}: the file holds no records; it needs one JSON object per line.")
     return records
@@ -320,8 +315,8 @@ def _ifeval_record(line: str, number: int, path: Path) -> IFEvalRecord:
     where = f"{path}, line {number}"
     expected = "expected an object with key, prompt, instruction_id_list and kwargs"
     try:
-        data = json.loads(line)
-    except json.JSONDecodeError as error:
+        data = parse_json(line)
+    except ValueError as error:
         raise EvaluationError(f"{where}: not valid JSON ({error.msg}); {expected}.") from None
     if not isinstance(data, dict):
         raise EvaluationError(f"{where}: {expected}, got {type(data).__name__}.")
