@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import importlib.util
 import json
@@ -187,17 +188,38 @@ def _resolve_device(device: str) -> str:
     return device
 
 
-def _load_local(source: str, dtype: torch.dtype, revision: str | None) -> tuple[Any, Any]:
-    """Load a tokenizer and causal LM from a directory, a GGUF file or a Hub id."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _cached_gguf(source: str, path: Path) -> Path | None:
+    """The de-quantized cache entry of the GGUF at ``path`` (written now if missing), or None to read the GGUF itself.
 
+    A miss de-quantizes once in fp32 and stores the result (see nsteer.model_cache); the caller then loads the entry
+    like any saved model, in the dtype it asked for.
+    """
+    from nsteer.model_cache import can_store, find_entry, store_entry
+
+    found = find_entry(path)
+    if found is not None or not can_store(path):
+        return found
+    tokenizer, model = _from_pretrained(source, str(path.parent), {"gguf_file": path.name}, torch.float32)
+    entry = store_entry(path, tokenizer, model)
+    del tokenizer, model
+    gc.collect()  # the caller loads the entry next: do not hold two copies of the weights
+    return entry
+
+
+def _load_local(source: str, dtype: torch.dtype, revision: str | None) -> tuple[Any, Any]:
+    """Load a tokenizer and causal LM from a directory, a GGUF file (through the de-quantized cache) or a Hub id."""
     kwargs: dict[str, Any] = {}
-    if source == EMBEDDED_ID:
-        directory, file_name = embedded_model_location()
-        location, kwargs["gguf_file"] = str(directory), file_name
-    elif source.endswith(".gguf"):
-        path = require_file(user_path(source), "GGUF file", ModelError, "Check the path in model.id.")
-        location, kwargs["gguf_file"] = str(path.parent), path.name
+    if source == EMBEDDED_ID or source.endswith(".gguf"):
+        if source == EMBEDDED_ID:
+            directory, file_name = embedded_model_location()
+            path = directory / file_name
+        else:
+            path = require_file(user_path(source), "GGUF file", ModelError, "Check the path in model.id.")
+        cached = _cached_gguf(source, path)
+        if cached is not None:
+            location, kwargs["use_safetensors"] = str(cached), True
+        else:
+            location, kwargs["gguf_file"] = str(path.parent), path.name
     else:
         location = str(user_path(source)) if user_path(source).exists() else source
         if Path(location).is_dir() and not (Path(location) / "config.json").is_file():
@@ -207,6 +229,13 @@ def _load_local(source: str, dtype: torch.dtype, revision: str | None) -> tuple[
             )
     if revision:
         kwargs["revision"] = revision
+    return _from_pretrained(source, location, kwargs, dtype)
+
+
+def _from_pretrained(source: str, location: str, kwargs: dict[str, Any], dtype: torch.dtype) -> tuple[Any, Any]:
+    """Tokenizer and model from ``location`` with ``kwargs``; loading failures become a ModelError naming ``source``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     try:
         tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, **kwargs)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from collections.abc import Callable, Sequence
 
 import pytest
@@ -10,6 +13,13 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+# The suite never writes the user's cache: the de-quantized embedded model goes to a folder of this session (the
+# first open writes it, later opens, in this process or in CLI subprocesses, read it), removed at exit.
+_CACHE = tempfile.mkdtemp(prefix="nsteer-test-cache-")
+os.environ["NSTEER_CACHE_DIR"] = _CACHE
+os.environ.pop("NSTEER_NO_CACHE", None)
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 
 # Tiny models are dominated by per-op overhead; on a small shared machine torch's intra-op thread pool makes each
 # step ~20x slower (spinning workers fight other processes). One thread keeps the suite fast; override with
