@@ -8,12 +8,13 @@ import json
 import math
 import statistics
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from nsteer.evaluate.table import CELLS, CellSummary, EvaluationResult, PairedChange, json_safe
 from nsteer.fileio import atomic_write_bytes
-from nsteer.search import SearchResult, SweepCell
+from nsteer.search import InstructionSweep, SearchResult, SweepCell
 
 CELL_HEADERS = ("no instr., unsteered", "no instr., steered", "instr., unsteered", "instr., steered")
 
@@ -167,8 +168,40 @@ def eval_bars_png(result: EvaluationResult) -> bytes:
     return _png(figure)
 
 
+@dataclass(frozen=True)
+class SweepPoints:
+    """Where a sweep's settings sit in its plot: one line per weight, its points dodged sideways so that settings of one
+    layer with equal scores stay apart; the rejected points and the winner's point (None: no steering won)."""
+
+    lines: tuple[tuple[str, tuple[tuple[float, float], ...]], ...]
+    rejected: tuple[tuple[float, float], ...]
+    winner: tuple[float, float] | None
+
+
+def sweep_points(sweep: InstructionSweep) -> SweepPoints:
+    """The plotted position of every setting of ``sweep`` (see :class:`SweepPoints`)."""
+    weights = sorted({cell.setting.weight for cell in sweep.cells})
+    layers = sorted({cell.setting.layer for cell in sweep.cells})
+    spacing = min((b - a for a, b in zip(layers, layers[1:])), default=1)
+    dodge = 0.6 * spacing / max(len(weights), 1)  # the weights of one layer share 60% of the gap to the next layer
+    position: dict[int, tuple[float, float]] = {}
+    lines = []
+    for number, weight in enumerate(weights):
+        offset = (number - (len(weights) - 1) / 2) * dodge
+        cells = sorted((c for c in sweep.cells if c.setting.weight == weight), key=lambda c: c.setting.layer)
+        for cell in cells:
+            position[id(cell)] = (cell.setting.layer + offset, cell.loose)
+        lines.append((f"w={weight:g}", tuple(position[id(cell)] for cell in cells)))
+    return SweepPoints(
+        lines=tuple(lines),
+        rejected=tuple(position[id(cell)] for cell in sweep.cells if cell.rejected),
+        winner=None if sweep.winner.setting.no_steering else position[id(sweep.winner)],
+    )
+
+
 def sweep_png(result: SearchResult) -> bytes:
-    """Loose accuracy against layer per instruction (one line per weight), the baseline dashed, rejects crossed."""
+    """Loose accuracy against layer per instruction: one line per weight, the baseline dashed, rejected settings
+    crossed in red, the winner ringed (or the baseline drawn bold when no steering won)."""
     count = max(len(result.sweeps), 1)
     columns = min(4, count)
     rows = math.ceil(count / columns)
@@ -176,31 +209,34 @@ def sweep_png(result: SearchResult) -> bytes:
     figure.set_layout_engine("constrained")  # keeps each panel's title clear of the x label above it
     for index, sweep in enumerate(result.sweeps):
         axes = figure.add_subplot(rows, columns, index + 1)
-        weights = sorted({cell.setting.weight for cell in sweep.cells})
-        for weight in weights:
-            cells = sorted((c for c in sweep.cells if c.setting.weight == weight), key=lambda c: c.setting.layer)
-            layers = [c.setting.layer for c in cells]
-            axes.plot(layers, [c.loose for c in cells], marker="o", label=f"w={weight:g}")
-            rejected = [c for c in cells if c.rejected]
+        points = sweep_points(sweep)
+        for label, line in points.lines:
+            axes.plot([x for x, _ in line], [y for _, y in line], marker="o", markersize=4, label=label, zorder=2)
+        if points.rejected:
+            axes.scatter(*zip(*points.rejected), marker="x", color="red", zorder=3, s=40, label="rejected")
+        if points.winner is not None:
             axes.scatter(
-                [c.setting.layer for c in rejected],
-                [c.loose for c in rejected],
-                marker="x",
-                color="red",
-                zorder=3,
-                s=60,
+                *points.winner, marker="o", s=160, facecolors="none", edgecolors="black", linewidths=1.5, zorder=4
             )
-        axes.axhline(sweep.baseline.loose, linestyle="--", color="gray", label="no steering")
-        winner = sweep.winner.setting
-        axes.set_title(f"{sweep.instruction} → {winner.label}", fontsize=8)
+            axes.plot([], [], "o", markersize=9, markerfacecolor="none", markeredgecolor="black", label="winner")
+        baseline_won = points.winner is None
+        axes.axhline(
+            sweep.baseline.loose,
+            linestyle="--",
+            color="black" if baseline_won else "gray",
+            linewidth=2.0 if baseline_won else 1.0,
+            label="no steering (winner)" if baseline_won else "no steering",
+            zorder=1,
+        )
+        axes.set_title(f"{sweep.instruction} → {sweep.winner.setting.label}", fontsize=8)
         axes.set_ylim(-0.02, 1.02)
         axes.set_xticks(sorted({c.setting.layer for c in sweep.cells}))
         axes.set_xlabel("layer", fontsize=8)
         axes.tick_params(labelsize=7)
         if index == 0:
             axes.set_ylabel("loose accuracy (validation)", fontsize=8)
-            axes.legend(fontsize=6)
-    figure.suptitle(f"{result.model_id}: layer sweep (red x: rejected by the quality guard)", fontsize=9)
+        axes.legend(fontsize=6)
+    figure.suptitle(f"{result.model_id}: layer sweep (winner ringed; red x: rejected by the quality guard)", fontsize=9)
     return _png(figure)
 
 

@@ -331,3 +331,28 @@ def test_cli_compute_search_eval_end_to_end(handle, tmp_path, monkeypatch) -> No
     assert len(data["answers"]) == 2 * 4  # two test prompts, four cells
     assert (tmp_path / "out" / "eval" / "eval-cells.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "out" / "search" / "search-layers.png").exists()
+
+
+def _cell(layer, weight, loose, rejected=None) -> SweepCell:
+    setting = Setting(layer, "add", weight, "all")
+    return SweepCell(setting, loose, loose, 0.0, math.nan, ("p",), ("a",), (math.nan,), rejected)
+
+
+def test_the_plot_keeps_the_winner_and_a_rejected_setting_with_the_same_score_apart() -> None:
+    from nsteer.report import sweep_png, sweep_points
+    from nsteer.search import InstructionSweep, SearchResult
+
+    baseline = _cell(None, 0.0, 0.25)
+    winner = _cell(3, 4.0, 0.5)
+    cells = (_cell(1, 4.0, 0.0), _cell(1, 8.0, 0.0), winner, _cell(3, 8.0, 0.5, rejected="degenerate"))
+    sweep = InstructionSweep("lowercase", 0, "v.safetensors", "absent", baseline, cells, winner, "rule")
+    points = sweep_points(sweep)
+    (rejected,) = points.rejected
+    assert points.winner is not None and rejected != points.winner and rejected[1] == points.winner[1] == 0.5
+    assert 1 < points.winner[0] < rejected[0] < 4  # one layer's weights sit side by side, before the next layer
+    assert [label for label, _ in points.lines] == ["w=4", "w=8"]
+    assert all(len(line) == 2 for _, line in points.lines)
+    no_steering = dataclasses.replace(sweep, winner=baseline)
+    assert sweep_points(no_steering).winner is None
+    png = sweep_png(SearchResult("tiny", "", (sweep, no_steering)))
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
