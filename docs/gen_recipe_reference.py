@@ -119,7 +119,10 @@ def default_text(info: Any) -> str:
         return "**required**"
     value = info.default_factory() if info.default_factory is not None else info.default
     if isinstance(value, BaseModel):
-        return "its defaults"
+        if value.model_fields_set:  # a section default that differs from the section's own defaults: spell it out
+            value = value.model_dump(include=value.model_fields_set)
+        else:
+            return "its defaults"
     if value is None:
         return "none"
     if value == [] or value == {}:

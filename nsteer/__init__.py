@@ -30,6 +30,7 @@ _EXPORTS = {
     "check_compatible": "nsteer.vectors",
     "Edit": "nsteer.edits",
     "edit_from_vector": "nsteer.edits",
+    "relative_weight": "nsteer.edits",
     "generate": "nsteer.generate",
     "generate_tokens": "nsteer.generate",
     "export_llama_cpp": "nsteer.interop",

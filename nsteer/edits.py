@@ -55,8 +55,13 @@ def edit_from_vector(
     mode: str | None = None,
     weight: float | None = None,
     positions: str | None = None,
+    target_scale: float | None = None,
 ) -> Edit:
-    """Build an Edit from a vector at one layer; unset arguments fall back to the vector's searched choice."""
+    """Build an Edit from a vector at one layer; unset arguments fall back to the vector's searched choice.
+
+    ``weight`` is absolute (see :func:`relative_weight` for one on the vector's scale); ``target_scale`` k makes a
+    ``set`` edit's target k × z_l.
+    """
     chosen = dict(vector.metadata.chosen or {})
     layer = layer if layer is not None else chosen.get("layer")
     if layer is None:
@@ -86,10 +91,16 @@ def edit_from_vector(
         direction=vector.directions[layer],
         mode=mode,
         weight=float(weight if weight is not None else chosen.get("weight", 1.0)),
-        target=float(vector.mean_projections[layer]),
+        target=float(target_scale if target_scale is not None else chosen.get("target_scale", 1.0))
+        * float(vector.mean_projections[layer]),
         positions=positions or chosen.get("positions", "all"),
         name=vector.instruction_id,
     )
+
+
+def relative_weight(vector: SteeringVector, layer: int, k: float) -> float:
+    """The absolute weight ``k × ‖u_l‖``: k times the raw norm of the vector's mean difference at ``layer``."""
+    return float(k) * float(vector.norms[layer])
 
 
 def validate_edits(edits: Sequence[Edit], *, n_layers: int, hidden_size: int) -> None:

@@ -9,7 +9,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from nsteer.errors import NsteerError, RecipeError
 from nsteer.fileio import MAX_RECIPE_BYTES, YAMLLimitError, parse_yaml, read_text, user_path
@@ -93,6 +102,20 @@ class InstructionSection(Strict):
         return value
 
 
+class RelativeWeight(Strict):
+    """A weight on the vector's own scale: ``k`` times the layer's raw norm ``‖u_l‖`` (the mean difference's length)."""
+
+    relative: float = Field(description="k: the weight is k × ‖u_l‖ at the edit's layer.")
+
+    @field_validator("relative")
+    @classmethod
+    def _finite(cls, value: float) -> float:
+        """k is a finite number."""
+        if not math.isfinite(value):
+            raise ValueError("relative must be a finite number")
+        return value
+
+
 class SteerEntry(Strict):
     """One edit: an instruction's vector at a layer, with a mode, a weight and positions."""
 
@@ -101,12 +124,19 @@ class SteerEntry(Strict):
     mode: Literal["set", "add", "ablate"] = Field(
         "set", description="set the projection, add the direction, or ablate it."
     )
-    weight: float = Field(1.0, description="Scales the edit; negative add steers away (e.g. word exclusion).")
+    weight: float | RelativeWeight = Field(
+        1.0,
+        description="Scales the edit: a number, or {relative: k} for k × ‖u_l‖ at the layer (an add of k = 1 moves the "
+        "stream as far as the instruction does on average); negative add steers away (e.g. word exclusion).",
+    )
     positions: Literal["all", "prompt", "generated"] = Field("all", description="Which token positions are edited.")
     vector: str | None = Field(
         None,
         description="A vector file, or another instruction of the recipe whose vector to use "
         "(word exclusion: the include:<word> vector with a negative add weight).",
+    )
+    target_scale: float = Field(
+        1.0, description="set only: the target projection is target_scale × z_l (1: the paper's set)."
     )
 
     @field_validator("layer")
@@ -117,13 +147,20 @@ class SteerEntry(Strict):
             raise ValueError("layer must be 0 or more (or auto)")
         return value
 
-    @field_validator("weight")
+    @field_validator("weight", "target_scale")
     @classmethod
-    def _finite(cls, value: float) -> float:
-        """The weight is a finite number."""
-        if not math.isfinite(value):
-            raise ValueError("weight must be a finite number")
+    def _finite(cls, value: Any, info: ValidationInfo) -> Any:
+        """The weight and the target scale are finite numbers."""
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{info.field_name} must be a finite number")
         return value
+
+    @model_validator(mode="after")
+    def _target_scale_is_for_set(self) -> SteerEntry:
+        """A target scale other than 1 needs mode set (add and ablate have no target)."""
+        if self.target_scale != 1.0 and self.mode != "set":
+            raise ValueError(f"target_scale applies to mode set only, not {self.mode}")
+        return self
 
 
 class ExtractionSection(Strict):
@@ -148,6 +185,14 @@ class GenerationSection(Strict):
     seed: int | None = Field(None, ge=0, description="Seed for sampling, so sampled answers repeat.")
 
 
+class SearchWeights(Strict):
+    """Search weights on the vector's own scale: each k is tried as k × ‖u_l‖ at every candidate layer."""
+
+    relative: list[float] = Field(
+        min_length=1, description="The ks: 1 moves the stream as far as the instruction does on average."
+    )
+
+
 class SearchSection(Strict):
     """How `nsteer search` sweeps layers (and weights for add) on the validation split, and its quality guard."""
 
@@ -155,10 +200,15 @@ class SearchSection(Strict):
         None, description="Candidate layers; default n_layers // 5 to the last, every layer_step."
     )
     layer_step: int = Field(2, gt=0, description="Step of the default layer range.")
-    weights: list[float] = Field(
-        default_factory=lambda: [2.0, 4.0, 8.0],
+    weights: list[float] | SearchWeights = Field(
+        default_factory=lambda: SearchWeights(relative=[0.5, 1.0, 2.0]),
+        description="Candidate weights for add entries that give no weight of their own: {relative: [k, ...]} for "
+        "k × ‖u_l‖ at each candidate layer, or a list of plain numbers (the same at every layer).",
+    )
+    target_scales: list[float] = Field(
+        default_factory=lambda: [1.0],
         min_length=1,
-        description="Candidate weights for add entries that give no weight of their own.",
+        description="Candidate target scales k for set entries (target k × z_l); [1.0] is the paper's set.",
     )
     condition: Literal["absent", "present", "both"] = Field(
         "absent", description="Score with the instruction absent from the prompt, present, or both."
@@ -183,12 +233,15 @@ class SearchSection(Strict):
             raise ValueError("layers must be a non-empty list of layer indices, 0 or more")
         return value
 
-    @field_validator("weights")
+    @field_validator("weights", "target_scales")
     @classmethod
-    def _weights_finite(cls, value: list[float]) -> list[float]:
-        """Search weights are finite numbers."""
-        if not all(math.isfinite(weight) for weight in value):
-            raise ValueError("weights must be finite numbers")
+    def _weights_finite(cls, value: Any, info: ValidationInfo) -> Any:
+        """Search weights and target scales are non-empty lists of finite numbers."""
+        numbers = value.relative if isinstance(value, SearchWeights) else value
+        if not numbers:
+            raise ValueError(f"{info.field_name} must list at least 1 number")
+        if not all(math.isfinite(number) for number in numbers):
+            raise ValueError(f"{info.field_name} must be finite numbers")
         return value
 
 
@@ -353,6 +406,8 @@ def _pydantic_message(error: Mapping[str, Any], data: Any) -> tuple[tuple, str]:
     if kind == "missing":
         return location, "this field is required."
     message = error["msg"].removeprefix("Value error, ")
+    if kind == "model_type":  # name the keys, not pydantic's class
+        message = f"Input should be a mapping with the key(s) {', '.join(_allowed_keys(location))}"
     if "input" in error and kind not in ("value_error",):
         message += f" (got {error['input']!r})"
     return location, message + "."
@@ -371,11 +426,29 @@ _SECTIONS: dict[str, type[BaseModel]] = {
 }
 
 
+def _deepest_first(problems: list[Any], data: Any) -> list[Any]:
+    """Put first the most specific problem inside the first problem's field: a mapping given to a "number or mapping"
+    field is reported by what is wrong inside the mapping (an unknown key), not by "should be a number"."""
+    where = [_data_location(data, tuple(problem["loc"]), problem["type"]) for problem in problems]
+    first = where[0]
+    inside = [
+        (len(location), number)
+        for number, (location, problem) in enumerate(zip(where, problems))
+        if location[: len(first)] == first and len(location) > len(first) and problem["type"] != "missing"
+    ]
+    if not inside:
+        return problems
+    chosen = max(inside)[1]
+    return [problems[chosen], *(problem for number, problem in enumerate(problems) if number != chosen)]
+
+
 def _allowed_keys(parent: tuple) -> list[str]:
     if not parent:
         return list(Recipe.model_fields)
     if parent[0] == "steer":
-        return list(SteerEntry.model_fields)
+        return list(RelativeWeight.model_fields if parent[-1] == "weight" else SteerEntry.model_fields)
+    if parent[-2:] == ("search", "weights"):
+        return list(SearchWeights.model_fields)
     if parent[0] == "instructions" and len(parent) == 2:
         return list(InstructionSection.model_fields)
     section = _SECTIONS.get(str(parent[-1]))
@@ -394,6 +467,7 @@ def recipe_from_dict(data: Any, *, source: Path | None = None, lines: Mapping[tu
     except ValidationError as error:
         # A mistyped key (instruction: for instructions:) also makes a field missing: name the typo first.
         problems = sorted(error.errors(), key=lambda problem: problem["type"] == "missing")
+        problems = _deepest_first(problems, data)
         first = problems[0]
         context = first.get("ctx", {}).get("error")
         if isinstance(context, _FieldProblem):

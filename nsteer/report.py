@@ -170,8 +170,9 @@ def eval_bars_png(result: EvaluationResult) -> bytes:
 
 @dataclass(frozen=True)
 class SweepPoints:
-    """Where a sweep's settings sit in its plot: one line per weight, its points dodged sideways so that settings of one
-    layer with equal scores stay apart; the rejected points and the winner's point (None: no steering won)."""
+    """Where a sweep's settings sit in its plot: one line per weight (per k for weights on the vector's scale, per
+    target scale for set), its points dodged sideways so that settings of one layer with equal scores stay apart; the
+    rejected points and the winner's point (None: no steering won)."""
 
     lines: tuple[tuple[str, tuple[tuple[float, float], ...]], ...]
     rejected: tuple[tuple[float, float], ...]
@@ -180,7 +181,17 @@ class SweepPoints:
 
 def sweep_points(sweep: InstructionSweep) -> SweepPoints:
     """The plotted position of every setting of ``sweep`` (see :class:`SweepPoints`)."""
-    weights = sorted({cell.setting.weight for cell in sweep.cells})
+
+    def series(cell: SweepCell) -> tuple[float, float]:  # a relative k is one line across layers, not one weight
+        setting = cell.setting
+        return (setting.weight if setting.relative is None else setting.relative, setting.target_scale)
+
+    def series_label(key: tuple[float, float], relative: bool) -> str:
+        weight, scale = key
+        return (f"w={weight:g}×‖u‖" if relative else f"w={weight:g}") + (f" z×{scale:g}" if scale != 1.0 else "")
+
+    weights = sorted({series(cell) for cell in sweep.cells})
+    relative = any(cell.setting.relative is not None for cell in sweep.cells)
     layers = sorted({cell.setting.layer for cell in sweep.cells})
     spacing = min((b - a for a, b in zip(layers, layers[1:])), default=1)
     dodge = 0.6 * spacing / max(len(weights), 1)  # the weights of one layer share 60% of the gap to the next layer
@@ -188,10 +199,10 @@ def sweep_points(sweep: InstructionSweep) -> SweepPoints:
     lines = []
     for number, weight in enumerate(weights):
         offset = (number - (len(weights) - 1) / 2) * dodge
-        cells = sorted((c for c in sweep.cells if c.setting.weight == weight), key=lambda c: c.setting.layer)
+        cells = sorted((c for c in sweep.cells if series(c) == weight), key=lambda c: c.setting.layer)
         for cell in cells:
             position[id(cell)] = (cell.setting.layer + offset, cell.loose)
-        lines.append((f"w={weight:g}", tuple(position[id(cell)] for cell in cells)))
+        lines.append((series_label(weight, relative), tuple(position[id(cell)] for cell in cells)))
     return SweepPoints(
         lines=tuple(lines),
         rejected=tuple(position[id(cell)] for cell in sweep.cells if cell.rejected),

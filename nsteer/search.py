@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nsteer.edits import edit_from_vector
+from nsteer.edits import edit_from_vector, relative_weight
 from nsteer.errors import EvaluationError
 from nsteer.evaluate.checkers import CheckSpec, check_all
 from nsteer.evaluate.checkpoint import append_checkpoint, cell_key, read_checkpoint
@@ -43,12 +43,18 @@ CHECKPOINT_NAME = "cells.jsonl"
 
 @dataclass(frozen=True)
 class Setting:
-    """One candidate: a layer, mode, weight and positions; ``layer=None`` is "no steering"."""
+    """One candidate: a layer, mode, weight and positions; ``layer=None`` is "no steering".
+
+    ``weight`` is what the edit applies; ``relative`` is the k it came from when it was given on the vector's scale
+    (``weight = k × ‖u_l‖``), None for an absolute weight. ``target_scale`` k makes a ``set`` target k × z_l.
+    """
 
     layer: int | None
     mode: str = "set"
     weight: float = 1.0
     positions: str = "all"
+    relative: float | None = None
+    target_scale: float = 1.0
 
     @property
     def no_steering(self) -> bool:
@@ -56,9 +62,15 @@ class Setting:
         return self.layer is None
 
     @property
+    def weight_label(self) -> str:
+        """``w=1``, or ``w=0.5×‖u‖=22.6`` for a weight on the vector's scale (plus ``z×1.2`` for a scaled target)."""
+        text = f"w={self.weight:g}" if self.relative is None else f"w={self.relative:g}×‖u‖={self.weight:.3g}"
+        return text + (f" z×{self.target_scale:g}" if self.target_scale != 1.0 else "")
+
+    @property
     def label(self) -> str:
         """``no steering`` or ``layer 14 set w=1``."""
-        return "no steering" if self.layer is None else f"layer {self.layer} {self.mode} w={self.weight:g}"
+        return "no steering" if self.layer is None else f"layer {self.layer} {self.mode} {self.weight_label}"
 
 
 @dataclass(frozen=True)
@@ -115,6 +127,41 @@ def candidate_layers(n_layers: int, layers: Sequence[int] | None = None, step: i
     return list(range(n_layers // 5, n_layers, step))
 
 
+def candidate_settings(recipe: Recipe, index: int, vector: SteeringVector, layers: Sequence[int]) -> list[Setting]:
+    """The settings swept for steer entry ``index``: every candidate layer with every weight, and for ``set`` every
+    target scale.
+
+    An ``add`` entry that gives no weight sweeps ``search.weights`` (relative ks become ``k × ‖u_l‖`` at each layer);
+    an entry's own weight or target scale pins that value. ``set`` and ``ablate`` keep their weight (default 1).
+    """
+    from nsteer.recipe import RelativeWeight, SearchWeights
+
+    entry, search = recipe.steer[index], recipe.search
+    if "weight" in entry.model_fields_set or entry.mode != "add":
+        weights: list[tuple[float, bool]] = [
+            (entry.weight.relative, True) if isinstance(entry.weight, RelativeWeight) else (entry.weight, False)
+        ]
+    elif isinstance(search.weights, SearchWeights):
+        weights = [(k, True) for k in search.weights.relative]
+    else:
+        weights = [(weight, False) for weight in search.weights]
+    explicit_scale = "target_scale" in entry.model_fields_set or entry.mode != "set"
+    scales = [entry.target_scale] if explicit_scale else list(search.target_scales)
+    return [
+        Setting(
+            layer,
+            entry.mode,
+            relative_weight(vector, layer, weight) if relative else float(weight),
+            entry.positions,
+            relative=float(weight) if relative else None,
+            target_scale=float(scale),
+        )
+        for layer in layers
+        for weight, relative in weights
+        for scale in scales
+    ]
+
+
 def guard_rule(margin: float, min_perplexity_ratio: float) -> str:
     """The guard's rule in words, as recorded with the result."""
     rule = f"reject if degenerate share > baseline share + {margin:g}"
@@ -151,13 +198,27 @@ def choose(baseline: SweepCell, cells: Sequence[SweepCell]) -> SweepCell:
     return best
 
 
-def chosen_metadata(sweep: InstructionSweep, layers: Sequence[int], weights: Sequence[float]) -> dict[str, Any]:
-    """What is written into the vector file's ``chosen`` metadata for this sweep's winner."""
+def searched_weights(settings: Sequence[Setting]) -> tuple[list[float], bool]:
+    """The weights a sweep tried, in order, and whether they are ks on the vector's scale (else absolute)."""
+    relative = any(setting.relative is not None for setting in settings)
+    weights = dict.fromkeys(setting.relative if relative else setting.weight for setting in settings)
+    return [float(weight) for weight in weights if weight is not None], relative
+
+
+def chosen_metadata(sweep: InstructionSweep, layers: Sequence[int]) -> dict[str, Any]:
+    """What is written into the vector file's ``chosen`` metadata for this sweep's winner.
+
+    ``weight`` is always the absolute weight the winner applied; ``weight_relative`` is its k when the weights were
+    searched on the vector's scale (``weights_searched`` then lists the ks, with ``weights_relative: true``).
+    """
     winner, setting = sweep.winner, sweep.winner.setting
+    weights, relative = searched_weights([cell.setting for cell in sweep.cells])
     return {
         "layer": setting.layer,
         "mode": setting.mode,
         "weight": setting.weight,
+        "weight_relative": setting.relative,
+        "target_scale": setting.target_scale,
         "positions": setting.positions,
         "no_steering": setting.no_steering,
         "score": winner.loose,
@@ -169,7 +230,9 @@ def chosen_metadata(sweep: InstructionSweep, layers: Sequence[int], weights: Seq
         "condition": sweep.condition,
         "n_prompts": winner.n,
         "layers_searched": list(layers),
-        "weights_searched": list(weights),
+        "weights_searched": weights,
+        "weights_relative": relative,
+        "target_scales_searched": list(dict.fromkeys(cell.setting.target_scale for cell in sweep.cells)),
         "rule": sweep.rule,
     }
 
@@ -243,7 +306,12 @@ def run_cells(
             if setting.no_steering
             else [
                 edit_from_vector(
-                    vector, layer=setting.layer, mode=setting.mode, weight=setting.weight, positions=setting.positions
+                    vector,
+                    layer=setting.layer,
+                    mode=setting.mode,
+                    weight=setting.weight,
+                    positions=setting.positions,
+                    target_scale=setting.target_scale,
                 )
             ]
             for _, setting in chunk
@@ -353,9 +421,7 @@ def search_recipe(
             )
         spec = CheckSpec(instruction.check_id, dict(instruction.check_kwargs))
         prompts = validation_prompts(recipe, entry.instruction)
-        explicit_weight = "weight" in entry.model_fields_set or entry.mode != "add"
-        weights = [entry.weight] if explicit_weight else list(settings.weights)
-        candidates = [Setting(layer, entry.mode, weight, entry.positions) for layer in layers for weight in weights]
+        candidates = candidate_settings(recipe, index, vector, layers)
         bar = progress(f"search {entry.instruction}") if progress else None
         swept = run_cells(
             handle,
@@ -390,7 +456,7 @@ def search_recipe(
         if write:
             # Build on what this run already wrote: another entry may have recorded its own setting in the same file.
             written[files[index]] = written.get(files[index], vector).with_choice(
-                chosen_metadata(sweep, layers, weights), entry.instruction
+                chosen_metadata(sweep, layers), entry.instruction
             )
             save_vector(written[files[index]], paths[index])
         sweeps.append(sweep)

@@ -10,7 +10,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from nsteer.edits import Edit, edit_from_vector
+from nsteer.edits import Edit, edit_from_vector, relative_weight
 from nsteer.errors import NsteerError, RecipeError
 from nsteer.extract import compute_vector
 from nsteer.fileio import user_path
@@ -26,7 +26,7 @@ from nsteer.prompts import (
     load_phrasings,
     split_pairs,
 )
-from nsteer.recipe import Recipe
+from nsteer.recipe import Recipe, RelativeWeight
 from nsteer.vectors import SteeringVector, carry_choices, check_compatible, load_vector, save_vector
 
 ProgressFactory = Callable[[str], Callable[[int, int], None]]
@@ -252,7 +252,7 @@ def steer_entry_edit(recipe: Recipe, vectors: Mapping[str, SteeringVector], inde
     """
     entry = recipe.steer[index]
     vector = vectors[entry.vector or entry.instruction]
-    layer, weight = entry.layer, entry.weight
+    layer, weight, target_scale = entry.layer, entry.weight, entry.target_scale
     if layer == "auto":
         chosen = vector.choice(entry.instruction) or {}
         if chosen.get("no_steering"):
@@ -279,12 +279,18 @@ def steer_entry_edit(recipe: Recipe, vectors: Mapping[str, SteeringVector], inde
             and chosen.get("mode") == entry.mode
             and chosen.get("weight") is not None
         ):
-            weight = float(chosen["weight"])
+            weight = float(chosen["weight"])  # the absolute weight the search tried (a relative k already resolved)
+        if "target_scale" not in entry.model_fields_set and chosen.get("mode") == entry.mode:
+            target_scale = float(chosen.get("target_scale", 1.0))
     if not 0 <= layer < vector.metadata.n_layers:
         raise recipe.error(
             ("steer", index, "layer"), f"layer {layer} is out of range (0..{vector.metadata.n_layers - 1})."
         )
-    return edit_from_vector(vector, layer=layer, mode=entry.mode, weight=weight, positions=entry.positions)
+    if isinstance(weight, RelativeWeight):
+        weight = relative_weight(vector, layer, weight.relative)
+    return edit_from_vector(
+        vector, layer=layer, mode=entry.mode, weight=weight, positions=entry.positions, target_scale=target_scale
+    )
 
 
 def generation_config(recipe: Recipe, **overrides) -> GenerationConfig:

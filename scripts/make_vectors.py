@@ -62,28 +62,28 @@ def searched(recipe, names, n_layers: int) -> bool:
     Changing the recipe's search layers, weights or condition makes the files stale, so they are searched again.
     """
     from nsteer.errors import NsteerError
-    from nsteer.search import candidate_layers
+    from nsteer.search import candidate_layers, candidate_settings, searched_weights
     from nsteer.vectors import load_vector
     from nsteer.workflow import vector_path
 
     settings = recipe.search
     layers = candidate_layers(n_layers, settings.layers, settings.layer_step)
-    modes = {entry.instruction: entry for entry in recipe.steer}
+    indices = {entry.instruction: index for index, entry in enumerate(recipe.steer)}
     for name in names:
         try:
-            chosen = load_vector(vector_path(recipe, name)).metadata.chosen
+            vector = load_vector(vector_path(recipe, name))
         except NsteerError:
             return False
+        chosen = vector.metadata.chosen
         if (
             not chosen
             or list(chosen.get("layers_searched", [])) != layers
             or chosen.get("condition") != settings.condition
         ):
             return False
-        entry = modes[name]
-        explicit = "weight" in entry.model_fields_set or entry.mode != "add"
-        weights = [entry.weight] if explicit else list(settings.weights)
-        if [float(w) for w in chosen.get("weights_searched", [])] != [float(w) for w in weights]:
+        weights, relative = searched_weights(candidate_settings(recipe, indices[name], vector, layers))
+        searched_as = ([float(w) for w in chosen.get("weights_searched", [])], bool(chosen.get("weights_relative")))
+        if searched_as != (weights, relative):
             return False
     return True
 
@@ -165,7 +165,7 @@ def search_words_shared(recipe, handle, runs_dir: Path, force: bool, words=SHARE
         rule=result.sweeps[0].rule,
     )
     layers = candidate_layers(handle.n_layers, settings.layers, settings.layer_step)
-    chosen = chosen_metadata(sweep, layers, list(settings.weights))
+    chosen = chosen_metadata(sweep, layers)
     chosen["shared_search"] = {
         "words": list(words),
         "note": (

@@ -158,6 +158,73 @@ def test_add_entries_sweep_weights_and_layer_auto_takes_the_searched_weight(setu
     assert (edit.layer, edit.mode, edit.weight) == (2, "add", -3.0)
 
 
+def test_add_entries_sweep_weights_relative_to_the_layer_norm_by_default(setup, handle) -> None:
+    recipe = setup(
+        steer=[{"instruction": "lowercase", "layer": "auto", "mode": "add"}],
+        search={"layers": [1, 2], "max_prompts": 2},
+    )
+    vector = load_recipe_vectors(recipe, handle)["lowercase"]
+    norms = {layer: float(vector.norms[layer]) for layer in (1, 2)}
+    assert norms[1] != norms[2]
+    applied: set[tuple[int, float]] = set()
+
+    def generator(h, prompts, *, row_edits, config, progress=None):
+        for edits in row_edits:
+            applied.update((edit.layer, edit.weight) for edit in edits)
+        edit = row_edits[0][0] if row_edits[0] else None
+        good = edit is not None and edit.layer == 2 and edit.weight == pytest.approx(2.0 * norms[2])
+        return [PASS_LOWER if good else TITLE] * len(prompts)
+
+    (sweep,) = search_recipe(recipe, handle, generator=generator, reference=None).sweeps
+    expected = {(layer, round(k * norms[layer], 4)) for layer in (1, 2) for k in (0.5, 1.0, 2.0)}  # the default ks
+    assert {(layer, round(weight, 4)) for layer, weight in applied} == expected
+    winner = sweep.winner.setting
+    assert (winner.layer, winner.relative, winner.weight) == (2, 2.0, pytest.approx(2.0 * norms[2]))
+    assert winner.label == f"layer 2 add w=2×‖u‖={2.0 * norms[2]:.3g}"
+    chosen = load_vector(vector_path(recipe, "lowercase")).metadata.chosen
+    assert chosen["weight"] == pytest.approx(2.0 * norms[2]) and chosen["weight_relative"] == 2.0
+    assert chosen["weights_searched"] == [0.5, 1.0, 2.0] and chosen["weights_relative"] is True
+    (edit,) = recipe_edits(recipe, load_recipe_vectors(recipe, handle))
+    assert (edit.layer, edit.mode, edit.weight) == (2, "add", chosen["weight"])
+
+
+def test_set_entries_can_sweep_target_scales(setup, handle) -> None:
+    recipe = setup(search={"layers": [2], "target_scales": [0.5, 1.5], "max_prompts": 2})
+    vector = load_recipe_vectors(recipe, handle)["lowercase"]
+    z = float(vector.mean_projections[2])
+
+    def generator(h, prompts, *, row_edits, config, progress=None):
+        edit = row_edits[0][0] if row_edits[0] else None
+        good = edit is not None and edit.target == pytest.approx(1.5 * z) and edit.weight == 1.0
+        return [PASS_LOWER if good else TITLE] * len(prompts)
+
+    (sweep,) = search_recipe(recipe, handle, generator=generator, reference=None).sweeps
+    assert [c.setting.target_scale for c in sweep.cells] == [0.5, 1.5]
+    assert sweep.winner.setting.target_scale == 1.5 and sweep.winner.setting.label == "layer 2 set w=1 z×1.5"
+    chosen = load_vector(vector_path(recipe, "lowercase")).metadata.chosen
+    assert chosen["target_scale"] == 1.5 and chosen["target_scales_searched"] == [0.5, 1.5]
+    (edit,) = recipe_edits(recipe, load_recipe_vectors(recipe, handle))
+    assert (edit.layer, edit.mode, edit.weight, edit.target) == (2, "set", 1.0, pytest.approx(1.5 * z))
+
+
+def test_steer_entries_take_weights_on_the_vector_scale_and_scaled_targets(setup, handle) -> None:
+    recipe = setup(
+        steer=[
+            {"instruction": "lowercase", "layer": 1, "mode": "add", "weight": {"relative": 1.5}},
+            {"instruction": "lowercase", "layer": 3, "mode": "set", "target_scale": 0.8},
+        ]
+    )
+    vector = load_recipe_vectors(recipe, handle)["lowercase"]
+    add, set_ = recipe_edits(recipe, {"lowercase": vector})
+    assert (add.layer, add.mode, add.weight) == (1, "add", pytest.approx(1.5 * float(vector.norms[1])))
+    assert (set_.layer, set_.weight) == (3, 1.0)
+    assert set_.target == pytest.approx(0.8 * float(vector.mean_projections[3]))
+    with pytest.raises(RecipeError, match="target_scale applies to mode set only"):
+        setup(steer=[{"instruction": "lowercase", "layer": 1, "mode": "add", "target_scale": 2.0}])
+    with pytest.raises(RecipeError, match=r"steer\[0\].weight.relative: relative must be a finite number"):
+        setup(steer=[{"instruction": "lowercase", "layer": 1, "mode": "add", "weight": {"relative": math.inf}}])
+
+
 def test_word_exclusion_searches_the_borrowed_inclusion_vector_without_touching_its_own_setting(setup, handle) -> None:
     recipe = setup(
         instructions={"include:ocean": {}, "exclude:ocean": {}},
@@ -354,5 +421,11 @@ def test_the_plot_keeps_the_winner_and_a_rejected_setting_with_the_same_score_ap
     assert all(len(line) == 2 for _, line in points.lines)
     no_steering = dataclasses.replace(sweep, winner=baseline)
     assert sweep_points(no_steering).winner is None
-    png = sweep_png(SearchResult("tiny", "", (sweep, no_steering)))
+    scaled = tuple(
+        dataclasses.replace(c, setting=dataclasses.replace(c.setting, relative=c.setting.weight / 4, weight=w))
+        for c, w in zip(cells, (10.0, 20.0, 31.0, 62.0))  # one k means another weight at every layer
+    )
+    relative = dataclasses.replace(sweep, cells=scaled, winner=scaled[2])
+    assert [(label, len(line)) for label, line in sweep_points(relative).lines] == [("w=1×‖u‖", 2), ("w=2×‖u‖", 2)]
+    png = sweep_png(SearchResult("tiny", "", (sweep, no_steering, relative)))
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
