@@ -10,7 +10,11 @@ class NsteerError(Exception):
 
 
 class RecipeError(NsteerError):
-    """A recipe (YAML or dict) is malformed; the message names the file, line and field."""
+    """A recipe (YAML or dict) is malformed; the message names the file, line and field of every problem found."""
+
+    def __init__(self, *problems: str) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems  # one self-contained line each: "FILE, line N, field F: what is wrong"
 
 
 class PromptDataError(NsteerError):

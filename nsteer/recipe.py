@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import difflib
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -290,6 +291,7 @@ class Recipe(Strict):
 
     _source: Path | None = PrivateAttr(None)
     _lines: Mapping[tuple, int] = PrivateAttr(default_factory=dict)
+    _origins: Mapping[tuple, str] = PrivateAttr(default_factory=dict)  # fields set from outside the file, by whom
 
     @model_validator(mode="after")
     def _steer_names_instructions(self) -> Recipe:
@@ -303,6 +305,11 @@ class Recipe(Strict):
         return self
 
     @property
+    def source(self) -> Path | None:
+        """The file the recipe was loaded from (None for a recipe given as a dict)."""
+        return self._source
+
+    @property
     def base_dir(self) -> Path:
         """The folder relative paths are resolved from."""
         return self._source.parent if self._source else Path.cwd()
@@ -312,25 +319,44 @@ class Recipe(Strict):
         """The output folder (relative to the current directory, unlike input files, which follow the recipe)."""
         return user_path(self.output.dir.replace("{name}", self.name))
 
+    @property
+    def model_location(self) -> str:
+        """``model.id`` as it is opened: a relative path resolved from the recipe's folder, else the id as written.
+
+        A path is an id that names something existing there, or one that is written as a path (``/``, ``./``,
+        ``../``, ``~`` or a ``.gguf`` file); anything else is a Hub id (or the embedded model).
+        """
+        return model_location(self.model.id, self.base_dir)
+
     def error(self, location: tuple, message: str) -> RecipeError:
         """A RecipeError pointing at ``location`` (e.g. ``("steer", 0, "layer")``) in the recipe's file."""
-        return RecipeError(_format(self._source, self._lines, location, message))
+        return RecipeError(self.problem(location, message))
+
+    def problem(self, location: tuple, message: str) -> str:
+        """One line naming where ``location`` was written (file, line and field, or the option that set it)."""
+        return _format_problem(self._source, self._lines, self._origins, location, message)
 
     def check_layers(self, n_layers: int) -> None:
-        """Refuse steer entries whose layer does not exist in a model with ``n_layers`` blocks."""
-        for index, entry in enumerate(self.steer):
-            if isinstance(entry.layer, int) and entry.layer >= n_layers:
-                raise self.error(
-                    ("steer", index, "layer"),
-                    f"layer {entry.layer} is out of range: "
-                    f"the model has {n_layers} layers (0..{n_layers - 1}), or use auto.",
-                )
-        for layer in self.search.layers or ():
-            if layer >= n_layers:
-                raise self.error(
-                    ("search", "layers"),
-                    f"layer {layer} is out of range: the model has {n_layers} layers (0..{n_layers - 1}).",
-                )
+        """Refuse steer entries (and search layers) that do not exist in a model with ``n_layers`` blocks."""
+        problems = [
+            self.problem(
+                ("steer", index, "layer"),
+                f"layer {entry.layer} is out of range: the model has {n_layers} layers (0..{n_layers - 1}), "
+                "or use auto.",
+            )
+            for index, entry in enumerate(self.steer)
+            if isinstance(entry.layer, int) and entry.layer >= n_layers
+        ]
+        problems += [
+            self.problem(
+                ("search", "layers"),
+                f"layer {layer} is out of range: the model has {n_layers} layers (0..{n_layers - 1}).",
+            )
+            for layer in self.search.layers or ()
+            if layer >= n_layers
+        ]
+        if problems:
+            raise RecipeError(*problems)
 
 
 class _FieldProblem(ValueError):
@@ -426,22 +452,6 @@ _SECTIONS: dict[str, type[BaseModel]] = {
 }
 
 
-def _deepest_first(problems: list[Any], data: Any) -> list[Any]:
-    """Put first the most specific problem inside the first problem's field: a mapping given to a "number or mapping"
-    field is reported by what is wrong inside the mapping (an unknown key), not by "should be a number"."""
-    where = [_data_location(data, tuple(problem["loc"]), problem["type"]) for problem in problems]
-    first = where[0]
-    inside = [
-        (len(location), number)
-        for number, (location, problem) in enumerate(zip(where, problems))
-        if location[: len(first)] == first and len(location) > len(first) and problem["type"] != "missing"
-    ]
-    if not inside:
-        return problems
-    chosen = max(inside)[1]
-    return [problems[chosen], *(problem for number, problem in enumerate(problems) if number != chosen)]
-
-
 def _allowed_keys(parent: tuple) -> list[str]:
     if not parent:
         return list(Recipe.model_fields)
@@ -456,35 +466,149 @@ def _allowed_keys(parent: tuple) -> list[str]:
 
 
 def recipe_from_dict(data: Any, *, source: Path | None = None, lines: Mapping[tuple, int] | None = None) -> Recipe:
-    """Validate a recipe given as a dict (the SDK path); errors are RecipeError naming the field."""
+    """Validate a recipe given as a dict (the SDK path); errors are one RecipeError naming every problem's field."""
     lines = lines or {}
     if not isinstance(data, dict):
         raise RecipeError(
             _format(source, lines, (), f"a recipe must be a mapping of sections, got {type(data).__name__}.")
         )
+    recipe = _validated(data, source, lines, {})
+    _check_references(recipe)
+    return recipe
+
+
+def _validated(data: dict, source: Path | None, lines: Mapping[tuple, int], origins: Mapping[tuple, str]) -> Recipe:
+    """``Recipe.model_validate`` with every problem reported at once; ``origins`` names fields set from outside."""
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as error:
-        # A mistyped key (instruction: for instructions:) also makes a field missing: name the typo first.
-        problems = sorted(error.errors(), key=lambda problem: problem["type"] == "missing")
-        problems = _deepest_first(problems, data)
-        first = problems[0]
-        context = first.get("ctx", {}).get("error")
-        if isinstance(context, _FieldProblem):
-            raise RecipeError(_format(source, lines, context.location, str(context))) from None
-        location, message = _pydantic_message(first, data)
-        # A union field (e.g. layer: int | "auto") fails once per branch: say all branches in one sentence.
-        same = [_pydantic_message(other, data) for other in problems[1:]]
-        alternatives = [text for where, text in same if where == location]
-        if alternatives:
-            message = message.rstrip(".") + "; or " + "; or ".join(text.rstrip(".") for text in alternatives) + "."
-        remaining = len(error.errors()) - 1 - len(alternatives)
-        extra = f" ({remaining} more problem(s) after this one)" if remaining else ""
-        raise RecipeError(_format(source, lines, location, message + extra)) from None
+        problems = _validation_problems(error, data)
+        # dict.fromkeys: one override that set several steer entries is one problem, not one per entry
+        raise RecipeError(
+            *dict.fromkeys(_format_problem(source, lines, origins, location, message) for location, message in problems)
+        ) from None
     recipe._source = source
     recipe._lines = dict(lines)
-    _check_references(recipe)
+    recipe._origins = dict(origins)
     return recipe
+
+
+def _validation_problems(error: ValidationError, data: Any) -> list[tuple[tuple, str]]:
+    """One (location, message) per field pydantic refused, in document order of first mention."""
+    # A mistyped key (instruction: for instructions:) also makes a field missing: name the typo first.
+    raw = sorted(error.errors(), key=lambda problem: problem["type"] == "missing")
+    found: dict[tuple, list[str]] = {}
+    kinds: dict[tuple, str] = {}
+    for problem in raw:
+        context = problem.get("ctx", {}).get("error")
+        if isinstance(context, _FieldProblem):
+            location, message = context.location, str(context)
+        else:
+            location, message = _pydantic_message(problem, data)
+        # A union field (e.g. layer: int | "auto") fails once per branch: say all branches in one sentence.
+        found.setdefault(location, []).append(message)
+        kinds.setdefault(location, problem["type"])
+    # A mapping given to a "number or mapping" field (weight: {relative: ...}) fails as "not a number" and again for
+    # what is wrong inside the mapping: report the problem inside.
+    deeper = {location for location in found if location and kinds[location] != "missing"}
+    return [
+        (location, messages[0] if len(messages) == 1 else "; or ".join(m.rstrip(".") for m in messages) + ".")
+        for location, messages in found.items()
+        if not any(inner[: len(location)] == location and len(inner) > len(location) for inner in deeper)
+    ]
+
+
+def _format_problem(
+    source: Path | None,
+    lines: Mapping[tuple, int],
+    origins: Mapping[tuple, str],
+    location: tuple,
+    message: str,
+) -> str:
+    """A problem in the file (file, line, field), or in a value given from outside (the option that gave it)."""
+    origin = next((origins[at] for at in _prefixes(location) if at in origins), None)
+    if origin is None:
+        return _format(source, lines, location, message)
+    return f"{origin}: {message}"
+
+
+def _prefixes(location: tuple) -> list[tuple]:
+    return [location[:end] for end in range(len(location), 0, -1)]
+
+
+@dataclass(frozen=True)
+class Override:
+    """One recipe field set from outside the recipe file, e.g. by a command-line option.
+
+    ``path`` walks the recipe as its YAML does: ``("model", "id")``, ``("prompts", "seed")``. In ``steer`` the
+    second part picks entries: ``None`` every entry, an int one entry, a str the entries steering that instruction:
+    ``("steer", None, "layer")``, ``("steer", "lowercase", "weight")``. ``origin`` names who set it in messages
+    (``--layer 99``).
+    """
+
+    path: tuple
+    value: Any
+    origin: str
+
+
+def override_recipe(recipe: Recipe, overrides: Sequence[Override]) -> Recipe:
+    """``recipe`` with fields replaced, validated by the same models and checks as the file itself.
+
+    A value an override sets is refused with the same message the file would get, naming the override's origin
+    instead of a line: ``--dtype float64: Input should be 'float32', 'bfloat16' or 'float16'``.
+    """
+    if not overrides:
+        return recipe
+    data = recipe.model_dump(exclude_unset=True)
+    origins = dict(recipe._origins)
+    problems = []
+    for override in overrides:
+        try:
+            for location in _override_locations(data, override.path):
+                _set(data, location, override.value)
+                origins[location] = override.origin
+        except _FieldProblem as problem:
+            problems.append(f"{override.origin}: {problem}")
+    try:
+        changed = _validated(data, recipe._source, recipe._lines, origins)
+        _check_references(changed)
+    except RecipeError as error:
+        raise RecipeError(*problems, *error.problems) from None
+    if problems:
+        raise RecipeError(*problems)
+    return changed
+
+
+def _override_locations(data: dict, path: tuple) -> list[tuple]:
+    """The concrete field locations an override path names (several for ``steer`` entries chosen by instruction)."""
+    if not path or path[0] != "steer":
+        return [tuple(path)]
+    entries = data.get("steer") or []
+    if not entries:
+        raise _FieldProblem(path, "the recipe has no steer entries to change; add one to the recipe.")
+    selector, rest = path[1], tuple(path[2:])
+    if selector is None:
+        return [("steer", index, *rest) for index in range(len(entries))]
+    if isinstance(selector, int):
+        if not 0 <= selector < len(entries):
+            raise _FieldProblem(path, f"the recipe has {len(entries)} steer entries, numbered 0..{len(entries) - 1}.")
+        return [("steer", selector, *rest)]
+    chosen = [index for index, entry in enumerate(entries) if entry.get("instruction") == selector]
+    if not chosen:
+        steered = ", ".join(dict.fromkeys(str(entry.get("instruction")) for entry in entries))
+        raise _FieldProblem(path, f"no steer entry steers '{selector}' (the entries steer: {steered}).")
+    return [("steer", index, *rest) for index in chosen]
+
+
+def _set(data: dict, location: tuple, value: Any) -> None:
+    """Set ``data[location[0]][location[1]]... = value``, creating sections on the way."""
+    node: Any = data
+    for part in location[:-1]:
+        if isinstance(node, dict):
+            node = node.setdefault(part, {})
+        else:
+            node = node[part]
+    node[location[-1]] = value
 
 
 def load_recipe(path: str | Path) -> Recipe:
@@ -533,23 +657,29 @@ def _duplicate_key(node: yaml.Node | None, path: tuple = ()) -> tuple[tuple, int
 
 
 def _check_references(recipe: Recipe) -> None:
-    """Check that files, built-in names and checkers the recipe refers to exist, before any model is loaded."""
+    """Check that the model path, files, built-in names and checkers the recipe refers to exist, before any model
+    is loaded; every problem found is reported at once."""
     from nsteer.evaluate.checkers import CheckSpec, validate_spec
-    from nsteer.prompts import builtin_instruction, load_base_prompts
+    from nsteer.prompts import builtin_instruction, load_base_prompts, load_phrasings
 
-    base = recipe.prompts.base
+    problems: list[str] = []
+
+    def refuse(location: tuple, message: str) -> None:
+        problems.append(recipe.problem(location, message))
+
+    model_problem = _model_path_problem(recipe)
+    if model_problem:
+        refuse(("model", "id"), model_problem)
     try:
-        load_base_prompts(base, recipe.base_dir)
+        load_base_prompts(recipe.prompts.base, recipe.base_dir)
     except NsteerError as error:
-        raise recipe.error(("prompts", "base"), str(error)) from None
+        refuse(("prompts", "base"), str(error))
     for name, section in recipe.instructions.items():
         phrasings = section.phrasings
         try:
             if phrasings is None or (isinstance(phrasings, str) and phrasings.startswith(BUILTIN)):
                 builtin_instruction(phrasings[len(BUILTIN) :] if phrasings else name)
             elif isinstance(phrasings, str):
-                from nsteer.prompts import load_phrasings
-
                 load_phrasings(phrasings, recipe.base_dir)
         except NsteerError as error:
             hint = (
@@ -557,27 +687,68 @@ def _check_references(recipe: Recipe) -> None:
                 if phrasings
                 else " Give `phrasings` (a list or a file) and a `check` for an instruction of your own."
             )
-            raise recipe.error(("instructions", name, "phrasings"), str(error) + hint) from None
+            refuse(("instructions", name, "phrasings"), str(error) + hint)
         check = section.check
         if check is not None:
             spec = CheckSpec(check, {}) if isinstance(check, str) else CheckSpec(check.id, dict(check.kwargs))
             try:
                 validate_spec(spec)
             except NsteerError as error:
-                raise recipe.error(("instructions", name, "check"), str(error)) from None
+                refuse(("instructions", name, "check"), str(error))
     for index, entry in enumerate(recipe.steer):
-        if entry.vector in recipe.instructions:
+        if entry.vector is None or entry.vector in recipe.instructions:
             continue  # the vector `compute` writes for that instruction
         try:
-            missing = (
-                entry.vector
-                and not _is_file(user_path(entry.vector, recipe.base_dir))
-                and not _is_file(user_path(entry.vector))
-            )
+            missing = not _is_file(user_path(entry.vector, recipe.base_dir)) and not _is_file(user_path(entry.vector))
         except NsteerError as error:
-            raise recipe.error(("steer", index, "vector"), str(error)) from None
+            refuse(("steer", index, "vector"), str(error))
+            continue
         if missing:
-            raise recipe.error(("steer", index, "vector"), f"vector file '{entry.vector}' not found.")
+            refuse(("steer", index, "vector"), f"vector file '{entry.vector}' not found.")
+    if problems:
+        raise RecipeError(*problems)
+
+
+_PATH_PREFIXES = ("/", "./", "../", "~")
+
+
+def model_location(model_id: str, base_dir: Path) -> str:
+    """``model_id`` as it is opened from ``base_dir``: a path there (see :attr:`Recipe.model_location`), else as is."""
+    if model_id.startswith("embedded:") or "\x00" in model_id:
+        return model_id
+    path = user_path(model_id, base_dir)
+    written_as_path = model_id.startswith(_PATH_PREFIXES) or model_id.endswith(".gguf")
+    try:
+        exists = path.exists()
+    except (OSError, ValueError):
+        exists = False
+    return str(path) if exists or written_as_path else model_id
+
+
+def _model_path_problem(recipe: Recipe) -> str | None:
+    """Why ``model.id`` cannot be opened, when that is known without loading anything (a path that is not there)."""
+    location = recipe.model_location
+    if recipe.model.backend == "ndif" or (location == recipe.model.id and not Path(location).is_absolute()):
+        return None  # the embedded model or a Hub id
+    if "\x00" in location:
+        return "the model id contains a NUL character."
+    path = Path(location)
+    if not _exists(path):
+        where = "" if Path(recipe.model.id).is_absolute() else f" (relative paths are resolved from {recipe.base_dir})"
+        return (
+            f"'{recipe.model.id}' names no file or folder{where}. Give a folder written by save_pretrained, "
+            "a .gguf file, or a Hub id."
+        )
+    if location.endswith(".gguf") and not path.is_file():
+        return f"'{recipe.model.id}' is not a file: a .gguf model is one file."
+    return None
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except (OSError, ValueError):
+        return False
 
 
 def _is_file(path: Path) -> bool:

@@ -88,7 +88,7 @@ def open_recipe_model(recipe: Recipe, *, remote: bool | None = None) -> ModelHan
     section = recipe.model
     use_remote = section.backend == "ndif" if remote is None else remote
     handle = open_model(
-        section.id,
+        section.id if use_remote else recipe.model_location,
         dtype=section.dtype,
         device=section.device,
         layers_path=section.layers_path,
@@ -165,24 +165,35 @@ def compute_recipe_vectors(
     progress: ProgressFactory | None = None,
 ) -> dict[str, Path]:
     """Compute and save a vector for every instruction that needs one (:func:`vector_tasks`); finished files are kept
-    and skipped on a rerun."""
+    and skipped on a rerun. ``progress(instruction_name)`` gives each computation's ``(done, total)`` callback."""
     written: dict[str, Path] = {}
     for task in vector_tasks(recipe, handle, force=force):
-        if task.keep:
-            written[task.name] = task.path
-            continue
-        vector = compute_vector(
-            handle,
-            task.instruction,
-            task.pairs,
-            batch_size=recipe.extraction.batch_size,
-            seed=recipe.prompts.seed,
-            progress=progress(task.name) if progress else None,
+        written[task.name] = (
+            task.path if task.keep else compute_task(recipe, handle, task, force=force, progress=progress)
         )
-        if task.path.exists() and not force:
-            vector = carry_choices(task.path, vector)
-        written[task.name] = save_vector(vector, task.path)
     return written
+
+
+def compute_task(
+    recipe: Recipe,
+    handle: ModelHandle,
+    task: VectorTask,
+    *,
+    force: bool = False,
+    progress: ProgressFactory | None = None,
+) -> Path:
+    """Compute one task's vector and save it (keeping the searched settings of the file it replaces, unless forced)."""
+    vector = compute_vector(
+        handle,
+        task.instruction,
+        task.pairs,
+        batch_size=recipe.extraction.batch_size,
+        seed=recipe.prompts.seed,
+        progress=progress(task.name) if progress else None,
+    )
+    if task.path.exists() and not force:
+        vector = carry_choices(task.path, vector)
+    return save_vector(vector, task.path)
 
 
 def _is_transferred(path: Path, handle: ModelHandle) -> bool:
@@ -219,22 +230,38 @@ def load_recipe_vectors(
     recipe: Recipe, handle: ModelHandle, *, allow_transfer: bool | None = None
 ) -> dict[str, SteeringVector]:
     """Load the vectors the recipe's steer entries use, checked against ``handle``'s model."""
-    transfer = recipe.transfer if allow_transfer is None else allow_transfer
+    vectors = read_recipe_vectors(recipe)
+    check_recipe_vectors(recipe, vectors, handle, allow_transfer=allow_transfer)
+    return vectors
+
+
+def read_recipe_vectors(recipe: Recipe) -> dict[str, SteeringVector]:
+    """Read the vector files the recipe's steer entries use, without any model: a missing or broken file is refused
+    before a model is opened. Keys are the entries' ``vector`` (or instruction) names."""
     vectors: dict[str, SteeringVector] = {}
+    missing = []
     for index, entry in enumerate(recipe.steer):
         key = entry.vector or entry.instruction
         if key in vectors:
             continue
         path = steer_vector_path(recipe, index)
         if not path.exists():
-            raise RecipeError(
-                f"No vector for '{entry.instruction}' at {path}. "
-                f"Run `nsteer compute {recipe._source or 'RECIPE'}` first."
-            )
-        vector = load_vector(path)
-        check_compatible(vector, handle, allow_transfer=transfer)
-        vectors[key] = vector
+            missing.append(f"No vector for '{entry.instruction}' at {path}.")
+            continue
+        vectors[key] = load_vector(path)
+    if missing:
+        missing.append(f"Run `nsteer compute {recipe._source or 'RECIPE'}` first.")
+        raise RecipeError(*missing)
     return vectors
+
+
+def check_recipe_vectors(
+    recipe: Recipe, vectors: Mapping[str, SteeringVector], handle: ModelHandle, *, allow_transfer: bool | None = None
+) -> None:
+    """Refuse vectors made for another model than ``handle``'s (unless transfer is allowed: recipe or argument)."""
+    transfer = recipe.transfer if allow_transfer is None else allow_transfer
+    for vector in vectors.values():
+        check_compatible(vector, handle, allow_transfer=transfer)
 
 
 def recipe_edits(recipe: Recipe, vectors: Mapping[str, SteeringVector]) -> list[Edit]:

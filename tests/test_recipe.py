@@ -466,3 +466,168 @@ def test_recipe_from_dict_errors_name_the_field(data, field, fragment):
 def test_recipe_error_is_an_nsteer_error():
     with pytest.raises(NsteerError):
         recipe_from_dict({"instructions": {}})
+
+
+# --- several problems at once -------------------------------------------------------------------------------------
+
+
+def test_every_problem_of_a_recipe_is_reported_at_once(tmp_path):
+    path = write(
+        tmp_path,
+        "name: x\nmodel:\n  dtyp: float32\ninstructions:\n  lowercase: {}\n"
+        "steer:\n  - instruction: lowercase\n    weight: big\n    mode: push\n",
+    )
+    with pytest.raises(RecipeError) as error:
+        load_recipe(path)
+    assert error.value.problems == (
+        f"{path}, line 3, field model.dtyp: unknown key 'dtyp'. Allowed here: id, backend, dtype, device, "
+        "layers_path, revision, timeout. Did you mean 'dtype'?",
+        f"{path}, line 9, field steer[0].mode: Input should be 'set', 'add' or 'ablate' (got 'push').",
+        f"{path}, line 8, field steer[0].weight: Input should be a valid number (got 'big').",
+    )
+    assert str(error.value) == "\n".join(error.value.problems)
+
+
+def test_every_missing_file_and_unknown_check_is_reported_at_once(tmp_path):
+    path = write(
+        tmp_path,
+        "prompts: {base: nowhere.jsonl}\ninstructions:\n  mine: {phrasings: gone.txt, check: no_such:check}\n"
+        "steer:\n  - {instruction: mine, vector: lost.safetensors}\n",
+    )
+    with pytest.raises(RecipeError) as error:
+        load_recipe(path)
+    fields = [problem.split(": ")[0].split("field ")[1] for problem in error.value.problems]
+    assert fields == ["prompts.base", "instructions.mine.phrasings", "instructions.mine.check", "steer[0].vector"]
+
+
+def test_layers_beyond_the_model_are_all_reported(tmp_path):
+    path = write(
+        tmp_path,
+        "instructions:\n  lowercase: {}\nsteer:\n  - {instruction: lowercase, layer: 5}\n"
+        "  - {instruction: lowercase, layer: 7}\nsearch: {layers: [9]}\n",
+    )
+    with pytest.raises(RecipeError) as error:
+        load_recipe(path).check_layers(4)
+    assert [problem.split(": ")[0] for problem in error.value.problems] == [
+        f"{path}, line 4, field steer[0].layer",
+        f"{path}, line 5, field steer[1].layer",
+        f"{path}, line 6, field search.layers",
+    ]
+
+
+# --- overrides: fields set from outside the file, judged by the same rules ------------------------------------------
+
+
+def two_entry_recipe(tmp_path) -> Recipe:
+    return load_recipe(
+        write(
+            tmp_path,
+            "instructions:\n  lowercase: {}\n  length_0: {}\nsteer:\n"
+            "  - {instruction: lowercase, layer: 3, mode: set}\n"
+            "  - {instruction: length_0, layer: 4, mode: add, weight: 8.0}\n",
+        )
+    )
+
+
+def test_overrides_replace_fields_and_keep_the_rest(tmp_path):
+    from nsteer.recipe import Override, override_recipe
+
+    recipe = two_entry_recipe(tmp_path)
+    changed = override_recipe(
+        recipe,
+        [
+            Override(("model", "dtype"), "bfloat16", "--dtype bfloat16"),
+            Override(("prompts", "seed"), 7, "--seed 7"),
+            Override(("steer", None, "layer"), 12, "--layer 12"),
+            Override(("steer", "length_0", "weight"), -2.5, "--weight length_0=-2.5"),
+        ],
+    )
+    assert changed.model.dtype == "bfloat16" and changed.prompts.seed == 7
+    assert [(e.layer, e.mode, e.weight) for e in changed.steer] == [(12, "set", 1.0), (12, "add", -2.5)]
+    assert "weight" not in changed.steer[0].model_fields_set  # an unset weight stays unset (layer: auto takes its own)
+    assert changed.source == recipe.source and recipe.steer[0].layer == 3  # the original is untouched
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ((("model", "dtype"), "float64"), "--x: Input should be 'float32', 'bfloat16' or 'float16' (got 'float64')."),
+        ((("model", "device"), "mps"), "--x: String should match pattern"),
+        ((("steer", None, "weight"), float("nan")), "--x: weight must be a finite number."),
+        ((("steer", None, "layer"), -1), "--x: layer must be 0 or more (or auto)."),
+        ((("steer", None, "layer"), "top"), "--x: Input should be a valid integer"),
+        ((("steer", None, "mode"), "push"), "--x: Input should be 'set', 'add' or 'ablate' (got 'push')."),
+        ((("steer", "uppercase", "mode"), "add"), "--x: no steer entry steers 'uppercase' (the entries steer: "),
+        ((("generation", "max_new_tokens"), 10**6), "--x: Input should be less than or equal to 8192"),
+        ((("prompts", "seed"), -3), "--x: Input should be greater than or equal to 0"),
+    ],
+)
+def test_a_bad_override_is_refused_by_the_recipe_rules_naming_its_origin(tmp_path, override, message):
+    from nsteer.recipe import Override, override_recipe
+
+    with pytest.raises(RecipeError) as error:
+        override_recipe(two_entry_recipe(tmp_path), [Override(*override, "--x")])
+    assert len(error.value.problems) == 1 and error.value.problems[0].startswith(message), error.value.problems
+
+
+def test_bad_overrides_and_file_problems_later_found_name_their_origin(tmp_path):
+    from nsteer.recipe import Override, override_recipe
+
+    recipe = two_entry_recipe(tmp_path)
+    with pytest.raises(RecipeError) as error:
+        override_recipe(
+            recipe,
+            [
+                Override(("steer", "nobody", "layer"), 1, "--layer nobody=1"),
+                Override(("model", "dtype"), "int8", "--dtype int8"),
+                Override(("steer", None, "weight"), "heavy", "--weight heavy"),
+            ],
+        )
+    assert [problem.split(":")[0] for problem in error.value.problems] == [
+        "--layer nobody=1",
+        "--dtype int8",
+        "--weight heavy",  # once, though it set both entries
+    ]
+    changed = override_recipe(recipe, [Override(("steer", None, "layer"), 9, "--layer 9")])
+    with pytest.raises(RecipeError) as error:
+        changed.check_layers(5)  # known only once the model is open: still named by the option
+    assert error.value.problems[0].startswith("--layer 9: layer 9 is out of range")
+
+
+def test_an_override_on_a_recipe_without_steer_entries_says_so(tmp_path):
+    from nsteer.recipe import Override, override_recipe
+
+    recipe = load_recipe(write(tmp_path, "instructions:\n  lowercase: {}\n"))
+    with pytest.raises(RecipeError, match="--layer 3: the recipe has no steer entries"):
+        override_recipe(recipe, [Override(("steer", None, "layer"), 3, "--layer 3")])
+
+
+# --- model.id: a relative path is resolved from the recipe's folder -------------------------------------------------
+
+
+def test_relative_model_path_is_resolved_from_the_recipe_folder(tmp_path, monkeypatch):
+    folder = tmp_path / "recipes"
+    (folder / "models" / "tiny").mkdir(parents=True)
+    (folder / "models" / "small.gguf").write_bytes(b"GGUF")
+    monkeypatch.chdir(tmp_path)  # not the recipe's folder
+    for written, expected in [
+        ("models/tiny", folder / "models" / "tiny"),
+        ("./models/tiny", folder / "models" / "tiny"),
+        ("models/small.gguf", folder / "models" / "small.gguf"),
+    ]:
+        path = write(folder, f"model: {{id: {written}}}\ninstructions:\n  lowercase: {{}}\n")
+        assert load_recipe(path).model_location == str(expected)
+    for hub_id in ("embedded:smollm2-135m-instruct", "meta-llama/Llama-3.1-8B-Instruct", "gpt2"):
+        path = write(folder, f"model: {{id: {hub_id}}}\ninstructions:\n  lowercase: {{}}\n")
+        assert load_recipe(path).model_location == hub_id
+
+
+@pytest.mark.parametrize("written", ["./models/none", "../none", "missing.gguf", "/no/such/folder"])
+def test_a_model_path_that_is_not_there_is_refused_at_load(tmp_path, written):
+    path = write(tmp_path, f"model: {{id: '{written}'}}\ninstructions:\n  lowercase: {{}}\n")
+    with pytest.raises(RecipeError) as error:
+        load_recipe(path)
+    (problem,) = error.value.problems
+    assert problem.startswith(f"{path}, line 1, field model.id: '{written}' names no file or folder")
+    if not written.startswith("/"):
+        assert f"relative paths are resolved from {tmp_path}" in problem
