@@ -1,144 +1,309 @@
-"""The `nsteer` command line: thin typer commands over the same functions the SDK exposes."""
+"""The `nsteer` command line: thin typer commands over the same functions the SDK exposes.
+
+Results go to standard output (rich tables on a terminal, plain text in a pipe, ``--json`` / ``--jsonl`` on request;
+shapes in docs/cli.md), everything else to standard error. Nothing read from a user, a file or a model is printed as
+markup or with its control characters: :mod:`nsteer.terminal` does all the printing.
+"""
 
 from __future__ import annotations
 
-import json
 import os
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import typer
-from rich.console import Console
-from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 from nsteer.errors import NsteerError
+from nsteer.terminal import Output
 
 app = typer.Typer(
-    add_completion=False, no_args_is_help=True, help="Steer language models toward following instructions."
+    add_completion=False,
+    no_args_is_help=True,
+    rich_markup_mode=None,  # plain click help: no `<bool>` after flags, nothing in help text parsed as markup
+    help="Steer language models toward following instructions.",
 )
-console = Console(emoji=False)  # "include:ocean:" must not become an emoji
-errors = Console(stderr=True, emoji=False)
 
 
-@contextmanager
-def progress_bars() -> Iterator[Callable[[str], Callable[[int, int], None]]]:
-    """Yield a factory of progress callbacks, one bar per task label (quiet when stderr is not a terminal)."""
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=errors,
-        transient=False,
-        disable=not errors.is_terminal,
-    ) as progress:
-        tasks: dict[str, int] = {}
+def _print_version(value: bool) -> None:
+    if value:
+        from nsteer import __version__
 
-        def factory(label: str) -> Callable[[int, int], None]:
-            def update(done: int, total: int) -> None:
-                if label not in tasks:
-                    tasks[label] = progress.add_task(label, total=total)
-                progress.update(tasks[label], completed=done, total=total)
-
-            return update
-
-        yield factory
+        print(f"nsteer {__version__}")
+        raise typer.Exit()
 
 
-def _say(message: str) -> None:
-    errors.print(message, highlight=False)
+@app.callback()
+def _options(
+    version: bool = typer.Option(
+        False, "--version", "-V", is_eager=True, callback=_print_version, help="Print the version and exit."
+    ),
+) -> None:
+    """Steer language models toward following instructions."""
+
+
+# ------------------------------------------------------------------------------------------------ shared options
+
+RECIPE = typer.Argument(..., metavar="RECIPE", help="The recipe YAML file.")
+JSON = typer.Option(False, "--json", help="Print the result as one JSON document (shapes: docs/cli.md).")
+JSONL = typer.Option(False, "--jsonl", help="Print the result as JSON lines, one record per line (docs/cli.md).")
+MODEL = typer.Option(
+    None, "--model", metavar="ID", help="Override model.id: embedded:..., a folder, a .gguf file or a Hub id."
+)
+DEVICE = typer.Option(None, "--device", metavar="NAME", help="Override model.device: cpu, cuda, cuda:N or auto.")
+DTYPE = typer.Option(None, "--dtype", metavar="NAME", help="Override model.dtype.")
+LAYER = typer.Option(
+    None,
+    "--layer",
+    metavar="[NAME=]N",
+    help="Override steer[].layer (a number or auto) of every entry, or with NAME= of the entries steering NAME; "
+    "repeatable.",
+)
+WEIGHT = typer.Option(None, "--weight", metavar="[NAME=]X", help="Override steer[].weight, like --layer; repeatable.")
+MODE = typer.Option(
+    None, "--mode", metavar="[NAME=]MODE", help="Override steer[].mode (set, add, ablate), like --layer; repeatable."
+)
+ALLOW_TRANSFER = typer.Option(
+    False, "--allow-transfer", help="Accept vectors computed on another model of the same shape."
+)
+
+
+def _output(as_json: bool, as_jsonl: bool) -> Output:
+    if as_json and as_jsonl:
+        raise NsteerError("--json and --jsonl are two shapes of one result: give one of them.")
+    return Output("json" if as_json else "jsonl" if as_jsonl else "text")
+
+
+def _model_overrides(model: str | None, device: str | None, dtype: str | None) -> list:
+    """Overrides of the recipe's model section; a --model that is a path is taken from the current directory."""
+    from nsteer.recipe import Override, model_location
+
+    found = []
+    if model is not None:
+        found.append(Override(("model", "id"), model_location(model, Path.cwd()), f"--model {model}"))
+    if device is not None:
+        found.append(Override(("model", "device"), device, f"--device {device}"))
+    if dtype is not None:
+        found.append(Override(("model", "dtype"), dtype, f"--dtype {dtype}"))
+    return found
+
+
+def _number(text: str, kind: type) -> Any:
+    """``text`` as YAML would read a plain number (so the recipe's own rules judge it), else the text itself."""
+    try:
+        return int(text) if kind is int else float(text)
+    except ValueError:
+        return text
+
+
+def _steer_overrides(option: str, field: str, values: Sequence[str] | None, kind: type | None) -> list:
+    """``--layer 12`` (every steer entry) or ``--layer lowercase=12`` (the entries steering lowercase) as overrides."""
+    from nsteer.recipe import Override
+
+    found = []
+    for text in values or ():
+        name, equals, value = text.rpartition("=")
+        parsed: Any = _number(value, kind) if kind else value
+        found.append(Override(("steer", name if equals else None, field), parsed, f"{option} {text}"))
+    return found
+
+
+def _recipe(path: Path, overrides: Sequence[Any] = ()) -> Any:
+    """Load a recipe and apply command-line overrides, validated by the recipe's own rules."""
+    from nsteer.recipe import load_recipe, override_recipe
+
+    return override_recipe(load_recipe(path), list(overrides))
+
+
+def _open(output: Output, recipe: Any, remote: bool) -> Any:
+    """Open the recipe's model (on NDIF with ``remote``), saying which."""
+    from nsteer.workflow import open_recipe_model
+
+    use_remote = remote or recipe.model.backend == "ndif"
+    output.note(f"Opening {recipe.model.id if use_remote else recipe.model_location} ...")
+    return open_recipe_model(recipe, remote=remote or None)
+
+
+def _run(recipe: Any, handle: Any, **extra: Any) -> dict[str, Any]:
+    """What a run used, for its output: the recipe, the model as opened, and the settings given."""
+    run = {
+        "recipe": str(recipe.source) if recipe.source else None,
+        "model": handle.model_id,
+        "backend": "ndif" if handle.remote else "local",
+        "device": "ndif" if handle.remote else str(handle.device),
+        "dtype": recipe.model.dtype if handle.remote else str(handle.dtype).removeprefix("torch."),
+        "seed": recipe.prompts.seed,
+    }
+    run.update(extra)
+    return run
+
+
+def _describe_run(run: dict[str, Any]) -> str:
+    """``run: model X, device cpu, dtype float32, seed 0, ...`` on one line."""
+    parts = [f"{key.replace('_', ' ')} {value}" for key, value in run.items() if key != "recipe" and value is not None]
+    return "run: " + ", ".join(parts)
+
+
+def _edit_record(edit: Any) -> dict[str, Any]:
+    return {
+        "instruction": edit.name,
+        "layer": edit.layer,
+        "mode": edit.mode,
+        "weight": edit.weight,
+        "positions": edit.positions,
+    }
+
+
+def _describe_edits(edits: Sequence[Any]) -> str:
+    return ", ".join(f"{e.name}@{e.layer} {e.mode} w={e.weight:g} ({e.positions})" for e in edits) or "no steering"
+
+
+def _check_split(split: str) -> None:
+    if split not in ("train", "validation", "test"):
+        raise NsteerError(f"--split {split!r} is not a split; use train, validation or test.")
+
+
+# ----------------------------------------------------------------------------------------------------- commands
 
 
 @app.command()
 def compute(
-    recipe_path: Path = typer.Argument(..., metavar="RECIPE", help="The recipe YAML file."),
+    recipe_path: Path = RECIPE,
     force: bool = typer.Option(False, "--force", help="Recompute vectors that are already up to date."),
+    model: str | None = MODEL,
+    device: str | None = DEVICE,
+    dtype: str | None = DTYPE,
+    seed: int | None = typer.Option(
+        None, "--seed", metavar="N", help="Override prompts.seed: which prompts pair up and land in which split."
+    ),
     remote: bool = typer.Option(False, "--remote", help="Run on NDIF (the recipe's model id must be a Hub id)."),
     no_wait: bool = typer.Option(
         False,
         "--no-wait",
         help="On NDIF: submit one job per instruction and return; `nsteer collect` writes the files.",
     ),
+    as_json: bool = JSON,
+    as_jsonl: bool = JSONL,
 ) -> None:
     """Compute a steering vector for every instruction in RECIPE and write them to its output folder."""
-    from nsteer.recipe import load_recipe
-    from nsteer.workflow import compute_recipe_vectors, open_recipe_model
+    from nsteer.recipe import Override
+    from nsteer.workflow import compute_task, vector_tasks
 
-    recipe = load_recipe(recipe_path)
+    output = _output(as_json, as_jsonl)
+    overrides = _model_overrides(model, device, dtype)
+    if seed is not None:
+        overrides.append(Override(("prompts", "seed"), seed, f"--seed {seed}"))
+    recipe = _recipe(recipe_path, overrides)
     _check_no_wait(no_wait, remote, recipe)
-    _say(f"Opening {recipe.model.id} ...")
-    handle = open_recipe_model(recipe, remote=remote or None)
+    handle = _open(output, recipe, remote)
+    run = _run(recipe, handle)
+    output.line(_describe_run(run))
     if no_wait:
-        return _submit_vectors(recipe, handle, force=force)
-    with progress_bars() as bars:
-        written = compute_recipe_vectors(recipe, handle, force=force, progress=lambda name: bars(f"compute {name}"))
-    for name, path in written.items():
-        console.print(f"{name}: {path}", highlight=False)
+        return _submit_vectors(output, recipe, handle, run, force=force)
+    records = []
+    with output.progress() as bars:
+        for task in vector_tasks(recipe, handle, force=force):
+            if task.keep:
+                record = {"instruction": task.name, "path": str(task.path), "status": "kept"}
+            else:
+                path = compute_task(recipe, handle, task, force=force, progress=lambda name: bars(f"compute {name}"))
+                record = {"instruction": task.name, "path": str(path), "status": "computed"}
+            output.records([record])  # each line as its vector is written
+            output.line(
+                f"{task.name}: {record['path']} ({'up to date, kept' if task.keep else 'computed'})",
+            )
+            records.append(record)
+    output.document({"command": "compute", "run": run, "vectors": records})
 
 
 @app.command()
 def generate(
-    recipe_path: Path = typer.Argument(..., metavar="RECIPE", help="The recipe YAML file."),
+    recipe_path: Path = RECIPE,
     prompt: list[str] | None = typer.Option(
-        None, "--prompt", "-p", help="A prompt (repeatable); default: the recipe's demo_prompts."
+        None, "--prompt", "-p", metavar="TEXT", help="A prompt (repeatable); default: the recipe's demo_prompts."
     ),
     no_steer: bool = typer.Option(False, "--no-steer", help="Generate without any edit."),
     compare: bool = typer.Option(False, "--compare", help="Show answers without and with steering side by side."),
     max_new_tokens: int | None = typer.Option(
-        None, "--max-new-tokens", min=1, help="Override the recipe's max_new_tokens."
+        None, "--max-new-tokens", metavar="N", help="Override generation.max_new_tokens."
     ),
-    allow_transfer: bool = typer.Option(
-        False, "--allow-transfer", help="Accept vectors computed on another model of the same shape."
+    model: str | None = MODEL,
+    device: str | None = DEVICE,
+    dtype: str | None = DTYPE,
+    layer: list[str] | None = LAYER,
+    weight: list[str] | None = WEIGHT,
+    mode: list[str] | None = MODE,
+    seed: int | None = typer.Option(
+        None, "--seed", metavar="N", help="Override generation.seed: the sampling seed (with do_sample)."
     ),
+    allow_transfer: bool = ALLOW_TRANSFER,
     remote: bool = typer.Option(False, "--remote", help="Run on NDIF."),
     no_wait: bool = typer.Option(
         False, "--no-wait", help="On NDIF: submit one job and return; `nsteer collect JOB` prints the answers."
     ),
+    as_json: bool = JSON,
+    as_jsonl: bool = JSONL,
 ) -> None:
     """Answer prompts with the recipe's steering edits (or without, or both side by side)."""
     from nsteer.generate import generate as run_generate
-    from nsteer.recipe import load_recipe
-    from nsteer.workflow import generation_config, load_recipe_vectors, open_recipe_model, recipe_edits
+    from nsteer.recipe import Override
+    from nsteer.workflow import check_recipe_vectors, generation_config, read_recipe_vectors, recipe_edits
 
-    recipe = load_recipe(recipe_path)
+    output = _output(as_json, as_jsonl)
+    overrides = [
+        *_model_overrides(model, device, dtype),
+        *_steer_overrides("--layer", "layer", layer, int),
+        *_steer_overrides("--weight", "weight", weight, float),
+        *_steer_overrides("--mode", "mode", mode, None),
+    ]
+    if seed is not None:
+        overrides.append(Override(("generation", "seed"), seed, f"--seed {seed}"))
+    if max_new_tokens is not None:
+        overrides.append(
+            Override(("generation", "max_new_tokens"), max_new_tokens, f"--max-new-tokens {max_new_tokens}")
+        )
+    recipe = _recipe(recipe_path, overrides)
     prompts = list(prompt or recipe.demo_prompts)
     if not prompts:
         raise NsteerError("No prompt given: pass --prompt TEXT, or list demo_prompts in the recipe.")
     if not recipe.steer and not no_steer:
         raise NsteerError(f"{recipe_path} has no `steer` entries; add one, or pass --no-steer.")
     _check_no_wait(no_wait, remote, recipe)
-    _say(f"Opening {recipe.model.id} ...")
-    handle = open_recipe_model(recipe, remote=remote or None)
-    config = generation_config(recipe, max_new_tokens=max_new_tokens)
-    edits = (
-        []
-        if no_steer
-        else recipe_edits(recipe, load_recipe_vectors(recipe, handle, allow_transfer=allow_transfer or None))
+    vectors = {} if no_steer else read_recipe_vectors(recipe)  # a missing file is refused before the model loads
+    handle = _open(output, recipe, remote)
+    check_recipe_vectors(recipe, vectors, handle, allow_transfer=allow_transfer or None)
+    config = generation_config(recipe)
+    edits = [] if no_steer else recipe_edits(recipe, vectors)
+    run = _run(
+        recipe,
+        handle,
+        max_new_tokens=config.max_new_tokens,
+        do_sample=config.do_sample,
+        generation_seed=config.seed,
+        steering=_describe_edits(edits),
     )
     if no_wait:
-        return _submit_generation(handle, prompts, edits, config, compare=compare)
-    with progress_bars() as bars:
+        output.line(_describe_run(run))
+        return _submit_generation(output, handle, prompts, edits, config, compare=compare)
+    with output.progress() as bars:
         steered = run_generate(handle, prompts, edits, config=config, progress=bars("generate"))
         plain = (
             run_generate(handle, prompts, [], config=config, progress=bars("unsteered")) if compare and edits else None
         )
-    described = ", ".join(f"{e.name}@{e.layer} {e.mode} w={e.weight:g} ({e.positions})" for e in edits) or "no steering"
-    if plain is None:
-        for text, answer in zip(prompts, steered):
-            console.rule(text, style="dim")
-            console.print(answer, highlight=False, markup=False)
-        return
-    table = Table(show_lines=True, title=f"Steering: {described}")
-    table.add_column("prompt", ratio=1)
-    table.add_column("without steering", ratio=2)
-    table.add_column("with steering", ratio=2)
-    for text, before, after in zip(prompts, plain, steered):
-        table.add_row(text, before, after)
-    console.print(table)
+    if edits:
+        records = [
+            {"prompt": text, "steered": answer, "unsteered": plain[index] if plain is not None else None}
+            for index, (text, answer) in enumerate(zip(prompts, steered))
+        ]
+    else:
+        records = [{"prompt": text, "steered": None, "unsteered": answer} for text, answer in zip(prompts, steered)]
+    output.line(_describe_run(run))
+    output.answers(records, _describe_edits(edits))
+    output.records(records)
+    output.document(
+        {"command": "generate", "run": {**run, "steering": [_edit_record(e) for e in edits]}, "answers": records}
+    )
 
 
 @app.command()
@@ -146,17 +311,21 @@ def inspect(
     vector_files: list[Path] = typer.Argument(
         ..., metavar="VECTOR_FILE...", help="One or more .safetensors vector files."
     ),
-    as_json: bool = typer.Option(
-        False, "--json", help="Print the summary as JSON (a list when several files are given)."
-    ),
+    as_json: bool = JSON,
+    as_jsonl: bool = typer.Option(False, "--jsonl", help="Print one summary per line (docs/cli.md)."),
     plot: Path | None = typer.Option(
         None,
         "--plot",
+        metavar="FILE.png",
         help="Write a PNG of cosine similarities: one file -> layer x layer (and norms by layer); "
         "several -> instruction x instruction at --layer, and each pair by layer.",
     ),
     layer: int | None = typer.Option(
-        None, "--layer", min=0, help="The layer of the instruction x instruction comparison; default: the middle layer."
+        None,
+        "--layer",
+        metavar="N",
+        min=0,
+        help="The layer of the instruction x instruction comparison; default: the middle layer.",
     ),
     centered: bool = typer.Option(
         False,
@@ -167,129 +336,171 @@ def inspect(
     """Show vector files' metadata, searched setting and per-layer norms; compare several; plot their similarities."""
     from nsteer.vectors import load_vector, vector_summary
 
+    output = _output(as_json, as_jsonl)
     vectors = [load_vector(path) for path in vector_files]
-    summaries = [vector_summary(vector) for vector in vectors]
-    similarity = None
+    summaries = [{"file": str(path), **vector_summary(vector)} for path, vector in zip(vector_files, vectors)]
+    cosine = None
     if len(vectors) > 1 or plot is not None:
         from nsteer.report import cosine_between, vector_labels, write_similarity_plot
 
         labels = vector_labels(vectors, vector_files)
         if plot is not None:
-            _say(f"plot: {write_similarity_plot(vectors, vector_files, plot, layer=layer, centered=centered)}")
+            written = write_similarity_plot(vectors, vector_files, plot, layer=layer, centered=centered)
+            output.note(f"plot: {written}")
         if len(vectors) > 1:
             at = vectors[0].metadata.n_layers // 2 if layer is None else layer
             if not 0 <= at < vectors[0].metadata.n_layers:
                 raise NsteerError(
                     f"--layer {at} is out of range: the vectors have layers 0..{vectors[0].metadata.n_layers - 1}."
                 )
-            similarity = (at, labels, cosine_between(vectors, centered=centered)[at])
-    if as_json:
-        data = summaries[0] if len(summaries) == 1 else summaries
-        if similarity is not None:
-            at, labels, matrix = similarity
-            data = {
-                "vectors": summaries,
-                "cosine": {
-                    "layer": at,
-                    "labels": labels,
-                    "matrix": [[round(float(x), 4) for x in row] for row in matrix],
-                },
+            matrix = cosine_between(vectors, centered=centered)[at]
+            cosine = {
+                "layer": at,
+                "centered": centered,
+                "labels": labels,
+                "matrix": [[round(float(x), 4) for x in row] for row in matrix],
             }
-        console.print_json(json.dumps(data))
+    output.document({"command": "inspect", "vectors": summaries, "cosine": cosine})
+    output.records(summaries)
+    if not output.text:
         return
-    if similarity is None:
-        (vector_file,), (summary,) = vector_files, summaries
-        table = Table(title=str(vector_file), show_header=False)
-        for key in (
-            "instruction",
-            "category",
-            "model",
-            "architecture",
-            "width",
-            "layers",
-            "pairs",
-            "chosen",
-            "nsteer_version",
-        ):
-            table.add_row(key, str(summary[key]))
-        for name, setting in summary["chosen_for"].items():  # searched for instructions that borrow this vector
-            table.add_row(f"chosen for {name}", str(setting))
-        norms = summary["norms"]
-        table.add_row("norm by layer", " ".join(f"{i}:{n:.2f}" for i, n in enumerate(norms)))
-        console.print(table)
+    if cosine is None:
+        (summary,) = summaries
+        rows = [
+            (key, str(summary[key]))
+            for key in ("instruction", "category", "model", "architecture", "width", "layers", "pairs")
+        ]
+        rows.append(("searched", _describe_setting(summary["chosen"])))
+        rows += [
+            (f"searched for {name}", _describe_setting(setting)) for name, setting in summary["chosen_for"].items()
+        ]
+        if summary.get("imported_from"):
+            rows.append(("imported from", str(summary["imported_from"])))
+        rows.append(("nsteer version", str(summary["nsteer_version"])))
+        rows.append(("norm by layer", " ".join(f"{i}:{n:.2f}" for i, n in enumerate(summary["norms"]))))
+        output.table(summary["file"], ("field", "value"), rows, header=False)
         return
-    at, labels, matrix = similarity
-    table = Table(title=f"{len(vectors)} vectors")
-    for column in ("#", "file", "instruction", "model", "layers x width", "pairs", "searched"):
-        table.add_column(column)
-    for number, (vector_file, summary) in enumerate(zip(vector_files, summaries)):
-        chosen = summary["chosen"] or {}
-        searched = (
-            "no steering"
-            if chosen.get("no_steering")
-            else (
-                f"layer {chosen['layer']} {chosen.get('mode', '')} w={chosen.get('weight', '')}"
-                if chosen.get("layer") is not None
-                else "–"
+    output.table(
+        f"{len(vectors)} vectors",
+        ("#", "file", "instruction", "model", "layers x width", "pairs", "searched"),
+        [
+            (
+                str(number),
+                summary["file"],
+                summary["instruction"],
+                summary["model"],
+                f"{summary['layers']} x {summary['width']}",
+                str(summary["pairs"]),
+                _describe_setting(summary["chosen"]),
             )
-        )
-        table.add_row(
-            str(number),
-            str(vector_file),
-            summary["instruction"],
-            summary["model"],
-            f"{summary['layers']} x {summary['width']}",
-            str(summary["pairs"]),
-            searched,
-        )
-    console.print(table)
-    table = Table(title=f"cosine similarity at layer {at}{', centered' if centered else ''} (columns: # above)")
-    table.add_column("")
-    for number in range(len(labels)):
-        table.add_column(str(number), justify="right")
-    for number, (label, row) in enumerate(zip(labels, matrix)):
-        table.add_row(f"{number} {label}", *(f"{float(x):.2f}" for x in row))
-    console.print(table)
+            for number, summary in enumerate(summaries)
+        ],
+    )
+    output.table(
+        f"cosine similarity at layer {cosine['layer']}{', centered' if centered else ''} (columns: # above)",
+        ("", *(str(number) for number in range(len(cosine["labels"])))),
+        [
+            (f"{number} {label}", *(f"{x:.2f}" for x in row))
+            for number, (label, row) in enumerate(zip(cosine["labels"], cosine["matrix"]))
+        ],
+        right=tuple(str(number) for number in range(len(cosine["labels"]))),
+    )
+
+
+def _describe_setting(chosen: dict[str, Any] | None) -> str:
+    """A searched setting in words: ``layer 14, set, weight 1, all positions (validation 0.42 vs 0.30 unsteered)``."""
+    if not chosen:
+        return "not searched"
+    if chosen.get("no_steering"):
+        text = "no steering (nothing beat the unsteered model)"
+    elif chosen.get("layer") is not None:
+        weight = chosen.get("weight")
+        text = f"layer {chosen['layer']}, {chosen.get('mode', '?')}"
+        if weight is not None:
+            text += f", weight {weight:g}" if isinstance(weight, (int, float)) else f", weight {weight}"
+        if chosen.get("positions"):
+            text += f", {chosen['positions']} positions"
+    elif chosen.get("layers") is not None:
+        text = f"layers {chosen['layers']}"
+    else:
+        text = "searched"
+    score, baseline = chosen.get("score"), chosen.get("baseline_score")
+    if isinstance(score, (int, float)) and isinstance(baseline, (int, float)):
+        text += f" (validation {score:.2f} vs {baseline:.2f} unsteered)"
+    return text
 
 
 @app.command("eval")
 def evaluate(
-    recipe_path: Path = typer.Argument(..., metavar="RECIPE", help="The recipe YAML file."),
+    recipe_path: Path = RECIPE,
     data: Path | None = typer.Option(
-        None, "--data", help="Score on an IFEval-format JSONL file instead of the recipe's split."
+        None, "--data", metavar="FILE.jsonl", help="Score on an IFEval-format JSONL file instead of the recipe's split."
     ),
-    split: str = typer.Option("test", "--split", help="train, validation or test (ignored with --data)."),
-    limit: int | None = typer.Option(None, "--limit", min=1, help="At most this many prompts per instruction."),
-    out: Path | None = typer.Option(None, "--out", help="Report folder; default <output>/eval (or eval-<split>)."),
-    allow_transfer: bool = typer.Option(
-        False, "--allow-transfer", help="Accept vectors computed on another model of the same shape."
+    split: str = typer.Option(
+        "test", "--split", metavar="NAME", help="train, validation or test (ignored with --data)."
     ),
+    limit: int | None = typer.Option(
+        None, "--limit", metavar="N", min=1, help="At most this many prompts per instruction."
+    ),
+    out: Path | None = typer.Option(
+        None, "--out", metavar="DIR", help="Report folder; default <output>/eval (or eval-<split>)."
+    ),
+    model: str | None = MODEL,
+    device: str | None = DEVICE,
+    dtype: str | None = DTYPE,
+    layer: list[str] | None = LAYER,
+    weight: list[str] | None = WEIGHT,
+    mode: list[str] | None = MODE,
+    seed: int | None = typer.Option(
+        None,
+        "--seed",
+        metavar="N",
+        help="Override prompts.seed (which prompts are test prompts): keep the seed the vectors were computed with.",
+    ),
+    allow_transfer: bool = ALLOW_TRANSFER,
     remote: bool = typer.Option(False, "--remote", help="Run on NDIF."),
     composition: bool = typer.Option(
         False, "--composition", help="Report each instruction composed with the recipe's other edits next to alone."
     ),
+    as_json: bool = JSON,
+    as_jsonl: bool = JSONL,
 ) -> None:
     """The 2×2 table (instruction in prompt × steering) with quality, written as JSON, Markdown and PNG."""
     from nsteer.evaluate.table import CELLS, evaluate_recipe
-    from nsteer.recipe import load_recipe
+    from nsteer.recipe import Override
     from nsteer.report import CELL_HEADERS, write_eval_report
-    from nsteer.workflow import load_recipe_vectors, open_recipe_model
+    from nsteer.workflow import check_recipe_vectors, read_recipe_vectors
 
+    overrides = [
+        *_model_overrides(model, device, dtype),
+        *_steer_overrides("--layer", "layer", layer, int),
+        *_steer_overrides("--weight", "weight", weight, float),
+        *_steer_overrides("--mode", "mode", mode, None),
+    ]
+    if seed is not None:
+        overrides.append(Override(("prompts", "seed"), seed, f"--seed {seed}"))
     if composition:
         if data is not None or remote:
             raise NsteerError("--composition scores the recipe's own split locally; drop --data and --remote.")
-        eval_composition(recipe_path, split=split, limit=limit, out=out, allow_transfer=allow_transfer)
-        return
-    recipe = load_recipe(recipe_path)
-    if split not in ("train", "validation", "test"):
-        raise NsteerError(f"--split {split!r} is not a split; use train, validation or test.")
+        return _eval_composition(
+            recipe_path,
+            overrides,
+            split=split,
+            limit=limit,
+            out=out,
+            allow_transfer=allow_transfer,
+            output=_output(as_json, as_jsonl),
+        )
+    output = _output(as_json, as_jsonl)
+    recipe = _recipe(recipe_path, overrides)
+    _check_split(split)
     out_dir = out or recipe.output_dir / (
         "eval" if data is None and split == "test" else f"eval-{'data' if data else split}"
     )
-    _say(f"Opening {recipe.model.id} ...")
-    handle = open_recipe_model(recipe, remote=remote or None)
-    vectors = load_recipe_vectors(recipe, handle, allow_transfer=allow_transfer or None) if recipe.steer else {}
-    with progress_bars() as bars:
+    vectors = read_recipe_vectors(recipe) if recipe.steer else {}
+    handle = _open(output, recipe, remote)
+    check_recipe_vectors(recipe, vectors, handle, allow_transfer=allow_transfer or None)
+    with output.progress() as bars:
         result = evaluate_recipe(
             recipe,
             handle,
@@ -301,81 +512,141 @@ def evaluate(
             progress=bars,
         )
     paths = write_eval_report(result, out_dir)
-    table = Table(title=f"loose (strict) accuracy, {result.split}")
-    table.add_column("instruction")
-    for header in CELL_HEADERS:
-        table.add_column(header, justify="right")
-    for group in (*result.groups, None):
-        cells = [result.cell(cell, group) for cell in CELLS]
-        table.add_row(group or "overall", *(f"{c.loose:.2f} ({c.strict:.2f})" if c.n else "–" for c in cells))
-    console.print(table)
+    run = _run(recipe, handle, split=result.split, steering=dict(result.steering))
+    rows = [
+        {
+            "instruction": group or "overall",
+            "instruction_in_prompt": cell.instruction_in_prompt,
+            "steered": cell.steered,
+            "n": summary.n,
+            "loose": summary.loose if summary.n else None,
+            "strict": summary.strict if summary.n else None,
+            "degenerate_share": summary.degenerate_share if summary.n else None,
+            "median_perplexity": summary.median_perplexity if summary.n else None,
+        }
+        for group in (*result.groups, None)
+        for cell in CELLS
+        for summary in (result.cell(cell, group),)
+    ]
+    output.records(rows)
+    output.document({"command": "eval", "run": run, "rows": rows, "reports": {k: str(v) for k, v in paths.items()}})
+    if not output.text:
+        return
+    output.line(_describe_run({**run, "steering": None}))
+    output.table(
+        f"loose (strict) accuracy, {result.split}",
+        ("instruction", *CELL_HEADERS),
+        [
+            (
+                group or "overall",
+                *(f"{c.loose:.2f} ({c.strict:.2f})" if c.n else "–" for c in (result.cell(x, group) for x in CELLS)),
+            )
+            for group in (*result.groups, None)
+        ],
+        right=CELL_HEADERS,
+    )
+    for group in result.groups:
+        output.line(f"steering {group}: {result.steering.get(group, 'none')}")
     for kind, path in paths.items():
-        console.print(f"{kind}: {path}", highlight=False)
+        output.line(f"{kind}: {path}")
 
 
 @app.command()
 def search(
-    recipe_path: Path = typer.Argument(..., metavar="RECIPE", help="The recipe YAML file."),
-    out: Path | None = typer.Option(None, "--out", help="Report and checkpoint folder; default <output>/search."),
-    allow_transfer: bool = typer.Option(
-        False, "--allow-transfer", help="Accept vectors computed on another model of the same shape."
+    recipe_path: Path = RECIPE,
+    out: Path | None = typer.Option(
+        None, "--out", metavar="DIR", help="Report and checkpoint folder; default <output>/search."
     ),
+    allow_transfer: bool = ALLOW_TRANSFER,
     remote: bool = typer.Option(False, "--remote", help="Run on NDIF."),
+    as_json: bool = JSON,
+    as_jsonl: bool = JSONL,
 ) -> None:
     """Sweep layers (and add weights) of every `layer: auto` entry on validation prompts; record each winner."""
-    from nsteer.recipe import load_recipe
     from nsteer.report import search_rows, write_search_report
     from nsteer.search import search_recipe
-    from nsteer.workflow import load_recipe_vectors, open_recipe_model
+    from nsteer.workflow import check_recipe_vectors, read_recipe_vectors
 
-    recipe = load_recipe(recipe_path)
+    output = _output(as_json, as_jsonl)
+    recipe = _recipe(recipe_path)
     out_dir = out or recipe.output_dir / "search"
-    _say(f"Opening {recipe.model.id} ...")
-    handle = open_recipe_model(recipe, remote=remote or None)
-    vectors = load_recipe_vectors(recipe, handle, allow_transfer=allow_transfer or None)
-    with progress_bars() as bars:
+    vectors = read_recipe_vectors(recipe)
+    handle = _open(output, recipe, remote)
+    check_recipe_vectors(recipe, vectors, handle, allow_transfer=allow_transfer or None)
+    with output.progress() as bars:
         result = search_recipe(recipe, handle, vectors=vectors, out_dir=out_dir, progress=bars)
     paths = write_search_report(result, out_dir)
-    table = Table(title=f"layer search (validation), {result.sweeps[0].rule if result.sweeps else ''}")
-    for column in ("instruction", "setting", "loose", "strict", "degenerate", "median ppl", "verdict"):
-        table.add_column(
-            column, justify="right" if column in ("loose", "strict", "degenerate", "median ppl") else "left"
-        )
-    for row in search_rows(result):
-        table.add_row(*row)
-    console.print(table)
-    for sweep in result.sweeps:
-        console.print(f"{sweep.instruction}: {sweep.winner.setting.label} -> {sweep.vector_path}", highlight=False)
+    columns = ("instruction", "setting", "loose", "strict", "degenerate", "median ppl", "verdict")
+    rows = search_rows(result)
+    records = [dict(zip(columns, row)) for row in rows]
+    winners = [
+        {"instruction": sweep.instruction, "winner": sweep.winner.setting.label, "vector": str(sweep.vector_path)}
+        for sweep in result.sweeps
+    ]
+    run = _run(recipe, handle)
+    output.records(records)
+    output.document(
+        {
+            "command": "search",
+            "run": run,
+            "rule": result.sweeps[0].rule if result.sweeps else None,
+            "rows": records,
+            "winners": winners,
+            "reports": {k: str(v) for k, v in paths.items()},
+        }
+    )
+    if not output.text:
+        return
+    output.line(_describe_run(run))
+    output.table(
+        f"layer search (validation), {result.sweeps[0].rule if result.sweeps else ''}",
+        columns,
+        rows,
+        right=("loose", "strict", "degenerate", "median ppl"),
+    )
+    for winner in winners:
+        output.line(f"{winner['instruction']}: {winner['winner']} -> {winner['vector']}")
     for kind, path in paths.items():
-        console.print(f"{kind}: {path}", highlight=False)
+        output.line(f"{kind}: {path}")
 
 
-def _check_no_wait(no_wait: bool, remote: bool, recipe) -> None:
+def _check_no_wait(no_wait: bool, remote: bool, recipe: Any) -> None:
     """--no-wait submits NDIF jobs: refuse it for a local run before any model is opened."""
     if no_wait and not remote and recipe.model.backend != "ndif":
         raise NsteerError("--no-wait submits NDIF jobs: add --remote, or set backend: ndif in the recipe.")
 
 
-def _submit_vectors(recipe, handle, *, force: bool) -> None:
+def _submit_vectors(output: Output, recipe: Any, handle: Any, run: dict[str, Any], *, force: bool) -> None:
     """`compute --no-wait`: submit the NDIF jobs and print their ids."""
     from nsteer.remote import submit_recipe_vectors
 
+    records = []
     for name, job in submit_recipe_vectors(recipe, handle, force=force).items():
-        console.print(
-            f"{name}: {job} (up to date)" if isinstance(job, Path) else f"{name}: job {job.id}", highlight=False
-        )
-    _say("Fetch the vectors with: nsteer collect JOB ... (or nsteer collect --all)")
+        if isinstance(job, Path):
+            record = {"instruction": name, "path": str(job), "status": "kept"}
+            output.line(f"{name}: {job} (up to date, kept)")
+        else:
+            record = {"instruction": name, "job": job.id, "status": "submitted"}
+            output.line(f"{name}: job {job.id}")
+        records.append(record)
+    output.records(records)
+    output.document({"command": "compute", "run": run, "vectors": records})
+    output.note("Fetch the vectors with: nsteer collect JOB ... (or nsteer collect --all)")
 
 
-def _submit_generation(handle, prompts, edits, config, *, compare: bool) -> None:
+def _submit_generation(
+    output: Output, handle: Any, prompts: list[str], edits: list, config: Any, *, compare: bool
+) -> None:
     """`generate --no-wait`: submit one NDIF job and print its id."""
     from nsteer.remote import submit_generation
 
     if compare:
         raise NsteerError("--compare cannot be submitted as one job: submit twice, with and without --no-steer.")
     job = submit_generation(handle, prompts, edits, config=config)
-    console.print(f"job {job.id}", highlight=False)
-    _say(f"Fetch the answers with: nsteer collect {job.id}")
+    output.line(f"job {job.id}")
+    output.records([{"job": job.id, "status": "submitted"}])
+    output.document({"command": "generate", "job": job.id, "status": "submitted"})
+    output.note(f"Fetch the answers with: nsteer collect {job.id}")
 
 
 @app.command()
@@ -384,37 +655,51 @@ def collect(
     all_jobs: bool = typer.Option(
         False, "--all", help="Collect every job submitted from this machine and not collected yet."
     ),
-    wait: float = typer.Option(0.0, "--wait", min=0, help="Seconds to keep polling a job that is still running."),
+    wait: float = typer.Option(
+        0.0, "--wait", metavar="SECONDS", min=0, help="Seconds to keep polling a job that is still running."
+    ),
+    as_json: bool = JSON,
+    as_jsonl: bool = JSONL,
 ) -> None:
     """Fetch NDIF jobs submitted with --no-wait: write their vector files, or print their answers."""
     from nsteer.remote import collect as collect_job
     from nsteer.remote import pending_jobs
 
+    output = _output(as_json, as_jsonl)
     ids = list(job_ids or [])
     if all_jobs:
         ids += [job.id for job in pending_jobs() if job.id not in ids]
     if not ids:
         raise NsteerError("No job to collect: give the JOB ids that --no-wait printed, or --all for every pending one.")
     failed = []
+    records = []
     for job_id in ids:
         try:
             result = collect_job(job_id, wait=wait)
         except NsteerError as error:
-            errors.print(f"[bold red]{escape(job_id)}:[/] {escape(str(error))}", highlight=False)
+            output.error([f"{job_id}: {error}"])
             failed.append(job_id)
+            records.append({"job": job_id, "status": "failed", "error": str(error)})
             continue
         if not result.done:
-            console.print(
-                f"{job_id}: not finished ({result.status}); collect it again later, or add --wait SECONDS.",
-                highlight=False,
-            )
+            output.line(f"{job_id}: not finished ({result.status}); collect it again later, or add --wait SECONDS.")
+            records.append({"job": job_id, "status": "running", "detail": result.status})
             continue
+        record: dict[str, Any] = {"job": job_id, "status": "done"}
         for name, path in result.paths.items():
-            console.print(f"{name}: {path}", highlight=False)
+            output.line(f"{name}: {path}")
+        if result.paths:
+            record["vectors"] = {name: str(path) for name, path in result.paths.items()}
         if result.answers is not None:
-            for text, answer in zip(result.job.payload["prompts"], result.answers):
-                console.rule(escape(text), style="dim")
-                console.print(answer, highlight=False, markup=False)
+            answers = [
+                {"prompt": text, "steered": answer, "unsteered": None}
+                for text, answer in zip(result.job.payload["prompts"], result.answers)
+            ]
+            output.answers(answers, "as submitted")
+            record["answers"] = answers
+        records.append(record)
+    output.records(records)
+    output.document({"command": "collect", "jobs": records})
     if failed:
         raise NsteerError(
             f"{len(failed)} of {len(ids)} job(s) could not be collected: {', '.join(failed)} (see above)."
@@ -425,24 +710,30 @@ def collect(
 def export_vector(
     vector_file: Path = typer.Argument(..., metavar="VECTOR", help="A .safetensors vector file."),
     fmt: str = typer.Option(
-        "llama-cpp", "--format", help="llama-cpp: llama.cpp's control-vector GGUF (also read by repeng)."
+        "llama-cpp",
+        "--format",
+        metavar="NAME",
+        help="llama-cpp: llama.cpp's control-vector GGUF (also read by repeng).",
     ),
     layers: str | None = typer.Option(
-        None, "--layers", help="Layers to export, e.g. 8,10 (1 or more); default: the searched layer."
+        None, "--layers", metavar="N,N", help="Layers to export, e.g. 8,10 (1 or more); default: the searched layer."
     ),
     weight: float | None = typer.Option(
         None,
         "--weight",
+        metavar="X",
         help="Scale: each direction.N is weight x unit direction, as an add edit; default: the searched add weight.",
     ),
     out: Path | None = typer.Option(
-        None, "--out", help="The .gguf file to write; default: VECTOR with a .gguf suffix."
+        None, "--out", metavar="FILE.gguf", help="The .gguf file to write; default: VECTOR with a .gguf suffix."
     ),
+    as_json: bool = JSON,
 ) -> None:
     """Write a vector as a llama.cpp control vector (use with llama.cpp's --control-vector FILE.gguf)."""
     from nsteer.interop import export_llama_cpp, parse_layers
     from nsteer.vectors import load_vector
 
+    output = _output(as_json, False)
     if fmt != "llama-cpp":
         raise NsteerError(f"--format {fmt!r} is not supported; the only export format is llama-cpp.")
     vector = load_vector(vector_file)
@@ -451,43 +742,58 @@ def export_vector(
     )
     chosen = vector.metadata.chosen or {}
     if weight is not None and chosen.get("mode", "add") != "add":
-        _say(
+        output.note(
             f"note: '{vector.instruction_id}' was searched in {chosen['mode']} mode; "
             "llama.cpp can only add, so the file adds weight x direction."
         )
-    console.print(f"{vector.instruction_id}: {path}", highlight=False)
+    output.line(f"{vector.instruction_id}: {path}")
+    output.document({"command": "export", "instruction": vector.instruction_id, "path": str(path)})
 
 
 @app.command("import")
 def import_vector(
     gguf_file: Path = typer.Argument(..., metavar="FILE.gguf", help="A llama.cpp control-vector GGUF."),
-    out: Path = typer.Option(..., "--out", help="The .safetensors vector file to write."),
+    out: Path = typer.Option(..., "--out", metavar="FILE", help="The .safetensors vector file to write."),
     model_id: str | None = typer.Option(
         None,
         "--model-id",
+        metavar="ID",
         help="The model it is for: opened to check width and depth (needed for files nsteer did not write).",
     ),
     instruction: str | None = typer.Option(
-        None, "--instruction", help="Name of the instruction; default: from the file, else its file name."
+        None,
+        "--instruction",
+        metavar="NAME",
+        help="Name of the instruction; default: from the file, else its file name.",
     ),
+    as_json: bool = JSON,
 ) -> None:
     """Read a llama.cpp control vector into an nsteer vector file (add / ablate only: it has no mean projections)."""
     from nsteer.interop import import_llama_cpp, read_control_vector
     from nsteer.models import open_model
     from nsteer.vectors import save_vector
 
+    output = _output(as_json, False)
     read_control_vector(gguf_file)  # refuse a bad file before opening any model
     handle = None
     if model_id:
-        _say(f"Opening {model_id} ...")
+        output.note(f"Opening {model_id} ...")
         handle = open_model(model_id)
     vector = import_llama_cpp(gguf_file, handle=handle, model_id=model_id, instruction_id=instruction)
     path = save_vector(vector, out)
     chosen = vector.metadata.chosen or {}
-    console.print(
+    output.line(
         f"{vector.instruction_id}: {path} (layers {chosen.get('layers')}, model {vector.metadata.model_id}; "
-        "use mode add with weight = the layer's norm to reproduce llama.cpp at strength 1)",
-        highlight=False,
+        "use mode add with weight = the layer's norm to reproduce llama.cpp at strength 1)"
+    )
+    output.document(
+        {
+            "command": "import",
+            "instruction": vector.instruction_id,
+            "path": str(path),
+            "layers": chosen.get("layers"),
+            "model": vector.metadata.model_id,
+        }
     )
 
 
@@ -496,28 +802,52 @@ def eval_composition(
     recipe_path: Path = typer.Argument(
         ..., metavar="RECIPE", help="A recipe whose steer entries cover two or more instructions."
     ),
-    split: str = typer.Option("test", "--split", help="train, validation or test."),
-    limit: int | None = typer.Option(None, "--limit", min=1, help="At most this many prompts per instruction."),
+    split: str = typer.Option("test", "--split", metavar="NAME", help="train, validation or test."),
+    limit: int | None = typer.Option(
+        None, "--limit", metavar="N", min=1, help="At most this many prompts per instruction."
+    ),
     out: Path | None = typer.Option(
-        None, "--out", help="Report folder; default <output>/composition (or composition-<split>)."
+        None, "--out", metavar="DIR", help="Report folder; default <output>/composition (or composition-<split>)."
     ),
-    allow_transfer: bool = typer.Option(
-        False, "--allow-transfer", help="Accept vectors computed on another model of the same shape."
-    ),
+    model: str | None = MODEL,
+    device: str | None = DEVICE,
+    dtype: str | None = DTYPE,
+    allow_transfer: bool = ALLOW_TRANSFER,
+    as_json: bool = JSON,
+    as_jsonl: bool = JSONL,
 ) -> None:
     """Each instruction's accuracy with its own edits alone beside its accuracy with all the recipe's edits composed."""
-    from nsteer.evaluate.composition import evaluate_recipe_composition, write_composition_report
-    from nsteer.recipe import load_recipe
-    from nsteer.workflow import load_recipe_vectors, open_recipe_model
+    _eval_composition(
+        recipe_path,
+        _model_overrides(model, device, dtype),
+        split=split,
+        limit=limit,
+        out=out,
+        allow_transfer=allow_transfer,
+        output=_output(as_json, as_jsonl),
+    )
 
-    recipe = load_recipe(recipe_path)
-    if split not in ("train", "validation", "test"):
-        raise NsteerError(f"--split {split!r} is not a split; use train, validation or test.")
+
+def _eval_composition(
+    recipe_path: Path,
+    overrides: Sequence[Any],
+    *,
+    split: str,
+    limit: int | None,
+    out: Path | None,
+    allow_transfer: bool,
+    output: Output,
+) -> None:
+    from nsteer.evaluate.composition import evaluate_recipe_composition, write_composition_report
+    from nsteer.workflow import check_recipe_vectors, read_recipe_vectors
+
+    recipe = _recipe(recipe_path, overrides)
+    _check_split(split)
     out_dir = out or recipe.output_dir / ("composition" if split == "test" else f"composition-{split}")
-    _say(f"Opening {recipe.model.id} ...")
-    handle = open_recipe_model(recipe)
-    vectors = load_recipe_vectors(recipe, handle, allow_transfer=allow_transfer or None)
-    with progress_bars() as bars:
+    vectors = read_recipe_vectors(recipe)
+    handle = _open(output, recipe, False)
+    check_recipe_vectors(recipe, vectors, handle, allow_transfer=allow_transfer or None)
+    with output.progress() as bars:
         result = evaluate_recipe_composition(
             recipe,
             handle,
@@ -528,58 +858,93 @@ def eval_composition(
             progress=bars,
         )
     paths = write_composition_report(result, out_dir)
-    table = Table(title=f"composed vs alone, loose (strict) accuracy, {result.split}")
-    for column in ("instruction", "in prompt", "unsteered", "alone", "composed", "composed: all followed"):
-        table.add_column(column, justify="left" if column in ("instruction", "in prompt") else "right")
+    run = _run(recipe, handle, split=result.split, steering=result.composed)
+    records = [
+        {
+            "instruction": r.instruction,
+            "instruction_in_prompt": r.instruction_in_prompt,
+            "steering": r.steering,
+            "n": r.n,
+            "loose": r.loose,
+            "strict": r.strict,
+            "joint_loose": r.joint_loose,
+            "degenerate_share": r.degenerate_share,
+            "median_perplexity": r.median_perplexity,
+        }
+        for r in result.rows()
+    ]
+    output.records(records)
+    output.document(
+        {"command": "eval-composition", "run": run, "rows": records, "reports": {k: str(v) for k, v in paths.items()}}
+    )
+    if not output.text:
+        return
+    output.line(_describe_run(run))
     rows = {(r.instruction, r.instruction_in_prompt, r.steering): r for r in result.rows()}
+    table = []
     for name in result.instructions:
         for present in (False, True):
             cells = [rows.get((name, present, steering)) for steering in ("unsteered", "alone", "composed")]
             if not any(cells):
                 continue
-            table.add_row(
-                name,
-                "yes" if present else "no",
-                *(f"{c.loose:.2f} ({c.strict:.2f})" if c else "–" for c in cells),
-                f"{cells[2].joint_loose:.2f}" if cells[2] else "–",
+            table.append(
+                (
+                    name,
+                    "yes" if present else "no",
+                    *(f"{c.loose:.2f} ({c.strict:.2f})" if c else "–" for c in cells),
+                    f"{cells[2].joint_loose:.2f}" if cells[2] else "–",
+                )
             )
-    console.print(table)
+    columns = ("instruction", "in prompt", "unsteered", "alone", "composed", "composed: all followed")
+    output.table(f"composed vs alone, loose (strict) accuracy, {result.split}", columns, table, right=columns[2:])
     for kind, path in paths.items():
-        console.print(f"{kind}: {path}", highlight=False)
+        output.line(f"{kind}: {path}")
 
 
 @app.command("list")
 def list_instructions(
     vectors_dir: Path | None = typer.Option(
-        None, "--vectors", help="A vectors folder; default: the shipped vectors/ (or $NSTEER_VECTORS)."
+        None, "--vectors", metavar="DIR", help="A vectors folder; default: the shipped vectors/ (or $NSTEER_VECTORS)."
     ),
-    as_json: bool = typer.Option(False, "--json", help="Print instructions and vectors as JSON."),
+    as_json: bool = JSON,
+    as_jsonl: bool = JSONL,
 ) -> None:
     """The built-in instructions and the shipped vectors with their searched (chosen) settings."""
+    import json
+
     from nsteer.prompts import builtin_catalog
     from nsteer.vectors import default_vectors_dir, listing_row, shipped_vectors
 
+    output = _output(as_json, as_jsonl)
     root = vectors_dir or default_vectors_dir()
     instructions = builtin_catalog()
     rows = [listing_row(vector, root) for vector in shipped_vectors(root)] if vectors_dir or root.is_dir() else []
-    if as_json:
-        console.print_json(json.dumps({"instructions": instructions, "vectors_dir": str(root), "vectors": rows}))
+    output.document({"command": "list", "instructions": instructions, "vectors_dir": str(root), "vectors": rows})
+    output.records(
+        [{"kind": "instruction", **row} for row in instructions] + [{"kind": "vector", **row} for row in rows]
+    )
+    if not output.text:
         return
-    table = Table(title="built-in instructions")
-    for column in ("id", "category", "check", "phrasings"):
-        table.add_column(column, justify="right" if column == "phrasings" else "left")
-    for row in instructions:
-        check = row["check"] + (f" {json.dumps(row['kwargs'])}" if row["kwargs"] else "")
-        table.add_row(escape(row["id"]), row["category"], escape(check), str(row["phrasings"]))
-    console.print(table, emoji=False)
+    output.table(
+        "built-in instructions",
+        ("id", "category", "check", "phrasings"),
+        [
+            (
+                row["id"],
+                row["category"],
+                row["check"] + (f" {json.dumps(row['kwargs'])}" if row["kwargs"] else ""),
+                str(row["phrasings"]),
+            )
+            for row in instructions
+        ],
+        right=("phrasings",),
+    )
     words = next((row["words"] for row in instructions if row["words"]), [])
-    console.print(f"built-in words ({len(words)}): {', '.join(words)}", highlight=False, markup=False, emoji=False)
+    output.line(f"built-in words ({len(words)}): {', '.join(words)}")
     if not rows:
-        console.print(f"no vector files under {root}", highlight=False, markup=False)
+        output.line(f"no vector files under {root}")
         return
-    table = Table(title=f"vectors in {root}")
-    for column in ("instruction", "category", "pairs", "layer", "mode", "weight", "positions", "val. score", "file"):
-        table.add_column(column, justify="right" if column in ("pairs", "layer", "weight", "val. score") else "left")
+    table = []
     for row in rows:
         if not row["searched"]:
             setting = ["unsearched", "", "", ""]
@@ -592,22 +957,23 @@ def list_instructions(
             score += " shared"
         if row["searched_for"]:
             score += f" (also searched for {', '.join(row['searched_for'])})"
-        table.add_row(
-            escape(row["instruction"]), row["category"], str(row["pairs"]), *setting, score, escape(row["file"])
-        )
-    console.print(table, emoji=False)
+        table.append((row["instruction"], row["category"], str(row["pairs"]), *setting, score, row["file"]))
+    output.table(
+        f"vectors in {root}",
+        ("instruction", "category", "pairs", "layer", "mode", "weight", "positions", "val. score", "file"),
+        table,
+        right=("pairs", "layer", "weight", "val. score"),
+    )
     shared = sorted({word for row in rows for word in row["shared_search"]})
     if shared:
-        console.print(
-            f"shared: setting searched once on {', '.join(shared)} and used by every word vector",
-            highlight=False,
-            markup=False,
-            emoji=False,
-        )
+        output.line(f"shared: setting searched once on {', '.join(shared)} and used by every word vector")
 
 
-def main() -> None:
-    """Entry point: run the app; user errors print one paragraph and exit non-zero, never a traceback."""
+# --------------------------------------------------------------------------------------------------- entry point
+
+
+def _quiet_libraries() -> None:
+    """Keep third-party progress bars and debug switches out of the command line's output."""
     # Loading a GGUF (the embedded model) draws a raw tqdm bar of its own; tqdm reads TQDM_DISABLE when first imported.
     os.environ.setdefault("TQDM_DISABLE", "1")
     # nnsight turns its debug mode on when it sees -v/--verbose anywhere in argv: import it with a clean argv.
@@ -619,6 +985,23 @@ def main() -> None:
     finally:
         sys.argv = saved
     transformers_logging.disable_progress_bar()  # weight-loading bars would bury nsteer's own messages
+
+
+def _usage_error(error: Any) -> None:
+    """A click usage error (unknown option, missing argument, bad number): usage, hint, and the message, visibly."""
+    context = getattr(error, "ctx", None)
+    output = Output()
+    if context is not None:
+        output.note(context.get_usage())
+        if context.command.get_help_option(context) is not None:
+            output.note(f"Try '{context.command_path} {context.help_option_names[0]}' for help.")
+    output.error([error.format_message()])
+
+
+def main() -> None:
+    """Entry point: run the app; user errors print one paragraph and exit non-zero, never a traceback."""
+    _quiet_libraries()
+    output = Output()
     try:
         # Without standalone mode typer turns Ctrl-C (and typer.Exit) into a returned exit code instead of raising.
         code = app(standalone_mode=False)
@@ -627,21 +1010,21 @@ def main() -> None:
         if isinstance(code, int) and code:
             raise SystemExit(code)
     except NsteerError as error:
-        errors.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
+        output.error(getattr(error, "problems", None) or [str(error)])
         raise SystemExit(error.exit_code) from None
     except KeyboardInterrupt:
-        errors.print("interrupted: files already finished are kept; rerun the same command to continue.")
+        output.note("interrupted: files already finished are kept; rerun the same command to continue.")
         raise SystemExit(130) from None
     except OSError as error:  # the file system refused: no space, no permission, a folder where a file should be ...
         where = f" {error.filename}" if error.filename else ""
         reason = error.strerror or str(error)
         if isinstance(error, (FileExistsError, NotADirectoryError)):
             reason += " (a file stands where a folder is needed)"
-        errors.print(
-            f"[bold red]error:[/] cannot read or write{escape(where)}: {escape(reason)}. "
-            "Check the path, its permissions and the free disk space, then rerun the same command.",
-            highlight=False,
-            soft_wrap=True,
+        output.error(
+            [
+                f"cannot read or write{where}: {reason}. "
+                "Check the path, its permissions and the free disk space, then rerun the same command."
+            ]
         )
         raise SystemExit(2) from None
     except typer.Abort:
@@ -657,7 +1040,7 @@ def main() -> None:
         except ImportError:
             pass
         if isinstance(error, usage_errors):
-            error.show()
+            _usage_error(error)
             raise SystemExit(error.exit_code) from None
         raise
 

@@ -15,6 +15,7 @@ from typing import Any
 from nsteer.evaluate.table import CELLS, CellSummary, EvaluationResult, PairedChange, json_safe
 from nsteer.fileio import atomic_write_bytes
 from nsteer.search import InstructionSweep, SearchResult, SweepCell
+from nsteer.text import markdown_text, visible
 
 CELL_HEADERS = ("no instr., unsteered", "no instr., steered", "instr., unsteered", "instr., steered")
 
@@ -50,6 +51,12 @@ def _paired(change: PairedChange) -> str:
     return f"{change.gained} / {change.lost} ({change.p_value:.2g})"
 
 
+def _plot_text(text: object) -> str:
+    """Data shown in a figure, literally: control characters visible, ``$`` escaped (matplotlib reads $...$ as math,
+    and an unbalanced one makes the whole figure fail after the work is done)."""
+    return visible(text).replace("$", r"\$")
+
+
 def _number(value: float) -> str:
     return "n/a" if not math.isfinite(value) else f"{value:.1f}"
 
@@ -67,7 +74,7 @@ def eval_markdown(result: EvaluationResult) -> str:
     header = "| instruction | n | " + " | ".join(CELL_HEADERS) + " |"
     rule = "|---|---:|" + "---:|" * len(CELLS)
     rows = [
-        f"| {group} | {result.cell(CELLS[2], group).n} | "
+        f"| {markdown_text(group)} | {result.cell(CELLS[2], group).n} | "
         + " | ".join(_accuracy(result.cell(c, group)) for c in CELLS)
         + " |"
         for group in result.groups
@@ -77,21 +84,23 @@ def eval_markdown(result: EvaluationResult) -> str:
         f"| **overall** | {overall.n} | " + " | ".join(f"**{_accuracy(result.cell(c))}**" for c in CELLS) + " |"
     )
     quality = [
-        f"| {group} | " + " | ".join(_quality(result.cell(c, group)) for c in CELLS) + " |" for group in result.groups
+        f"| {markdown_text(group)} | " + " | ".join(_quality(result.cell(c, group)) for c in CELLS) + " |"
+        for group in result.groups
     ]
     quality.append("| **overall** | " + " | ".join(_quality(result.cell(c)) for c in CELLS) + " |")
     judged = any(answer.judge is not None for answer in result.answers)
     lines = [
-        f"# Evaluation: {result.source}",
+        f"# Evaluation: {markdown_text(result.source)}",
         "",
-        f"Model `{result.model_id}`, split `{result.split}`, {len(result.answers)} answers, "
+        f"Model {markdown_text(result.model_id)}, split {markdown_text(result.split)}, {len(result.answers)} answers, "
         f"{result.elapsed_s:.0f} s. Cells: loose accuracy (strict in brackets), IFEval prompt level.",
         "",
         header,
         rule,
         *rows,
         "",
-        f"Quality: mean answer perplexity under `{result.reference or 'no reference model'}` / share of degenerate "
+        f"Quality: mean answer perplexity under {markdown_text(result.reference or 'no reference model')} / share of "
+        "degenerate "
         f"answers{' / judge mean' if judged else ''}.",
         "",
         "| instruction | " + " | ".join(CELL_HEADERS) + " |",
@@ -105,12 +114,12 @@ def eval_markdown(result: EvaluationResult) -> str:
         "|---|---:|---:|",
         *[
             f"| {label} | {_paired(result.paired(False, group))} | {_paired(result.paired(True, group))} |"
-            for label, group in [*((g, g) for g in result.groups), ("**overall**", None)]
+            for label, group in [*((markdown_text(g), g) for g in result.groups), ("**overall**", None)]
         ],
         "",
         "Steering per instruction:",
         "",
-        *[f"- {group}: {result.steering.get(group, 'none')}" for group in result.groups],
+        *[f"- {markdown_text(group)}: {markdown_text(result.steering.get(group, 'none'))}" for group in result.groups],
     ]
     if result.skipped:
         lines += ["", f"{result.skipped} data record(s) matched no recipe instruction and were skipped."]
@@ -128,7 +137,8 @@ def eval_markdown(result: EvaluationResult) -> str:
                 summary = result.cell(cell, group)
                 if summary.n:
                     lines.append(
-                        f"| {group} | {cell.label} | {_spread(summary.sentences)} | {_spread(summary.words)} |"
+                        f"| {markdown_text(group)} | {cell.label} | {_spread(summary.sentences)} | "
+                        f"{_spread(summary.words)} |"
                     )
     return "\n".join(lines) + "\n"
 
@@ -160,10 +170,10 @@ def eval_bars_png(result: EvaluationResult) -> bytes:
         values = [result.cell(cell, None if g == "overall" else g).loose for g in groups]
         positions = [i + (offset - 1.5) * width for i in range(len(groups))]
         axes.bar(positions, [0 if not math.isfinite(v) else v for v in values], width, label=header, color=color)
-    axes.set_xticks(range(len(groups)), groups, rotation=35, ha="right")
+    axes.set_xticks(range(len(groups)), [_plot_text(g) for g in groups], rotation=35, ha="right")
     axes.set_ylim(0, 1)
     axes.set_ylabel("loose accuracy")
-    axes.set_title(f"{result.model_id}: instruction in prompt × steering")
+    axes.set_title(f"{_plot_text(result.model_id)}: instruction in prompt × steering")
     axes.legend(fontsize=8, ncols=2)
     return _png(figure)
 
@@ -239,7 +249,7 @@ def sweep_png(result: SearchResult) -> bytes:
             label="no steering (winner)" if baseline_won else "no steering",
             zorder=1,
         )
-        axes.set_title(f"{sweep.instruction} → {sweep.winner.setting.label}", fontsize=8)
+        axes.set_title(f"{_plot_text(sweep.instruction)} → {_plot_text(sweep.winner.setting.label)}", fontsize=8)
         axes.set_ylim(-0.02, 1.02)
         axes.set_xticks(sorted({c.setting.layer for c in sweep.cells}))
         axes.set_xlabel("layer", fontsize=8)
@@ -247,7 +257,9 @@ def sweep_png(result: SearchResult) -> bytes:
         if index == 0:
             axes.set_ylabel("loose accuracy (validation)", fontsize=8)
         axes.legend(fontsize=6)
-    figure.suptitle(f"{result.model_id}: layer sweep (winner ringed; red x: rejected by the quality guard)", fontsize=9)
+    figure.suptitle(
+        f"{_plot_text(result.model_id)}: layer sweep (winner ringed; red x: rejected by the quality guard)", fontsize=9
+    )
     return _png(figure)
 
 
@@ -321,13 +333,13 @@ def search_markdown(result: SearchResult) -> str:
     """The sweep as a Markdown table, with the guard's rule."""
     rule = result.sweeps[0].rule if result.sweeps else ""
     lines = [
-        f"# Layer search: {result.model_id}",
+        f"# Layer search: {markdown_text(result.model_id)}",
         "",
-        f"Validation split only; {result.elapsed_s:.0f} s. Rule: {rule}.",
+        f"Validation split only; {result.elapsed_s:.0f} s. Rule: {markdown_text(rule)}.",
         "",
         "| instruction | setting | loose | strict | degenerate | median ppl | verdict |",
         "|---|---|---:|---:|---:|---:|---|",
-        *["| " + " | ".join(row) + " |" for row in search_rows(result)],
+        *["| " + " | ".join(markdown_text(cell) for cell in row) + " |" for row in search_rows(result)],
     ]
     return "\n".join(lines) + "\n"
 
@@ -397,7 +409,8 @@ def similarity_png(
 
     first = vectors[0]
     n_layers = first.metadata.n_layers
-    model = first.metadata.model_id
+    model = _plot_text(first.metadata.model_id)
+    labels = [_plot_text(label) for label in labels]
     if layer is not None and not 0 <= layer < n_layers:
         raise NsteerError(f"--layer {layer} is out of range: the vectors have layers 0..{n_layers - 1}.")
     if len(vectors) == 1:
@@ -476,7 +489,9 @@ def _single_vector_png(vector: Any, label: str, model: str) -> bytes:
             int(chosen["layer"]),
             color="#d94801",
             linestyle="--",
-            label=f"searched: layer {chosen['layer']} {chosen.get('mode', '')} w={chosen.get('weight', '')}",
+            label=_plot_text(
+                f"searched: layer {chosen['layer']} {chosen.get('mode', '')} w={chosen.get('weight', '')}"
+            ),
         )
     elif chosen.get("no_steering"):
         norms.plot([], [], " ", label="searched: no steering")

@@ -821,9 +821,13 @@ ROWS: list[Row] = [
     ),
     R(
         "max-new-tokens-zero-flag",
-        lambda e: ["generate", "x.yaml", "--max-new-tokens", "0"],
-        ("Invalid value for '--max-new-tokens'", "greater than or equal to 1"),
-        usage=True,
+        lambda e: ["generate", e.tiny_recipe(), "--max-new-tokens", "0"],
+        ("--max-new-tokens 0:", "greater than 0"),  # the recipe's own rule for generation.max_new_tokens
+    ),
+    R(
+        "max-new-tokens-beyond-the-recipe-cap",
+        lambda e: ["generate", e.tiny_recipe(), "--max-new-tokens", "100000"],
+        ("--max-new-tokens 100000:", "less than or equal to 8192"),
     ),
     R(
         "max-new-tokens-not-a-number",
@@ -905,12 +909,12 @@ ROWS: list[Row] = [
     R(
         "model-directory-missing",
         lambda e: ["compute", e.tiny_recipe(model="{id: @TMP@/models/missing}")],
-        ("models/missing", "not a local directory or file"),
+        ("field model.id", "models/missing' names no file or folder"),
     ),
     R(
         "model-relative-directory-missing",
         lambda e: ["compute", e.tiny_recipe(model="{id: ./no/such/dir}")],
-        ("./no/such/dir", "not a local directory or file"),
+        ("field model.id", "'./no/such/dir' names no file or folder", "resolved from"),
     ),
     R(
         "model-directory-empty",
@@ -959,7 +963,7 @@ ROWS: list[Row] = [
     R(
         "model-gguf-missing",
         lambda e: ["compute", e.tiny_recipe(model="{id: @TMP@/gone.gguf}")],
-        ("GGUF file not found", "gone.gguf"),
+        ("field model.id", "gone.gguf' names no file or folder"),
     ),
     R(
         "model-cuda-without-gpu",
@@ -1014,8 +1018,8 @@ def flat(text: str) -> str:
 def check_message(row: Row, code: int, out: str, err: str) -> None:
     assert "Traceback" not in out + err, f"{row.id}: a traceback reached the user:\n{err}"
     assert code == row.code, f"{row.id}: exit code {code}, expected {row.code}\nstdout: {out}\nstderr: {err}"
-    if row.usage:
-        assert "Error" in err, err
+    if row.usage:  # usage, a hint, then the error (every nsteer error reads "error: ...")
+        assert "Usage:" in err and "--help" in err and "error:" in err, err
         message = flat(err)
     else:
         assert "error:" in err, f"{row.id}: no 'error:' line in\n{err}"

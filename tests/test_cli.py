@@ -63,7 +63,7 @@ def test_inspect_json(monkeypatch, capsys, vector_file):
 
     code, out, err = run_cli(monkeypatch, capsys, "inspect", str(vector_file), "--json")
     assert code == 0, err
-    summary = json.loads(out)
+    (summary,) = json.loads(out)["vectors"]
     assert summary["instruction"] == "lowercase" and summary["largest_norm_layer"] == 1 and summary["width"] == 8
 
 
@@ -76,10 +76,11 @@ def test_inspect_and_list_show_settings_searched_for_borrowers(monkeypatch, caps
     save_vector(load_vector(vector_file).with_choice(borrowed, "exclude:lowercase"), vector_file)
     code, out, err = run_cli(monkeypatch, capsys, "inspect", str(vector_file))
     assert code == 0, err
-    assert "chosen for exclude:lowercase" in flat(out) and "-3.0" in out
+    assert "searched for exclude:lowercase" in flat(out) and "weight -3" in out
     code, out, err = run_cli(monkeypatch, capsys, "inspect", str(vector_file), "--json")
-    assert json.loads(out)["chosen_for"] == {"exclude:lowercase": borrowed}
-    assert json.loads(out)["chosen"]["layer"] == 1  # the vector's own setting, untouched
+    (summary,) = json.loads(out)["vectors"]
+    assert summary["chosen_for"] == {"exclude:lowercase": borrowed}
+    assert summary["chosen"]["layer"] == 1  # the vector's own setting, untouched
     code, out, err = run_cli(monkeypatch, capsys, "list", "--vectors", str(vector_file.parent), "--json")
     assert code == 0, err
     (row,) = json.loads(out)["vectors"]

@@ -38,6 +38,7 @@ from nsteer.evaluate.table import (
 )
 from nsteer.generate import GenerationConfig, generate
 from nsteer.models import ModelHandle
+from nsteer.text import markdown_text
 
 STEERING = ("unsteered", "alone", "composed")
 ProgressFactory = Callable[[str], Callable[[int, int], None]]
@@ -298,7 +299,8 @@ def evaluate_recipe_composition(
 def composition_markdown(result: CompositionResult) -> str:
     """The composed-vs-alone table: loose (strict) accuracy, joint accuracy, quality and lengths per row."""
     lines = [
-        f"Model {result.model_id}, {result.split} split; composed edits (in order): {result.composed}.",
+        f"Model {markdown_text(result.model_id)}, {result.split} split; composed edits (in order): "
+        f"{markdown_text(result.composed)}.",
         "",
         "| instruction | instruction in prompt | steering | n | loose (strict) | all steered instructions (loose) "
         "| degenerate | median ppl | median words | median sentences |",
@@ -307,13 +309,14 @@ def composition_markdown(result: CompositionResult) -> str:
     for row in result.rows():
         ppl = "n/a" if not math.isfinite(row.median_perplexity) else f"{row.median_perplexity:.1f}"
         lines.append(
-            f"| {row.instruction} | {'yes' if row.instruction_in_prompt else 'no'} | {row.steering} | {row.n} "
+            f"| {markdown_text(row.instruction)} | {'yes' if row.instruction_in_prompt else 'no'} | {row.steering} "
+            f"| {row.n} "
             f"| {row.loose:.2f} ({row.strict:.2f}) | {row.joint_loose:.2f} | {row.degenerate_share:.0%} | {ppl} "
             f"| {row.median_words:g} | {row.median_sentences:g} |"
         )
     lines.append("")
     for name, text in result.alone.items():
-        lines.append(f"- {name} alone: {text}")
+        lines.append(f"- {markdown_text(name)} alone: {markdown_text(text)}")
     return "\n".join(lines) + "\n"
 
 
