@@ -276,8 +276,9 @@ def open_model(
         from nsteer.remote import open_remote_model
 
         return open_remote_model(model_id, layers_path=layers_path, revision=revision, timeout=timeout)
+    target = _resolve_device(device)  # refuse a device this machine lacks before any weights load
     tokenizer, hf_model = _load_local(model_id, DTYPES[dtype], revision)
-    hf_model = hf_model.to(_resolve_device(device)).eval()
+    hf_model = hf_model.to(target).eval()
     return wrap_model(hf_model, tokenizer, model_id=model_id, layers_path=layers_path)
 
 

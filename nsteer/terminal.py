@@ -100,6 +100,8 @@ class Output:
             TimeRemainingColumn(),
             console=self.err,
             transient=False,
+            redirect_stdout=False,  # results printed meanwhile stay on standard output
+            redirect_stderr=False,
         ) as bars:
             tasks: dict[str, Any] = {}
 
