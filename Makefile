@@ -38,5 +38,10 @@ VECTORS_RUNS ?= runs/vectors
 vectors: $(STAMP)
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python scripts/make_vectors.py --out $(VECTORS_DIR) --runs $(VECTORS_RUNS) $(if $(FORCE),--force,)
 
+# Regenerate docs/recipes.md from nsteer/recipe.py, then check every example and link of README.md and docs/.
+docs: $(STAMP)
+	$(BIN)/python docs/gen_recipe_reference.py
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest -q tests/test_docs.py
+
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -40,10 +40,15 @@ prompts, the instructions and the edits. `nsteer compute | search | generate | e
 - **Unknown keys are errors**, at every level (`dtyp:` is refused, with the keys allowed there and the closest one).
 - **Values are not coerced across types**: `weight: "8"`, `layer: yes` or `max_new_tokens: true` are errors, not
   8, 1 and 1. Integers are accepted where a number is expected.
-- **Input paths** (`prompts.base`, `phrasings` files, `steer[].vector` files) are relative to the recipe's folder;
-  **`output.dir`** is relative to the current directory.
-- Files, built-in names and checkers a recipe refers to are checked when it is loaded, before any model is opened;
-  layer numbers are checked against the model when it is opened.
+- **Input paths** (`model.id` when it is a path, `prompts.base`, `phrasings` files, `steer[].vector` files) are
+  relative to the recipe's folder; **`output.dir`** is relative to the current directory.
+- **`model.id`** is a path when it names a file or folder (relative to the recipe's folder) or is written as one
+  (starting with `/`, `./`, `../` or `~`, or ending in `.gguf`); a path that does not exist is an error at load time.
+  Anything else is a Hub id (or `embedded:smollm2-135m-instruct`). `nsteer ... --model PATH` takes its path from the
+  current directory, like every command-line path.
+- The model path, files, built-in names and checkers a recipe refers to are checked when it is loaded, before any
+  model is opened; layer numbers are checked against the model when it is opened. Every problem found is reported at
+  once, one line each.
 - **Files are read as data, within bounds**: YAML's safe types only (no Python tags); anchors and aliases
   (`&name` / `*name`, `<<: *name`) work, but aliases may add at most 100,000 values to a document, may not refer to a
   node that contains them, and nesting stops at 100 levels. A recipe is at most 1 MiB; prompt and data files at most

@@ -38,7 +38,9 @@ class ModelSection(Strict):
     """Which model to open and how."""
 
     id: str = Field(
-        EMBEDDED_ID, description="embedded:smollm2-135m-instruct, a local directory, a .gguf file, or a Hub id."
+        EMBEDDED_ID,
+        description="embedded:smollm2-135m-instruct, a local directory or .gguf file (relative to the recipe's "
+        "folder), or a Hub id.",
     )
     backend: Literal["local", "ndif"] = Field("local", description="local runs here; ndif runs on the NDIF service.")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weights and activations dtype.")
@@ -740,7 +742,7 @@ def _model_path_problem(recipe: Recipe) -> str | None:
             "a .gguf file, or a Hub id."
         )
     if location.endswith(".gguf") and not path.is_file():
-        return f"'{recipe.model.id}' is not a file: a .gguf model is one file."
+        return f"{location} is a folder, not a GGUF file: a .gguf model is one file."
     return None
 
 
