@@ -209,6 +209,7 @@ def _cached_gguf(source: str, path: Path) -> Path | None:
 def _load_local(source: str, dtype: torch.dtype, revision: str | None) -> tuple[Any, Any]:
     """Load a tokenizer and causal LM from a directory, a GGUF file (through the de-quantized cache) or a Hub id."""
     kwargs: dict[str, Any] = {}
+    hub_id = False
     if source == EMBEDDED_ID or source.endswith(".gguf"):
         if source == EMBEDDED_ID:
             directory, file_name = embedded_model_location()
@@ -221,7 +222,8 @@ def _load_local(source: str, dtype: torch.dtype, revision: str | None) -> tuple[
         else:
             location, kwargs["gguf_file"] = str(path.parent), path.name
     else:
-        location = str(user_path(source)) if user_path(source).exists() else source
+        hub_id = not user_path(source).exists()
+        location = source if hub_id else str(user_path(source))
         if Path(location).is_dir() and not (Path(location) / "config.json").is_file():
             raise ModelError(
                 f"'{source}' is a folder without a config.json, so it holds no saved model. Point model.id at a folder "
@@ -229,7 +231,60 @@ def _load_local(source: str, dtype: torch.dtype, revision: str | None) -> tuple[
             )
     if revision:
         kwargs["revision"] = revision
+    if hub_id:
+        kwargs.update(hub_access(source, revision))
     return _from_pretrained(source, location, kwargs, dtype)
+
+
+_PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "HTTP_PROXY", "http_proxy")
+
+
+def hub_access(model_id: str, revision: str | None = None, *, timeout: float = 3.0) -> dict[str, Any]:
+    """How to load a Hub id: normally ({}); from the local cache only when the Hub cannot be reached right now.
+
+    Without this check, an unreachable Hub costs about 45 s of retries before transformers gives up. Offline mode
+    (HF_HUB_OFFLINE, TRANSFORMERS_OFFLINE) already fails fast, so nothing is probed then; neither behind a proxy,
+    whose reachability a direct connection cannot tell. A model that is neither reachable nor cached is refused at once.
+    """
+    import os
+
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    truthy = ("1", "true", "yes", "on")
+    if constants.HF_HUB_OFFLINE or os.environ.get("TRANSFORMERS_OFFLINE", "").lower() in truthy:
+        return {}
+    if any(os.environ.get(name) for name in _PROXY_VARIABLES):
+        return {}
+    reason = _unreachable(constants.ENDPOINT, timeout)
+    if reason is None:
+        return {}
+    try:
+        cached = try_to_load_from_cache(model_id, "config.json", revision=revision)
+    except Exception:  # noqa: BLE001 - an id the cache cannot even look up is simply not cached
+        cached = None
+    if isinstance(cached, str):
+        return {"local_files_only": True}
+    raise ModelError(
+        f"'{model_id}' is a Hub id, but the Hugging Face Hub ({constants.ENDPOINT}) cannot be reached ({reason}) and "
+        "the model is not in the local cache. Download it where the Hub is reachable and point model.id at its folder "
+        "(or check the network, HF_ENDPOINT, or a proxy setting)."
+    )
+
+
+def _unreachable(endpoint: str, timeout: float) -> str | None:
+    """Why a TCP connection to ``endpoint``'s host cannot be opened within ``timeout`` seconds, or None if it can."""
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(endpoint)
+    if not parts.hostname:
+        return None
+    port = parts.port or (80 if parts.scheme == "http" else 443)
+    try:
+        with socket.create_connection((parts.hostname, port), timeout=timeout):
+            return None
+    except OSError as error:
+        return str(error) or type(error).__name__
 
 
 def _from_pretrained(source: str, location: str, kwargs: dict[str, Any], dtype: torch.dtype) -> tuple[Any, Any]:
