@@ -186,6 +186,10 @@ EXAMPLE = {
             "check": {"id": "keywords:existence", "kwargs": {"keywords": ["arr"]}},
             "category": "words",
         },
+        "ask_back": {
+            "phrasings": ["End your answer with a question.", "Finish by asking me something."],
+            "check": {"regex": "\\?\\s*$"},
+        },
     },
     "steer": [
         {"instruction": "lowercase", "layer": "auto", "mode": "set"},
@@ -202,6 +206,10 @@ def example_yaml() -> str:
     for entry in data["steer"]:  # drop the unset optional vector, which would read as "vector: null"
         if entry.get("vector") is None:
             entry.pop("vector")
+    for section in data["instructions"].values():  # a check is one kind: IFEval (id, kwargs), regex or function
+        check = section.get("check")
+        if isinstance(check, dict):
+            section["check"] = {key: value for key, value in check.items() if value is not None and value != {}}
     return yaml.safe_dump(data, sort_keys=False, allow_unicode=True, width=100)
 
 

@@ -9,11 +9,15 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from nsteer.errors import PromptDataError
+from nsteer.evaluate.custom_checks import CustomCheck
+
+if TYPE_CHECKING:
+    from nsteer.evaluate.checkers import CheckSpec
 from nsteer.fileio import MAX_DATA_BYTES, MAX_LINE_CHARS, parse_json, parse_yaml, read_text, text_lines, user_path
 
 BUILTIN_PREFIX = "builtin:"
@@ -39,6 +43,14 @@ class Instruction:
     check_id: str
     check_kwargs: Mapping[str, Any] = field(default_factory=dict)
     phrasings: tuple[str, ...] = ()
+    custom_check: CustomCheck | None = None  # a recipe's own check (regex or function); check_id is then its name
+
+    @property
+    def check(self) -> CheckSpec:
+        """The check that judges an answer to this instruction."""
+        from nsteer.evaluate.checkers import CheckSpec  # IFEval's checkers load NLTK: only when checking
+
+        return CheckSpec(self.check_id, dict(self.check_kwargs), custom=self.custom_check)
 
 
 @dataclass(frozen=True)

@@ -79,10 +79,41 @@ class PromptsSection(Strict):
 
 
 class CheckSection(Strict):
-    """An IFEval checker and its arguments."""
+    """How an answer is judged: an IFEval checker with its arguments, or your own regular expression or function.
 
-    id: str = Field(description="IFEval instruction id, e.g. change_case:english_lowercase.")
-    kwargs: dict[str, Any] = Field(default_factory=dict, description="The checker's keyword arguments.")
+    A function is code the recipe runs: see docs/quickstart.md ("When IFEval has no check for your instruction").
+    """
+
+    id: str | None = Field(None, description="IFEval instruction id, e.g. change_case:english_lowercase.")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="The IFEval checker's keyword arguments.")
+    regex: str | None = Field(
+        None, description="Instead of id: the answer passes when this regular expression matches."
+    )
+    function: str | None = Field(
+        None,
+        description="Instead of id: module:name of a Python function answer -> bool; module.py in the recipe's folder, "
+        "else an importable module.",
+    )
+    loose: str | None = Field(
+        None,
+        description="With regex or function: another one for the loose score; default: the check on IFEval's loose "
+        "variants of the answer.",
+    )
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> CheckSection:
+        """Exactly one of id, regex and function; kwargs go with id, loose with regex or function."""
+        given = [name for name in ("id", "regex", "function") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                "give exactly one of id (an IFEval check), regex or function"
+                + (f", not {' and '.join(given)}" if given else "")
+            )
+        if self.kwargs and self.id is None:
+            raise ValueError("kwargs are the arguments of an IFEval check (id); a regex or function takes none")
+        if self.loose is not None and self.id is not None:
+            raise ValueError("loose goes with regex or function; an IFEval check has its own loose scoring")
+        return self
 
 
 class InstructionSection(Strict):
@@ -294,6 +325,7 @@ class Recipe(Strict):
     _source: Path | None = PrivateAttr(None)
     _lines: Mapping[tuple, int] = PrivateAttr(default_factory=dict)
     _origins: Mapping[tuple, str] = PrivateAttr(default_factory=dict)  # fields set from outside the file, by whom
+    _custom_checks: dict[str, Any] = PrivateAttr(default_factory=dict)  # instruction -> CustomCheck, built at load
 
     @model_validator(mode="after")
     def _steer_names_instructions(self) -> Recipe:
@@ -329,6 +361,10 @@ class Recipe(Strict):
         ``../``, ``~`` or a ``.gguf`` file); anything else is a Hub id (or the embedded model).
         """
         return model_location(self.model.id, self.base_dir)
+
+    def custom_check(self, name: str) -> Any:
+        """Instruction ``name``'s CustomCheck when its check is a regex or a function (built at load), else None."""
+        return self._custom_checks.get(name)
 
     def error(self, location: tuple, message: str) -> RecipeError:
         """A RecipeError pointing at ``location`` (e.g. ``("steer", 0, "layer")``) in the recipe's file."""
@@ -662,6 +698,7 @@ def _check_references(recipe: Recipe) -> None:
     """Check that the model path, files, built-in names and checkers the recipe refers to exist, before any model
     is loaded; every problem found is reported at once."""
     from nsteer.evaluate.checkers import CheckSpec, validate_spec
+    from nsteer.evaluate.custom_checks import function_check, regex_check
     from nsteer.prompts import builtin_instruction, load_base_prompts, load_phrasings
 
     problems: list[str] = []
@@ -692,9 +729,13 @@ def _check_references(recipe: Recipe) -> None:
             refuse(("instructions", name, "phrasings"), str(error) + hint)
         check = section.check
         if check is not None:
-            spec = CheckSpec(check, {}) if isinstance(check, str) else CheckSpec(check.id, dict(check.kwargs))
             try:
-                validate_spec(spec)
+                if isinstance(check, str) or check.id is not None:
+                    validate_spec(CheckSpec(check, {}) if isinstance(check, str) else CheckSpec(check.id, check.kwargs))
+                elif check.regex is not None:
+                    recipe._custom_checks[name] = regex_check(check.regex, check.loose)
+                else:
+                    recipe._custom_checks[name] = function_check(check.function, recipe.base_dir, check.loose)
             except NsteerError as error:
                 refuse(("instructions", name, "check"), str(error))
     for index, entry in enumerate(recipe.steer):

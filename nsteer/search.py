@@ -419,7 +419,7 @@ def search_recipe(
             raise recipe.error(
                 ("instructions", entry.instruction, "check"), "this instruction has no check to score the search with."
             )
-        spec = CheckSpec(instruction.check_id, dict(instruction.check_kwargs))
+        spec = instruction.check
         prompts = validation_prompts(recipe, entry.instruction)
         candidates = candidate_settings(recipe, index, vector, layers)
         bar = progress(f"search {entry.instruction}") if progress else None

@@ -59,6 +59,8 @@ def resolve_instruction(recipe: Recipe, name: str) -> Instruction:
         check_id, check_kwargs = (reference.check_id, dict(reference.check_kwargs)) if reference else ("", {})
     elif isinstance(check, str):
         check_id, check_kwargs = check, {}
+    elif check.id is None:  # a regex or a function, built when the recipe was loaded
+        check_id, check_kwargs = recipe.custom_check(name).name, {}
     else:
         check_id, check_kwargs = check.id, dict(check.kwargs)
     return Instruction(
@@ -68,6 +70,7 @@ def resolve_instruction(recipe: Recipe, name: str) -> Instruction:
         check_id=check_id,
         check_kwargs=check_kwargs,
         phrasings=tuple(phrasings),
+        custom_check=recipe.custom_check(name),
     )
 
 

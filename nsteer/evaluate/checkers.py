@@ -33,6 +33,7 @@ from if_verifiable.ifeval import instructions_registry, instructions_util
 from nltk.tokenize.punkt import PunktParameters, save_punkt_params
 
 from nsteer.errors import EvaluationError
+from nsteer.evaluate.custom_checks import CustomCheck
 
 _PUNKT_FILES = ("abbrev_types.txt", "collocations.tab", "ortho_context.tab", "sent_starters.txt")
 
@@ -53,10 +54,12 @@ _REGEX_KWARGS = frozenset({"keywords", "forbidden_words", "keyword", "section_sp
 
 @dataclass(frozen=True)
 class CheckSpec:
-    """One IFEval instruction to check: its id (e.g. ``change_case:english_lowercase``) and its kwargs."""
+    """One instruction to check: an IFEval id (e.g. ``change_case:english_lowercase``) and its kwargs, or a recipe's
+    own check (``custom``, whose name is then the id)."""
 
     instruction_id: str
     kwargs: Mapping[str, Any] = field(default_factory=dict)
+    custom: CustomCheck | None = None
 
     def __post_init__(self) -> None:
         # A read-only copy, so a caller mutating its dict later cannot change a spec already in use.
@@ -78,6 +81,8 @@ def known_instruction_ids() -> tuple[str, ...]:
 
 def validate_spec(spec: CheckSpec) -> None:
     """Raise EvaluationError if the id is unknown or a kwarg is unknown, missing or malformed."""
+    if spec.custom is not None:
+        return  # built and checked when its recipe was loaded
     checker_class = instructions_registry.INSTRUCTION_DICT.get(spec.instruction_id)
     if checker_class is None:
         known = known_instruction_ids()
@@ -106,14 +111,29 @@ def validate_spec(spec: CheckSpec) -> None:
 
 def check_response(spec: CheckSpec, response: str, prompt: str = "") -> CheckResult:
     """Check one response against one instruction; ``prompt`` reaches checkers that need it, as in IFEval."""
-    return _score(_build_checker(spec, prompt), response, get_loose_transformations(response))
+    return check_all((spec,), response, prompt)[0]
 
 
 def check_all(specs: Sequence[CheckSpec], response: str, prompt: str = "") -> tuple[CheckResult, ...]:
     """Check one response against several instructions; every spec is validated before any is scored."""
-    checkers = [_build_checker(spec, prompt) for spec in specs]
+    checkers = [spec.custom or _build_checker(spec, prompt) for spec in specs]
     variants = get_loose_transformations(response)
-    return tuple(_score(checker, response, variants) for checker in checkers)
+    return tuple(
+        _score_custom(checker, response, variants)
+        if isinstance(checker, CustomCheck)
+        else _score(checker, response, variants)
+        for checker in checkers
+    )
+
+
+def _score_custom(check: CustomCheck, response: str, variants: Sequence[str]) -> CheckResult:
+    """A recipe's own check, scored as IFEval scores its checks (empty answers fail; loose tries the variants)."""
+    strict = bool(response.strip()) and check.judge(check.strict, response)
+    if check.loose is not None:
+        loose = bool(response.strip()) and check.judge(check.loose, response)
+    else:
+        loose = any(variant.strip() and check.judge(check.strict, variant) for variant in variants)
+    return CheckResult(strict=strict, loose=bool(loose))
 
 
 def count_sentences(text: str) -> int:

@@ -266,7 +266,7 @@ def recipe_items(recipe: Any, split: str = "test", limit: int | None = None) -> 
                 f"The {split} split of '{name}' is empty: "
                 f"give prompts.split.{split} a positive fraction, or more base prompts."
             )
-        spec = CheckSpec(instruction.check_id, dict(instruction.check_kwargs))
+        spec = instruction.check
         for pair in pairs[:limit]:
             items.append(
                 EvalItem(
