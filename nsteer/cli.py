@@ -109,6 +109,36 @@ def _steer_overrides(option: str, field: str, values: Sequence[str] | None, kind
     return found
 
 
+def _search_overrides(
+    limit: int | None, layers: str | None, weights: str | None, modes: str | None, max_new_tokens: int | None
+) -> list:
+    """Search bounds from the command line as overrides of the recipe's ``search`` section (judged by its rules)."""
+    from nsteer.recipe import Override
+
+    found = []
+    if limit is not None:
+        found.append(Override(("search", "max_prompts"), limit, f"--limit {limit}"))
+    if layers is not None:
+        found.append(Override(("search", "layers"), _list(layers, int), f"--layers {layers}"))
+    if weights is not None:
+        kind, colon, numbers = weights.partition(":")
+        value: Any = (
+            {"relative": _list(numbers, float)} if colon and kind.strip() == "relative" else _list(weights, float)
+        )
+        found.append(Override(("search", "weights"), value, f"--weights {weights}"))
+    if modes is not None:
+        found.append(Override(("search", "modes"), _list(modes, None), f"--modes {modes}"))
+    if max_new_tokens is not None:
+        found.append(Override(("search", "max_new_tokens"), max_new_tokens, f"--max-new-tokens {max_new_tokens}"))
+    return found
+
+
+def _list(text: str, kind: type | None) -> list:
+    """``12,16`` as a list, each item read as a plain number would be (the recipe's rules judge what is not one)."""
+    items = [item.strip() for item in text.split(",")]
+    return [_number(item, kind) if kind else item for item in items if item] if text.strip() else []
+
+
 def _recipe(path: Path, overrides: Sequence[Any] = ()) -> Any:
     """Load a recipe and apply command-line overrides, validated by the recipe's own rules."""
     from nsteer.recipe import load_recipe, override_recipe
@@ -559,18 +589,52 @@ def search(
     ),
     allow_transfer: bool = ALLOW_TRANSFER,
     remote: bool = typer.Option(False, "--remote", help="Run on NDIF."),
+    limit: int | None = typer.Option(
+        None, "--limit", metavar="N", help="At most N validation prompts per instruction (search.max_prompts)."
+    ),
+    layers: str | None = typer.Option(
+        None, "--layers", metavar="L,L,...", help="Candidate layers, e.g. 12,16,20 (search.layers)."
+    ),
+    weights: str | None = typer.Option(
+        None,
+        "--weights",
+        metavar="W,W,...",
+        help="Candidate add weights: numbers (20,40), or relative:0.5,1,2 for k x the layer's norm (search.weights).",
+    ),
+    modes: str | None = typer.Option(
+        None, "--modes", metavar="MODE,...", help="Modes to sweep, e.g. set,add (search.modes)."
+    ),
+    max_new_tokens: int | None = typer.Option(
+        None, "--max-new-tokens", metavar="N", help="Tokens per answer in the sweep (search.max_new_tokens)."
+    ),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Print the plan (settings, prompts, answers, time) and stop; no model is opened."
+    ),
     as_json: bool = JSON,
     as_jsonl: bool = JSONL,
 ) -> None:
-    """Sweep layers (and add weights) of every `layer: auto` entry on validation prompts; record each winner."""
+    """Sweep layers (and add weights) of every `layer: auto` entry on validation prompts; record each winner.
+
+    Before any work it prints the plan: settings x prompts = answers, and how long that takes at the rate recorded
+    on this machine by earlier runs (or that none is recorded yet).
+    """
     from nsteer.report import search_rows, write_search_report
-    from nsteer.search import search_recipe
+    from nsteer.search import plan_estimate, plan_search, search_recipe
     from nsteer.workflow import check_recipe_vectors, read_recipe_vectors
 
     output = _output(as_json, as_jsonl)
-    recipe = _recipe(recipe_path)
+    recipe = _recipe(recipe_path, _search_overrides(limit, layers, weights, modes, max_new_tokens))
     out_dir = out or recipe.output_dir / "search"
     vectors = read_recipe_vectors(recipe)
+    plan = plan_search(recipe, vectors)  # the vector files know the layer count: no model needed
+    use_remote = remote or recipe.model.backend == "ndif"
+    output.note(f"plan: {plan.summary()} ({plan_estimate(plan, recipe, remote=use_remote)}).")
+    if dry_run:
+        output.records([entry.to_dict() for entry in plan.entries])
+        output.document({"command": "search", "dry_run": True, "plan": plan.to_dict()})
+        for line in plan.lines():
+            output.line(line)
+        return
     handle = _open(output, recipe, remote)
     check_recipe_vectors(recipe, vectors, handle, allow_transfer=allow_transfer or None)
     with output.progress() as bars:

@@ -239,6 +239,11 @@ class SearchSection(Strict):
         description="Candidate weights for add entries that give no weight of their own: {relative: [k, ...]} for "
         "k × ‖u_l‖ at each candidate layer, or a list of plain numbers (the same at every layer).",
     )
+    modes: list[Literal["set", "add", "ablate"]] | None = Field(
+        None,
+        min_length=1,
+        description="Modes to sweep for every searched entry, each with its own weights; default: the entry's mode.",
+    )
     target_scales: list[float] = Field(
         default_factory=lambda: [1.0],
         min_length=1,

@@ -35,6 +35,7 @@ from nsteer.evaluate.table import Generator, Reference, open_reference
 from nsteer.generate import GenerationConfig, generate
 from nsteer.models import ModelHandle
 from nsteer.recipe import Recipe
+from nsteer.throughput import handle_rate_key, timed
 from nsteer.vectors import SteeringVector, save_vector
 
 ProgressFactory = Callable[[str], Callable[[int, int], None]]
@@ -128,38 +129,49 @@ def candidate_layers(n_layers: int, layers: Sequence[int] | None = None, step: i
 
 
 def candidate_settings(recipe: Recipe, index: int, vector: SteeringVector, layers: Sequence[int]) -> list[Setting]:
-    """The settings swept for steer entry ``index``: every candidate layer with every weight, and for ``set`` every
-    target scale.
+    """The settings swept for steer entry ``index``: for every mode searched (``search.modes``, default the entry's
+    own), every candidate layer with every weight, and for ``set`` every target scale.
 
-    An ``add`` entry that gives no weight sweeps ``search.weights`` (relative ks become ``k × ‖u_l‖`` at each layer);
-    an entry's own weight or target scale pins that value. ``set`` and ``ablate`` keep their weight (default 1).
+    ``add`` sweeps ``search.weights`` (relative ks become ``k × ‖u_l‖`` at each layer) unless the entry gives its own
+    add weight; ``set`` sweeps ``search.target_scales`` unless the entry gives its own; ``set`` and ``ablate`` keep
+    the entry's weight when they are its mode, else weight 1.
     """
     from nsteer.recipe import RelativeWeight, SearchWeights
 
     entry, search = recipe.steer[index], recipe.search
-    if "weight" in entry.model_fields_set or entry.mode != "add":
-        weights: list[tuple[float, bool]] = [
-            (entry.weight.relative, True) if isinstance(entry.weight, RelativeWeight) else (entry.weight, False)
+    own = entry.mode
+    candidates = []
+    for mode in search.modes or [own]:
+        weights: list[tuple[float, bool]]
+        if mode == own and ("weight" in entry.model_fields_set or mode != "add"):
+            given = entry.weight
+            weights = [(given.relative, True) if isinstance(given, RelativeWeight) else (given, False)]
+        elif mode != "add":
+            weights = [(1.0, False)]
+        elif isinstance(search.weights, SearchWeights):
+            weights = [(k, True) for k in search.weights.relative]
+        else:
+            weights = [(weight, False) for weight in search.weights]
+        if mode != "set":
+            scales = [1.0]
+        elif mode == own and "target_scale" in entry.model_fields_set:
+            scales = [entry.target_scale]
+        else:
+            scales = list(search.target_scales)
+        candidates += [
+            Setting(
+                layer,
+                mode,
+                relative_weight(vector, layer, weight) if relative else float(weight),
+                entry.positions,
+                relative=float(weight) if relative else None,
+                target_scale=float(scale),
+            )
+            for layer in layers
+            for weight, relative in weights
+            for scale in scales
         ]
-    elif isinstance(search.weights, SearchWeights):
-        weights = [(k, True) for k in search.weights.relative]
-    else:
-        weights = [(weight, False) for weight in search.weights]
-    explicit_scale = "target_scale" in entry.model_fields_set or entry.mode != "set"
-    scales = [entry.target_scale] if explicit_scale else list(search.target_scales)
-    return [
-        Setting(
-            layer,
-            entry.mode,
-            relative_weight(vector, layer, weight) if relative else float(weight),
-            entry.positions,
-            relative=float(weight) if relative else None,
-            target_scale=float(scale),
-        )
-        for layer in layers
-        for weight, relative in weights
-        for scale in scales
-    ]
+    return candidates
 
 
 def guard_rule(margin: float, min_perplexity_ratio: float) -> str:
@@ -233,6 +245,7 @@ def chosen_metadata(sweep: InstructionSweep, layers: Sequence[int]) -> dict[str,
         "weights_searched": weights,
         "weights_relative": relative,
         "target_scales_searched": list(dict.fromkeys(cell.setting.target_scale for cell in sweep.cells)),
+        "modes_searched": list(dict.fromkeys(cell.setting.mode for cell in sweep.cells)),
         "rule": sweep.rule,
     }
 
@@ -360,6 +373,128 @@ def _score_cell(setting: Setting, prompts: Sequence[str], record: Mapping[str, A
     )
 
 
+@dataclass(frozen=True)
+class EntryPlan:
+    """What one ``layer: auto`` entry's sweep generates: its candidate settings on its validation prompts."""
+
+    instruction: str
+    settings: int  # steered candidates (the no-steering baseline is counted once per prompt, in SearchPlan)
+    prompts: tuple[str, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The entry's plan as JSON-ready data (settings count no steering)."""
+        settings = self.settings + 1
+        return {
+            "instruction": self.instruction,
+            "settings": settings,
+            "prompts": len(self.prompts),
+            "answers": settings * len(self.prompts),
+        }
+
+
+@dataclass(frozen=True)
+class SearchPlan:
+    """The answers a search will generate, before any is: per entry its settings x prompts, plus the baseline.
+
+    The unsteered baseline depends only on the prompt, so entries with the same validation prompts share it: it
+    counts once per distinct prompt.
+    """
+
+    entries: tuple[EntryPlan, ...]
+    max_new_tokens: int
+    batch_size: int
+
+    @property
+    def steered_answers(self) -> int:
+        """Answers under a candidate setting."""
+        return sum(entry.settings * len(entry.prompts) for entry in self.entries)
+
+    @property
+    def baseline_answers(self) -> int:
+        """Unsteered answers: one per distinct validation prompt."""
+        return len({prompt for entry in self.entries for prompt in entry.prompts})
+
+    @property
+    def answers(self) -> int:
+        """Every answer the search generates (on a fresh checkpoint)."""
+        return self.steered_answers + self.baseline_answers
+
+    def summary(self) -> str:
+        """``N settings × M prompts = K answers`` (no steering counted as a setting of every entry)."""
+        settings = sum(entry.settings + 1 for entry in self.entries)
+        counts = sorted({len(entry.prompts) for entry in self.entries})
+        prompts = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}–{counts[-1]}"
+        nominal = sum((entry.settings + 1) * len(entry.prompts) for entry in self.entries)
+        text = f"{settings} settings × {prompts} prompts = {nominal:,} answers"
+        if self.answers < nominal:
+            text += f", {self.answers:,} to generate (instructions with the same prompts share the no-steering answers)"
+        return text
+
+    def to_dict(self) -> dict[str, Any]:
+        """The plan as JSON-ready data."""
+        return {
+            "entries": [entry.to_dict() for entry in self.entries],
+            "answers": self.answers,
+            "steered_answers": self.steered_answers,
+            "baseline_answers": self.baseline_answers,
+            "max_new_tokens": self.max_new_tokens,
+            "batch_size": self.batch_size,
+        }
+
+    def lines(self) -> list[str]:
+        """One line per entry: its settings (no steering included) × prompts."""
+        return [
+            f"{entry.instruction}: {entry.settings + 1} settings × {len(entry.prompts)} prompts = "
+            f"{(entry.settings + 1) * len(entry.prompts)} answers"
+            for entry in self.entries
+        ]
+
+
+def search_entries(recipe: Recipe) -> list[int]:
+    """The indices of the steer entries a search sweeps (``layer: auto``); a recipe error when there are none."""
+    entries = [index for index, entry in enumerate(recipe.steer) if entry.layer == "auto"]
+    if not entries:
+        raise recipe.error(
+            ("steer",),
+            "no steer entry has `layer: auto`, so there is nothing to search. "
+            "Set layer: auto on the entries to search.",
+        )
+    return entries
+
+
+def plan_search(recipe: Recipe, vectors: Mapping[str, SteeringVector]) -> SearchPlan:
+    """What :func:`search_recipe` will generate for ``recipe`` with ``vectors`` (no model needed: the vectors know
+    the layer count). Candidate layers out of range are refused here, before any model is opened."""
+    entries = []
+    for index in search_entries(recipe):
+        entry = recipe.steer[index]
+        vector = vectors[entry.vector or entry.instruction]
+        layers = candidate_layers(vector.metadata.n_layers, recipe.search.layers, recipe.search.layer_step)
+        settings = candidate_settings(recipe, index, vector, layers)
+        prompts = tuple(validation_prompts(recipe, entry.instruction))
+        entries.append(EntryPlan(entry.instruction, len(settings), prompts))
+    config_tokens = recipe.search.max_new_tokens or recipe.generation.max_new_tokens
+    return SearchPlan(tuple(entries), config_tokens, recipe.generation.batch_size)
+
+
+def plan_estimate(plan: SearchPlan, recipe: Recipe, *, remote: bool = False) -> str:
+    """How long ``plan`` should take at the rate recorded on this machine, or a plain statement that none is."""
+    from nsteer.throughput import rate_key, read_rate
+
+    model = recipe.model
+    if remote:  # the keys generations are recorded under (throughput.handle_rate_key of the opened model)
+        key = rate_key(model.id, "ndif", "remote", plan.batch_size)
+    else:
+        key = rate_key(recipe.model_location, model.device, model.dtype, plan.batch_size)
+    rate = read_rate(key)
+    if rate is None:
+        return (
+            "no generation rate recorded on this machine for this model, device and batch size yet, so no estimate: "
+            "the progress bar shows the time left once the first answers are in"
+        )
+    return rate.estimate(plan.answers, plan.max_new_tokens)
+
+
 def search_recipe(
     recipe: Recipe,
     handle: ModelHandle,
@@ -379,13 +514,7 @@ def search_recipe(
 
     started = time.monotonic()
     settings = recipe.search
-    entries = [index for index, entry in enumerate(recipe.steer) if entry.layer == "auto"]
-    if not entries:
-        raise recipe.error(
-            ("steer",),
-            "no steer entry has `layer: auto`, so there is nothing to search. "
-            "Set layer: auto on the entries to search.",
-        )
+    entries = search_entries(recipe)
     paths = {index: steer_vector_path(recipe, index) for index in entries}
     # Resolved, so one file named two ways (an instruction's vector and a `vector:` path) counts as one file.
     files = {index: path.resolve() for index, path in paths.items()}
@@ -402,8 +531,9 @@ def search_recipe(
     vectors = vectors if vectors is not None else load_recipe_vectors(recipe, handle)
     if reference is None:
         reference = open_reference(recipe, handle)
-    generator = generator or generate
     config = generation_config(recipe, max_new_tokens=settings.max_new_tokens)
+    if generator is None:  # real generations teach the next plan this machine's rate
+        generator = timed(generate, handle_rate_key(handle, config.batch_size), config.max_new_tokens)
     layers = candidate_layers(handle.n_layers, settings.layers, settings.layer_step)
     out_dir = Path(out_dir) if out_dir is not None else recipe.output_dir / "search"
     checkpoint = out_dir / CHECKPOINT_NAME

@@ -278,11 +278,12 @@ def steer_entry_edit(recipe: Recipe, vectors: Mapping[str, SteeringVector], inde
 
     With ``layer: auto`` the entry takes the setting searched for ITS instruction: for a borrowed vector (word
     exclusion on the include:<word> vector) that is the setting recorded under ``chosen_for``, never the vector's own.
-    An ``add`` entry that gives no weight of its own takes the searched weight too.
+    The searched mode is used when the entry names none (an entry naming another mode is an error), and an entry
+    that gives no weight or target scale of its own takes the searched ones too.
     """
     entry = recipe.steer[index]
     vector = vectors[entry.vector or entry.instruction]
-    layer, weight, target_scale = entry.layer, entry.weight, entry.target_scale
+    layer, mode, weight, target_scale = entry.layer, entry.mode, entry.weight, entry.target_scale
     if layer == "auto":
         chosen = vector.choice(entry.instruction) or {}
         if chosen.get("no_steering"):
@@ -304,13 +305,18 @@ def steer_entry_edit(recipe: Recipe, vectors: Mapping[str, SteeringVector], inde
                 "Run `nsteer search` on this recipe, or give a layer number.",
             )
         layer = int(chosen["layer"])
-        if (
-            "weight" not in entry.model_fields_set
-            and chosen.get("mode") == entry.mode
-            and chosen.get("weight") is not None
-        ):
+        searched_mode = chosen.get("mode")
+        if searched_mode in ("set", "add", "ablate") and searched_mode != mode:
+            if "mode" in entry.model_fields_set:  # a layer searched for one mode says nothing about another
+                raise recipe.error(
+                    ("steer", index, "mode"),
+                    f"the searched setting for '{entry.instruction}' is mode {searched_mode} (layer {layer}), not "
+                    f"{mode}. Leave mode out to use the searched one, or run `nsteer search` again for mode {mode}.",
+                )
+            mode = searched_mode  # a search over several modes (search.modes) chose this one
+        if "weight" not in entry.model_fields_set and chosen.get("mode") == mode and chosen.get("weight") is not None:
             weight = float(chosen["weight"])  # the absolute weight the search tried (a relative k already resolved)
-        if "target_scale" not in entry.model_fields_set and chosen.get("mode") == entry.mode:
+        if "target_scale" not in entry.model_fields_set and chosen.get("mode") == mode:
             target_scale = float(chosen.get("target_scale", 1.0))
     if not 0 <= layer < vector.metadata.n_layers:
         raise recipe.error(
@@ -319,7 +325,7 @@ def steer_entry_edit(recipe: Recipe, vectors: Mapping[str, SteeringVector], inde
     if isinstance(weight, RelativeWeight):
         weight = relative_weight(vector, layer, weight.relative)
     return edit_from_vector(
-        vector, layer=layer, mode=entry.mode, weight=weight, positions=entry.positions, target_scale=target_scale
+        vector, layer=layer, mode=mode, weight=weight, positions=entry.positions, target_scale=target_scale
     )
 
 

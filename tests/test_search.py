@@ -17,7 +17,14 @@ from nsteer.recipe import recipe_from_dict
 from nsteer.report import write_search_report
 from nsteer.search import CHECKPOINT_NAME, Setting, SweepCell, candidate_layers, guard, search_recipe
 from nsteer.vectors import load_vector
-from nsteer.workflow import compute_recipe_vectors, instruction_splits, load_recipe_vectors, recipe_edits, vector_path
+from nsteer.workflow import (
+    compute_recipe_vectors,
+    instruction_splits,
+    load_recipe_vectors,
+    read_recipe_vectors,
+    recipe_edits,
+    vector_path,
+)
 
 PASS_LOWER = "this is a short lowercase answer about the weather today."
 LOOP_LOWER = "the cat sat on the mat " * 8  # passes the lowercase checker, and is a repetition loop
@@ -387,10 +394,16 @@ def test_cli_compute_search_eval_end_to_end(handle, tmp_path, monkeypatch) -> No
         "generation: {max_new_tokens: 6, batch_size: 4}\n"
         f"output: {{dir: {tmp_path / 'out'}}}\n"
     )
+    monkeypatch.setenv("NSTEER_CACHE_DIR", str(tmp_path / "cache"))  # no generation rate recorded yet
     runner = CliRunner()
+    outputs = []
     for command in (["compute"], ["search"], ["search"], ["eval"]):
         outcome = runner.invoke(app, [*command, str(recipe_path)], catch_exceptions=False)
         assert outcome.exit_code == 0, outcome.output
+        outputs.append(outcome.output)
+    # 3 settings (no steering, layers 1 and 3) x 2 validation prompts; the first search measures the rate ...
+    assert "plan: 3 settings × 2 prompts = 6 answers (no generation rate recorded" in outputs[1].replace("\n", " ")
+    assert "plan: 3 settings × 2 prompts = 6 answers (≈ " in outputs[2].replace("\n", " ")  # ... the second uses it
     checkpoint = tmp_path / "out" / "search" / CHECKPOINT_NAME
     assert len(checkpoint.read_text().splitlines()) == 3  # baseline + 2 layers, not redone by the second search
     assert (tmp_path / "out" / "search" / "search.md").read_text().count("WINNER") == 1
@@ -429,3 +442,59 @@ def test_the_plot_keeps_the_winner_and_a_rejected_setting_with_the_same_score_ap
     assert [(label, len(line)) for label, line in sweep_points(relative).lines] == [("w=1×‖u‖", 2), ("w=2×‖u‖", 2)]
     png = sweep_png(SearchResult("tiny", "", (sweep, no_steering, relative)))
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_dry_run_prints_the_plan_without_opening_the_model(setup, handle, tmp_path, monkeypatch) -> None:
+    import nsteer.workflow
+    from nsteer.cli import app
+
+    recipe = setup(  # vectors computed; the recipe file below points at them
+        steer=[
+            {"instruction": "lowercase", "layer": "auto", "mode": "add"},
+            {"instruction": "uppercase", "layer": "auto"},
+        ],
+        instructions={"lowercase": {}, "uppercase": {}},
+        search={"layers": [1, 2, 3], "max_prompts": 3, "condition": "absent", "weights": {"relative": [1, 2]}},
+    )
+    recipe_path = tmp_path / "recipe.yaml"
+    recipe_path.write_text(
+        "name: s\nprompts: {max_pairs: 4}\ninstructions: {lowercase: {}, uppercase: {}}\n"
+        "steer: [{instruction: lowercase, layer: auto, mode: add}, {instruction: uppercase, layer: auto}]\n"
+        "search: {layers: [1, 2, 3], max_prompts: 3, condition: absent, weights: {relative: [1, 2]}}\n"
+        f"generation: {{max_new_tokens: 8, batch_size: 4}}\noutput: {{dir: {recipe.output_dir}}}\n"
+    )
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("--dry-run opened the model")
+
+    monkeypatch.setattr(nsteer.workflow, "open_model", no_model)
+    outcome = CliRunner().invoke(app, ["search", str(recipe_path), "--dry-run"], catch_exceptions=False)
+    assert outcome.exit_code == 0, outcome.output
+    text = outcome.output.replace("\n", " ")
+    # lowercase: 3 layers x 2 ks + no steering = 7; uppercase (set): 3 layers + no steering = 4; 3 prompts each,
+    # the same base prompts (instruction absent), so the 3 no-steering answers are generated once: 27 - 3 = 24.
+    assert "plan: 11 settings × 3 prompts = 33 answers, 30 to generate" in text
+    assert "lowercase: 7 settings × 3 prompts = 21 answers" in text
+    assert "uppercase: 4 settings × 3 prompts = 12 answers" in text
+    assert not (recipe.output_dir / "search").exists()
+
+
+def test_the_plan_counts_what_the_search_generates(setup, handle) -> None:
+    from nsteer.search import plan_search
+
+    recipe = setup(
+        steer=[{"instruction": "lowercase", "layer": "auto", "mode": "add"}],
+        search={"layers": [1, 2], "max_prompts": 2, "modes": ["add", "set"], "target_scales": [1.0, 1.5]},
+    )
+    generated: list[str] = []
+
+    def generator(h, prompts, *, row_edits, config, progress=None):
+        generated.extend(prompts)
+        return [TITLE] * len(prompts)
+
+    plan = plan_search(recipe, read_recipe_vectors(recipe))
+    (sweep,) = search_recipe(recipe, handle, generator=generator, reference=None).sweeps
+    # add: 2 layers x 3 default ks; set: 2 layers x 2 target scales (weight 1)
+    assert [(c.setting.mode, c.setting.layer) for c in sweep.cells].count(("set", 1)) == 2
+    assert plan.entries[0].settings == len(sweep.cells) == 10
+    assert plan.answers == len(generated) == 11 * 4  # both conditions: 2 prompts without, 2 with the instruction
