@@ -134,8 +134,19 @@ def entry_folder(root: Path, identity: GGUFIdentity) -> Path:
     return root / "gguf" / f"{identity.sha256[:32]}-{identity.size}"
 
 
-def find_entry(gguf_path: Path, root: Path | None = None) -> Path | None:
-    """The verified cache folder of ``gguf_path``'s de-quantized model, or None (cache off, missing or damaged)."""
+@dataclass(frozen=True)
+class Entry:
+    """A cache folder whose manifest names the GGUF asked for and this version of the converters."""
+
+    folder: Path
+    identity: GGUFIdentity
+
+
+def entry_candidate(gguf_path: Path, root: Path | None = None) -> Entry | None:
+    """The entry for ``gguf_path`` if its manifest, file names and sizes fit (cheap checks; no file hashed yet).
+
+    Use its files only once :func:`verify_entry` has checked their hashes (a loader may read them meanwhile).
+    """
     root = root if root is not None else cache_root()
     if root is None:
         return None
@@ -144,11 +155,18 @@ def find_entry(gguf_path: Path, root: Path | None = None) -> Path | None:
     except OSError:
         return None
     folder = entry_folder(root, identity)
-    return folder if verify_entry(folder, identity) else None
+    return Entry(folder, identity) if verify_entry(folder, identity, hashes=False) else None
 
 
-def verify_entry(folder: Path, identity: GGUFIdentity) -> bool:
-    """Whether ``folder`` is a complete, unaltered entry made from ``identity`` by this version of the converters."""
+def find_entry(gguf_path: Path, root: Path | None = None) -> Path | None:
+    """The verified cache folder of ``gguf_path``'s de-quantized model, or None (cache off, missing or damaged)."""
+    candidate = entry_candidate(gguf_path, root)
+    return candidate.folder if candidate is not None and verify_entry(candidate.folder, candidate.identity) else None
+
+
+def verify_entry(folder: Path, identity: GGUFIdentity, *, hashes: bool = True) -> bool:
+    """Whether ``folder`` is a complete, unaltered entry made from ``identity`` by this version of the converters
+    (``hashes=False``: every check but the files' hashes)."""
     manifest = _read_json(folder / MANIFEST)
     files = manifest.get("files")
     if (
@@ -167,7 +185,7 @@ def verify_entry(folder: Path, identity: GGUFIdentity) -> bool:
             path = folder / name
             if not isinstance(expected, dict) or not path.is_file() or path.stat().st_size != expected.get("size"):
                 return False
-            if sha256_blocks(path) != expected.get("sha256_blocks"):
+            if hashes and sha256_blocks(path) != expected.get("sha256_blocks"):
                 return False
     except OSError:
         return False

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import gc
 import hashlib
 import importlib.util
@@ -188,47 +189,63 @@ def _resolve_device(device: str) -> str:
     return device
 
 
-def _cached_gguf(source: str, path: Path) -> Path | None:
-    """The de-quantized cache entry of the GGUF at ``path`` (written now if missing), or None to read the GGUF itself.
+def _load_gguf(source: str, path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
+    """Tokenizer and model of the GGUF at ``path``, through the de-quantized cache (see nsteer.model_cache).
 
-    A miss de-quantizes once in fp32 and stores the result (see nsteer.model_cache); the caller then loads the entry
-    like any saved model, in the dtype it asked for.
+    A cache entry is loaded while its files' hashes are checked on other cores, and kept only when they match. A miss
+    de-quantizes once in fp32, stores the result and loads the stored entry, in the dtype asked for, like a hit.
     """
-    from nsteer.model_cache import can_store, find_entry, store_entry
+    from nsteer.model_cache import can_store, entry_candidate, store_entry
 
-    found = find_entry(path)
-    if found is not None or not can_store(path):
-        return found
-    tokenizer, model = _from_pretrained(source, str(path.parent), {"gguf_file": path.name}, torch.float32)
-    entry = store_entry(path, tokenizer, model)
-    del tokenizer, model
-    gc.collect()  # the caller loads the entry next: do not hold two copies of the weights
-    return entry
+    candidate = entry_candidate(path)
+    if candidate is not None:
+        loaded = _load_verified(source, candidate, dtype)
+        if loaded is not None:
+            return loaded
+    if can_store(path):
+        tokenizer, model = _from_pretrained(source, str(path.parent), {"gguf_file": path.name}, torch.float32)
+        stored = store_entry(path, tokenizer, model)
+        del tokenizer, model
+        gc.collect()  # the entry is loaded next: do not hold two copies of the weights
+        candidate = entry_candidate(path) if stored is not None else None
+        loaded = _load_verified(source, candidate, dtype) if candidate is not None else None
+        if loaded is not None:
+            return loaded
+    return _from_pretrained(source, str(path.parent), {"gguf_file": path.name}, dtype)
+
+
+def _load_verified(source: str, candidate: Any, dtype: torch.dtype) -> tuple[Any, Any] | None:
+    """Load a cache entry while its hashes are verified in a background thread; None when they do not match."""
+    from nsteer.model_cache import verify_entry
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        verified = pool.submit(verify_entry, candidate.folder, candidate.identity)
+        try:
+            loaded = _from_pretrained(source, str(candidate.folder), {"use_safetensors": True}, dtype)
+        except ModelError:
+            if verified.result():
+                raise  # intact files that cannot be loaded: a real problem, not a damaged cache
+            return None
+        return loaded if verified.result() else None
 
 
 def _load_local(source: str, dtype: torch.dtype, revision: str | None) -> tuple[Any, Any]:
     """Load a tokenizer and causal LM from a directory, a GGUF file (through the de-quantized cache) or a Hub id."""
     kwargs: dict[str, Any] = {}
-    hub_id = False
     if source == EMBEDDED_ID or source.endswith(".gguf"):
         if source == EMBEDDED_ID:
             directory, file_name = embedded_model_location()
             path = directory / file_name
         else:
             path = require_file(user_path(source), "GGUF file", ModelError, "Check the path in model.id.")
-        cached = _cached_gguf(source, path)
-        if cached is not None:
-            location, kwargs["use_safetensors"] = str(cached), True
-        else:
-            location, kwargs["gguf_file"] = str(path.parent), path.name
-    else:
-        hub_id = not user_path(source).exists()
-        location = source if hub_id else str(user_path(source))
-        if Path(location).is_dir() and not (Path(location) / "config.json").is_file():
-            raise ModelError(
-                f"'{source}' is a folder without a config.json, so it holds no saved model. Point model.id at a folder "
-                "written by save_pretrained (config.json, weights, tokenizer files), a .gguf file, or a Hub id."
-            )
+        return _load_gguf(source, path, dtype)
+    hub_id = not user_path(source).exists()
+    location = source if hub_id else str(user_path(source))
+    if Path(location).is_dir() and not (Path(location) / "config.json").is_file():
+        raise ModelError(
+            f"'{source}' is a folder without a config.json, so it holds no saved model. Point model.id at a folder "
+            "written by save_pretrained (config.json, weights, tokenizer files), a .gguf file, or a Hub id."
+        )
     if revision:
         kwargs["revision"] = revision
     if hub_id:

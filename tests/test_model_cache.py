@@ -218,3 +218,23 @@ def test_the_cached_embedded_model_equals_a_fresh_de_quantization(monkeypatch):
     with torch.no_grad():
         assert torch.equal(cached.hf_model(ids).logits, fresh.hf_model(ids).logits)
     assert cached.tokenizer.chat_template == fresh.tokenizer.chat_template
+
+
+def test_an_entry_is_loaded_only_when_its_hashes_match(gguf, root, model):
+    """models loads an entry while its hashes are checked beside it, and drops what it loaded when they do not match."""
+    from nsteer.model_cache import entry_candidate
+    from nsteer.models import _load_verified
+
+    folder = store_entry(gguf, tiny_tokenizer(), model, root=root)
+    candidate = entry_candidate(gguf, root=root)
+    loaded = _load_verified("tiny.gguf", candidate, torch.float32)
+    assert loaded is not None and torch.equal(_logits(loaded[1], loaded[0]), _logits(model, tiny_tokenizer()))
+    weights = folder / WEIGHTS
+    data = bytearray(weights.read_bytes())
+    data[-8] ^= 0x40  # a changed weight: loads fine, so only the hash can tell
+    weights.write_bytes(bytes(data))
+    assert entry_candidate(gguf, root=root) is not None  # the cheap checks pass ...
+    assert _load_verified("tiny.gguf", candidate, torch.float32) is None  # ... the hashes do not
+    data[:8] = b"\xff" * 8  # a header that cannot be read: a damaged cache, not an error for the user
+    weights.write_bytes(bytes(data))
+    assert _load_verified("tiny.gguf", candidate, torch.float32) is None
