@@ -469,6 +469,7 @@ def plan_search(recipe: Recipe, vectors: Mapping[str, SteeringVector]) -> Search
     for index in search_entries(recipe):
         entry = recipe.steer[index]
         vector = vectors[entry.vector or entry.instruction]
+        recipe.check_layers(vector.metadata.n_layers)  # names the recipe line, or the option that set the layers
         layers = candidate_layers(vector.metadata.n_layers, recipe.search.layers, recipe.search.layer_step)
         settings = candidate_settings(recipe, index, vector, layers)
         prompts = tuple(validation_prompts(recipe, entry.instruction))

@@ -498,3 +498,69 @@ def test_the_plan_counts_what_the_search_generates(setup, handle) -> None:
     assert [(c.setting.mode, c.setting.layer) for c in sweep.cells].count(("set", 1)) == 2
     assert plan.entries[0].settings == len(sweep.cells) == 10
     assert plan.answers == len(generated) == 11 * 4  # both conditions: 2 prompts without, 2 with the instruction
+
+
+@pytest.fixture()
+def planned(setup, tmp_path):
+    """A recipe file whose vectors exist, for search commands that stop at the plan."""
+    recipe = setup(steer=[{"instruction": "lowercase", "layer": "auto", "mode": "add"}])
+    path = tmp_path / "recipe.yaml"
+    path.write_text(
+        "name: s\nprompts: {max_pairs: 4}\ninstructions: {lowercase: {}}\n"
+        "steer: [{instruction: lowercase, layer: auto, mode: add}]\n"
+        "search: {layers: [1, 2, 3], max_prompts: 3, condition: absent}\n"
+        f"generation: {{max_new_tokens: 8, batch_size: 4}}\noutput: {{dir: {recipe.output_dir}}}\n"
+    )
+    return path
+
+
+def test_command_line_bounds_override_the_recipe(planned, monkeypatch, capsys) -> None:
+    from cli_runner import run_cli
+
+    code, out, err = run_cli(monkeypatch, capsys, "search", str(planned), "--dry-run", "--json")
+    assert code == 0, err
+    assert json.loads(out)["plan"]["entries"][0] == {
+        "instruction": "lowercase",
+        "settings": 10,
+        "prompts": 3,
+        "answers": 30,
+    }
+    code, out, err = run_cli(
+        monkeypatch,
+        capsys,
+        *("search", str(planned), "--dry-run", "--json", "--limit", "2", "--layers", "1,3"),
+        *("--weights", "20,40", "--modes", "add,ablate", "--max-new-tokens", "5"),
+    )
+    assert code == 0, err
+    plan = json.loads(out)["plan"]
+    # 2 layers x (2 add weights + 1 ablate) + no steering = 7 settings on 2 prompts, 5 tokens each
+    assert plan["entries"][0] == {"instruction": "lowercase", "settings": 7, "prompts": 2, "answers": 14}
+    assert plan["max_new_tokens"] == 5
+    code, out, err = run_cli(
+        monkeypatch, capsys, "search", str(planned), "--dry-run", "--json", "--weights", "relative:1,4"
+    )
+    assert code == 0, err
+    assert json.loads(out)["plan"]["entries"][0]["settings"] == 3 * 2 + 1
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--layers", "1,x", "--layers 1,x"),
+        ("--layers", "1,99", "layer 99 is out of range"),
+        ("--layers", "", "--layers : layers must be a non-empty list"),
+        ("--weights", "relative:", "--weights relative:"),
+        ("--weights", "1,nan", "weights must be finite numbers"),
+        ("--modes", "set,sideways", "--modes set,sideways"),
+        ("--limit", "0", "--limit 0"),
+        ("--max-new-tokens", "-3", "--max-new-tokens -3"),
+    ],
+)
+def test_bad_command_line_bounds_exit_2_naming_the_flag(planned, monkeypatch, capsys, flag, value, message) -> None:
+    from cli_runner import run_cli
+
+    import nsteer.workflow
+
+    monkeypatch.setattr(nsteer.workflow, "open_model", lambda *a, **k: pytest.fail("a model was opened"))
+    code, out, err = run_cli(monkeypatch, capsys, "search", str(planned), flag, value)
+    assert code == 2 and message in err, err
