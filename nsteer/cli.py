@@ -16,6 +16,7 @@ from typing import Any
 import typer
 
 from nsteer.errors import NsteerError
+from nsteer.searched import SearchedSetting
 from nsteer.terminal import Output
 
 app = typer.Typer(
@@ -400,9 +401,11 @@ def inspect(
             (key, str(summary[key]))
             for key in ("instruction", "category", "model", "architecture", "width", "layers", "pairs")
         ]
-        rows.append(("searched", _describe_setting(summary["chosen"])))
+        (vector,) = vectors
+        rows.append(("searched", _describe_setting(vector.metadata.chosen)))
         rows += [
-            (f"searched for {name}", _describe_setting(setting)) for name, setting in summary["chosen_for"].items()
+            (f"searched for {name}", _describe_setting(setting))
+            for name, setting in sorted(vector.metadata.chosen_for.items())
         ]
         if summary.get("imported_from"):
             rows.append(("imported from", str(summary["imported_from"])))
@@ -421,9 +424,9 @@ def inspect(
                 summary["model"],
                 f"{summary['layers']} x {summary['width']}",
                 str(summary["pairs"]),
-                _describe_setting(summary["chosen"]),
+                _describe_setting(vector.metadata.chosen),
             )
-            for number, summary in enumerate(summaries)
+            for number, (summary, vector) in enumerate(zip(summaries, vectors))
         ],
     )
     output.table(
@@ -437,26 +440,18 @@ def inspect(
     )
 
 
-def _describe_setting(chosen: dict[str, Any] | None) -> str:
+def _describe_setting(chosen: SearchedSetting | None) -> str:
     """A searched setting in words: ``layer 14, set, weight 1, all positions (validation 0.42 vs 0.30 unsteered)``."""
-    if not chosen:
+    if chosen is None:
         return "not searched"
-    if chosen.get("no_steering"):
+    if chosen.no_steering:
         text = "no steering (nothing beat the unsteered model)"
-    elif chosen.get("layer") is not None:
-        weight = chosen.get("weight")
-        text = f"layer {chosen['layer']}, {chosen.get('mode', '?')}"
-        if weight is not None:
-            text += f", weight {weight:g}" if isinstance(weight, (int, float)) else f", weight {weight}"
-        if chosen.get("positions"):
-            text += f", {chosen['positions']} positions"
-    elif chosen.get("layers") is not None:
-        text = f"layers {chosen['layers']}"
     else:
-        text = "searched"
-    score, baseline = chosen.get("score"), chosen.get("baseline_score")
-    if isinstance(score, (int, float)) and isinstance(baseline, (int, float)):
-        text += f" (validation {score:.2f} vs {baseline:.2f} unsteered)"
+        text = f"layer {chosen.layer}, {chosen.mode}, weight {chosen.weight:g}, {chosen.positions} positions"
+        if chosen.layers is not None:
+            text += f" (file steers layers {list(chosen.layers)})"
+    if chosen.score is not None and chosen.baseline_score is not None:
+        text += f" (validation {chosen.score:.2f} vs {chosen.baseline_score:.2f} unsteered)"
     return text
 
 
@@ -804,10 +799,10 @@ def export_vector(
     path = export_llama_cpp(
         vector, out or vector_file.with_suffix(".gguf"), layers=parse_layers(layers) if layers else None, weight=weight
     )
-    chosen = vector.metadata.chosen or {}
-    if weight is not None and chosen.get("mode", "add") != "add":
+    chosen = vector.metadata.chosen
+    if weight is not None and chosen is not None and chosen.mode != "add":
         output.note(
-            f"note: '{vector.instruction_id}' was searched in {chosen['mode']} mode; "
+            f"note: '{vector.instruction_id}' was searched in {chosen.mode} mode; "
             "llama.cpp can only add, so the file adds weight x direction."
         )
     output.line(f"{vector.instruction_id}: {path}")
@@ -845,9 +840,10 @@ def import_vector(
         handle = open_model(model_id)
     vector = import_llama_cpp(gguf_file, handle=handle, model_id=model_id, instruction_id=instruction)
     path = save_vector(vector, out)
-    chosen = vector.metadata.chosen or {}
+    chosen = vector.metadata.chosen
+    layers = list(chosen.layers) if chosen is not None and chosen.layers is not None else None
     output.line(
-        f"{vector.instruction_id}: {path} (layers {chosen.get('layers')}, model {vector.metadata.model_id}; "
+        f"{vector.instruction_id}: {path} (layers {layers}, model {vector.metadata.model_id}; "
         "use mode add with weight = the layer's norm to reproduce llama.cpp at strength 1)"
     )
     output.document(
@@ -855,7 +851,7 @@ def import_vector(
             "command": "import",
             "instruction": vector.instruction_id,
             "path": str(path),
-            "layers": chosen.get("layers"),
+            "layers": layers,
             "model": vector.metadata.model_id,
         }
     )

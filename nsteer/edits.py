@@ -12,11 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
+from nsteer.constants import MODES, POSITIONS
 from nsteer.errors import NsteerError
 from nsteer.vectors import SteeringVector
-
-MODES = ("set", "add", "ablate")
-POSITIONS = ("all", "prompt", "generated")
 
 # A plan is what the trace body sees: ``[(layer, [(mode, direction[H], target, row_weights[B], positions), ...]), ...]``
 # with integer codes for mode and positions, so it can be pickled and run on a server that has no nsteer.
@@ -62,8 +60,8 @@ def edit_from_vector(
     ``weight`` is absolute (see :func:`relative_weight` for one on the vector's scale); ``target_scale`` k makes a
     ``set`` edit's target k × z_l.
     """
-    chosen = dict(vector.metadata.chosen or {})
-    layer = layer if layer is not None else chosen.get("layer")
+    chosen = vector.metadata.chosen
+    layer = layer if layer is not None else (chosen.layer if chosen else None)
     if layer is None:
         raise NsteerError(
             f"No layer given for '{vector.instruction_id}' and the vector has no searched layer. "
@@ -74,7 +72,7 @@ def edit_from_vector(
         raise NsteerError(
             f"Layer {layer} is out of range for '{vector.instruction_id}': the model has layers 0..{n_layers - 1}."
         )
-    mode = mode or chosen.get("mode", "set")
+    mode = mode or (chosen.mode if chosen else "set")
     if mode == "set" and vector.metadata.imported_from:
         raise NsteerError(
             f"'{vector.instruction_id}' was imported ({vector.metadata.imported_from}) "
@@ -90,10 +88,10 @@ def edit_from_vector(
         layer=int(layer),
         direction=vector.directions[layer],
         mode=mode,
-        weight=float(weight if weight is not None else chosen.get("weight", 1.0)),
-        target=float(target_scale if target_scale is not None else chosen.get("target_scale", 1.0))
+        weight=float(weight if weight is not None else (chosen.weight if chosen else 1.0)),
+        target=float(target_scale if target_scale is not None else (chosen.target_scale if chosen else 1.0))
         * float(vector.mean_projections[layer]),
-        positions=positions or chosen.get("positions", "all"),
+        positions=positions or (chosen.positions if chosen else "all"),
         name=vector.instruction_id,
     )
 

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import stat
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -330,6 +331,27 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
 def atomic_write_bytes(path: str | Path, payload: bytes) -> Path:
     """Write ``payload`` to ``path`` atomically (see ``atomic_write``)."""
     return atomic_write(path, lambda temporary: temporary.write_bytes(payload))
+
+
+def json_safe(value: Any) -> Any:
+    """NaN and infinities become null, tuples lists, so the JSON is valid everywhere."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {str(key): json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    return value
+
+
+def write_json(path: str | Path, data: Any) -> Path:
+    """Write ``data`` as indented UTF-8 JSON (NaN as null) atomically; returns the path."""
+    return atomic_write_bytes(path, (json.dumps(json_safe(data), indent=1, ensure_ascii=False) + "\n").encode())
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` as UTF-8 atomically; returns the path."""
+    return atomic_write_bytes(path, text.encode())
 
 
 @contextlib.contextmanager

@@ -38,6 +38,7 @@ from nsteer.edits import Edit
 from nsteer.errors import NsteerError, VectorFileError
 from nsteer.fileio import atomic_write, require_file
 from nsteer.models import ModelHandle
+from nsteer.searched import SearchedSetting
 from nsteer.vectors import SteeringVector, VectorMetadata
 
 ARCHITECTURE = "controlvector"
@@ -86,23 +87,24 @@ def export_weight_and_layers(
     vector: SteeringVector, layers: Sequence[int] | None, weight: float | None
 ) -> tuple[list[int], float]:
     """The layers and weight to export: the ones given, else the vector's searched ``add`` setting."""
-    chosen = dict(vector.metadata.chosen or {})
+    chosen = vector.metadata.chosen
     if layers is None:
-        if chosen.get("layer") is None:
+        if chosen is None or chosen.layer is None:
             raise NsteerError(
                 f"'{vector.instruction_id}' has no searched layer: pass --layers (e.g. --layers 8 or --layers 8,10)."
             )
-        layers = [int(chosen["layer"])]
+        layers = [chosen.layer]
     if weight is None:
-        if chosen.get("mode") != "add" or chosen.get("weight") is None:
+        if chosen is None or chosen.no_steering or chosen.mode != "add":
             raise NsteerError(
                 "Give --weight: llama.cpp can only add a direction (h <- h + w*u), "
                 f"and '{vector.instruction_id}' has no "
-                f"searched add weight (its searched mode is {chosen.get('mode', 'none')!r}). For a set-mode vector, "
+                f"searched add weight (its searched mode is {chosen.mode if chosen else 'none'!r}). "
+                "For a set-mode vector, "
                 "choose an add weight that moves the projection by about what set does (e.g. z_l minus a typical "
                 "unsteered projection) and check it with `nsteer generate`."
             )
-        weight = float(chosen["weight"])
+        weight = chosen.weight
     if not math.isfinite(weight) or weight == 0:
         raise NsteerError(f"--weight must be a finite, non-zero number, got {weight}.")
     n_layers = vector.metadata.n_layers
@@ -343,14 +345,9 @@ def import_llama_cpp(
         read_site="block_output",
         token_position="unknown (imported)",
         # What llama.cpp does at strength 1 on the first layer: add the file's tensor (norm x unit direction).
-        chosen={
-            "layer": first,
-            "mode": "add",
-            "weight": float(norms[first]),
-            "positions": "all",
-            "layers": layers,
-            "imported": True,
-        },
+        chosen=SearchedSetting(
+            layer=first, mode="add", weight=float(norms[first]), positions="all", layers=tuple(layers), imported=True
+        ),
         imported_from=f"llama.cpp control vector {control.path.name}",
     )
     return SteeringVector(directions, torch.zeros(depth, dtype=torch.float32), norms, metadata)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import json
 import math
 import statistics
 from collections.abc import Sequence
@@ -12,22 +11,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nsteer.evaluate.table import CELLS, CellSummary, EvaluationResult, PairedChange, json_safe
-from nsteer.fileio import atomic_write_bytes
+from nsteer.evaluate.stats import PairedChange
+from nsteer.evaluate.table import CELLS, CellSummary, EvaluationResult
+from nsteer.fileio import atomic_write_bytes, json_safe, write_json, write_text
 from nsteer.search import InstructionSweep, SearchResult, SweepCell
 from nsteer.text import markdown_text, visible
 
 CELL_HEADERS = ("no instr., unsteered", "no instr., steered", "instr., unsteered", "instr., steered")
-
-
-def _write_json(path: Path, data: Any) -> Path:
-    atomic_write_bytes(path, (json.dumps(json_safe(data), indent=1, ensure_ascii=False) + "\n").encode())
-    return path
-
-
-def _write_text(path: Path, text: str) -> Path:
-    atomic_write_bytes(path, text.encode())
-    return path
 
 
 def _percent(value: float) -> str:
@@ -267,8 +257,8 @@ def write_eval_report(result: EvaluationResult, out_dir: str | Path) -> dict[str
     """Write ``eval.json``, ``eval.md`` and ``eval-cells.png`` to ``out_dir``; returns their paths by kind."""
     out_dir = Path(out_dir)
     return {
-        "json": _write_json(out_dir / "eval.json", result.to_dict()),
-        "markdown": _write_text(out_dir / "eval.md", eval_markdown(result)),
+        "json": write_json(out_dir / "eval.json", result.to_dict()),
+        "markdown": write_text(out_dir / "eval.md", eval_markdown(result)),
         "png": _write_bytes(out_dir / "eval-cells.png", eval_bars_png(result)),
     }
 
@@ -348,8 +338,8 @@ def write_search_report(result: SearchResult, out_dir: str | Path) -> dict[str, 
     """Write ``search.json``, ``search.md`` and ``search-layers.png`` to ``out_dir``; returns their paths by kind."""
     out_dir = Path(out_dir)
     return {
-        "json": _write_json(out_dir / "search.json", search_dict(result)),
-        "markdown": _write_text(out_dir / "search.md", search_markdown(result)),
+        "json": write_json(out_dir / "search.json", search_dict(result)),
+        "markdown": write_text(out_dir / "search.md", search_markdown(result)),
         "png": _write_bytes(out_dir / "search-layers.png", sweep_png(result)),
     }
 
@@ -483,17 +473,15 @@ def _single_vector_png(vector: Any, label: str, model: str) -> bytes:
     figure.colorbar(image, ax=heat, fraction=0.046, pad=0.04)
     norms = figure.add_subplot(1, 2, 2)
     norms.plot(range(n_layers), vector.norms.detach().float().cpu().numpy(), marker=".", label="‖u_l‖ (raw norm)")
-    chosen = dict(vector.metadata.chosen or {})
-    if chosen.get("layer") is not None:
+    chosen = vector.metadata.chosen
+    if chosen is not None and not chosen.no_steering:
         norms.axvline(
-            int(chosen["layer"]),
+            chosen.layer,
             color="#d94801",
             linestyle="--",
-            label=_plot_text(
-                f"searched: layer {chosen['layer']} {chosen.get('mode', '')} w={chosen.get('weight', '')}"
-            ),
+            label=_plot_text(f"searched: layer {chosen.layer} {chosen.mode} w={chosen.weight}"),
         )
-    elif chosen.get("no_steering"):
+    elif chosen is not None:
         norms.plot([], [], " ", label="searched: no steering")
     norms.set_xlabel("layer")
     norms.set_ylabel("norm of the mean difference")

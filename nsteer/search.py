@@ -17,28 +17,34 @@ the validation split is ever read. Finished cells go to a JSONL checkpoint, so a
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 import statistics
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from nsteer.edits import edit_from_vector, relative_weight
 from nsteer.errors import EvaluationError
-from nsteer.evaluate.checkers import CheckSpec, check_all
-from nsteer.evaluate.checkpoint import append_checkpoint, cell_key, read_checkpoint
-from nsteer.evaluate.quality import degeneracy, perplexity
-from nsteer.evaluate.table import Generator, Reference, open_reference
+from nsteer.evaluate.checkers import CheckSpec
+from nsteer.evaluate.inputs import open_reference
+from nsteer.evaluate.runner import Generator, Reference, Row, ScoredAnswer, Unit, run_units
 from nsteer.generate import GenerationConfig, generate
 from nsteer.models import ModelHandle
+from nsteer.progress import ProgressFactory
 from nsteer.recipe import Recipe
+from nsteer.searched import SearchedSetting
 from nsteer.throughput import handle_rate_key, timed
 from nsteer.vectors import SteeringVector, save_vector
+from nsteer.workflow import (
+    generation_config,
+    instruction_splits,
+    load_recipe_vectors,
+    resolve_instruction,
+    steer_vector_path,
+)
 
-ProgressFactory = Callable[[str], Callable[[int, int], None]]
 CHECKPOINT_NAME = "cells.jsonl"
 
 
@@ -217,43 +223,40 @@ def searched_weights(settings: Sequence[Setting]) -> tuple[list[float], bool]:
     return [float(weight) for weight in weights if weight is not None], relative
 
 
-def chosen_metadata(sweep: InstructionSweep, layers: Sequence[int]) -> dict[str, Any]:
-    """What is written into the vector file's ``chosen`` metadata for this sweep's winner.
+def searched_setting(sweep: InstructionSweep, layers: Sequence[int]) -> SearchedSetting:
+    """The record of this sweep's winner that goes into the vector file (its ``chosen`` or ``chosen_for`` entry).
 
     ``weight`` is always the absolute weight the winner applied; ``weight_relative`` is its k when the weights were
-    searched on the vector's scale (``weights_searched`` then lists the ks, with ``weights_relative: true``).
+    searched on the vector's scale (``weights_searched`` then lists the ks, with ``weights_relative``).
     """
     winner, setting = sweep.winner, sweep.winner.setting
     weights, relative = searched_weights([cell.setting for cell in sweep.cells])
-    return {
-        "layer": setting.layer,
-        "mode": setting.mode,
-        "weight": setting.weight,
-        "weight_relative": setting.relative,
-        "target_scale": setting.target_scale,
-        "positions": setting.positions,
-        "no_steering": setting.no_steering,
-        "score": winner.loose,
-        "strict_score": winner.strict,
-        "degenerate_share": winner.degenerate_share,
-        "baseline_score": sweep.baseline.loose,
-        "baseline_degenerate_share": sweep.baseline.degenerate_share,
-        "split": "validation",
-        "condition": sweep.condition,
-        "n_prompts": winner.n,
-        "layers_searched": list(layers),
-        "weights_searched": weights,
-        "weights_relative": relative,
-        "target_scales_searched": list(dict.fromkeys(cell.setting.target_scale for cell in sweep.cells)),
-        "modes_searched": list(dict.fromkeys(cell.setting.mode for cell in sweep.cells)),
-        "rule": sweep.rule,
-    }
+    return SearchedSetting(
+        layer=setting.layer,
+        mode=setting.mode,
+        weight=setting.weight,
+        weight_relative=setting.relative,
+        target_scale=setting.target_scale,
+        positions=setting.positions,
+        score=winner.loose,
+        strict_score=winner.strict,
+        degenerate_share=winner.degenerate_share,
+        baseline_score=sweep.baseline.loose,
+        baseline_degenerate_share=sweep.baseline.degenerate_share,
+        split="validation",
+        condition=sweep.condition,
+        n_prompts=winner.n,
+        layers_searched=tuple(layers),
+        weights_searched=tuple(weights),
+        weights_relative=relative,
+        target_scales_searched=tuple(dict.fromkeys(cell.setting.target_scale for cell in sweep.cells)),
+        modes_searched=tuple(dict.fromkeys(cell.setting.mode for cell in sweep.cells)),
+        rule=sweep.rule,
+    )
 
 
 def validation_prompts(recipe: Recipe, name: str) -> list[str]:
     """The validation prompts of instruction ``name`` under the search's condition (the test split is never read)."""
-    from nsteer.workflow import instruction_splits
-
     pairs = instruction_splits(recipe, name).validation[: recipe.search.max_prompts]
     if not pairs:
         raise EvaluationError(
@@ -266,12 +269,6 @@ def validation_prompts(recipe: Recipe, name: str) -> list[str]:
     return without + with_
 
 
-def _vector_hash(vector: SteeringVector) -> str:
-    digest = hashlib.sha256(vector.directions.detach().float().cpu().numpy().tobytes())
-    digest.update(vector.mean_projections.detach().float().cpu().numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
 def run_cells(
     handle: ModelHandle,
     vector: SteeringVector,
@@ -281,12 +278,11 @@ def run_cells(
     *,
     config: GenerationConfig,
     reference: Reference | None,
-    generator: Generator,
+    generator: Generator | None,
     checkpoint: Path | None,
-    finished: Mapping[str, Mapping[str, Any]],
     label: str,
     together: bool = False,
-    progress: Callable[[int, int], None] | None = None,
+    progress: ProgressFactory | None = None,
 ) -> list[SweepCell]:
     """Generate (or reuse from the checkpoint) and score every setting on ``prompts``.
 
@@ -294,30 +290,12 @@ def run_cells(
     with ``together`` all unfinished settings go through one generation as per-row edits (on NDIF: one request for
     the whole sweep of an entry instead of one per setting) and are checkpointed when it ends.
     """
-    keys = [
-        cell_key(
-            kind="search",
-            model=handle.weights_fingerprint or handle.model_id,
-            vector=None if setting.no_steering else _vector_hash(vector),  # the baseline does not depend on the vector
-            setting=None if setting.no_steering else dataclasses.asdict(setting),
-            prompts=list(prompts),
-            config=dataclasses.asdict(config),
-            reference=reference.name if reference else "",
-        )
-        for setting in settings
-    ]
-    records = {key: finished[key] for key in keys if key in finished}
-    pending = [(key, setting) for key, setting in zip(keys, settings) if key not in records]
-    total, done = len(settings) * len(prompts), len(records) * len(prompts)
-    if progress and records:
-        progress(done, total)
-    size = max(len(pending), 1) if together else 1
-    for start in range(0, len(pending), size):
-        chunk = pending[start : start + size]
-        row_edits = [
-            []
+    units = []
+    for setting in settings:
+        edits = (
+            ()
             if setting.no_steering
-            else [
+            else (
                 edit_from_vector(
                     vector,
                     layer=setting.layer,
@@ -325,51 +303,37 @@ def run_cells(
                     weight=setting.weight,
                     positions=setting.positions,
                     target_scale=setting.target_scale,
-                )
-            ]
-            for _, setting in chunk
-            for _ in prompts
-        ]
-        rows = [prompt for _ in chunk for prompt in prompts]
-        step = (lambda count, _, offset=done: progress(offset + count, total)) if progress else None
-        answers = generator(handle, rows, row_edits=row_edits, config=config, progress=step)
-        if len(answers) != len(rows):
-            raise EvaluationError(f"The generator returned {len(answers)} answers for {len(rows)} prompts.")
-        perplexities = (
-            perplexity(reference.model, reference.tokenizer, rows, answers) if reference else [math.nan] * len(rows)
+                ),
+            )
         )
-        for number, (key, setting) in enumerate(chunk):
-            cut = slice(number * len(prompts), (number + 1) * len(prompts))
-            records[key] = {
-                "key": key,
-                "label": f"{label} {setting.label}",
-                "answers": list(answers[cut]),
-                "perplexities": [value if math.isfinite(value) else None for value in perplexities[cut]],
-            }
-            if checkpoint is not None:
-                append_checkpoint(checkpoint, records[key])
-        done += len(rows)
-        if progress:
-            progress(done, total)
-    return [_score_cell(setting, prompts, records[key], spec) for key, setting in zip(keys, settings)]
+        units.append(Unit(label, tuple(Row(prompt, edits, (spec,)) for prompt in prompts)))
+    scored = run_units(
+        handle,
+        units,
+        kind="search",
+        config=config,
+        generator=generator,
+        reference=reference,
+        checkpoint=checkpoint,
+        progress=progress,
+        per_call=None if together else 1,
+    )
+    return [_sweep_cell(setting, prompts, answers) for setting, answers in zip(settings, scored)]
 
 
-def _score_cell(setting: Setting, prompts: Sequence[str], record: Mapping[str, Any], spec: CheckSpec) -> SweepCell:
-    """Checker verdicts, degeneracy and perplexity of one setting's answers."""
-    answers = list(record["answers"])
-    perplexities = [math.nan if value is None else float(value) for value in record["perplexities"]]
-    results = [check_all((spec,), answer, prompt)[0] for prompt, answer in zip(prompts, answers)]
-    finite = [value for value in perplexities if math.isfinite(value)]
+def _sweep_cell(setting: Setting, prompts: Sequence[str], answers: Sequence[ScoredAnswer]) -> SweepCell:
+    """One setting's scores: loose and strict accuracy, degenerate share, median perplexity."""
+    finite = [answer.perplexity for answer in answers if math.isfinite(answer.perplexity)]
     count = max(len(answers), 1)
     return SweepCell(
         setting=setting,
-        loose=sum(r.loose for r in results) / count,
-        strict=sum(r.strict for r in results) / count,
-        degenerate_share=sum(degeneracy(answer) is not None for answer in answers) / count,
+        loose=sum(answer.loose for answer in answers) / count,
+        strict=sum(answer.strict for answer in answers) / count,
+        degenerate_share=sum(answer.degeneracy is not None for answer in answers) / count,
         median_perplexity=statistics.median(finite) if finite else math.nan,
         prompts=tuple(prompts),
-        answers=tuple(answers),
-        perplexities=tuple(perplexities),
+        answers=tuple(answer.answer for answer in answers),
+        perplexities=tuple(answer.perplexity for answer in answers),
     )
 
 
@@ -511,8 +475,6 @@ def search_recipe(
 
     ``out_dir`` (default ``<output>/search``) holds the checkpoint; with ``write`` the winners go into the vector files.
     """
-    from nsteer.workflow import generation_config, load_recipe_vectors, resolve_instruction, steer_vector_path
-
     started = time.monotonic()
     settings = recipe.search
     entries = search_entries(recipe)
@@ -538,7 +500,6 @@ def search_recipe(
     layers = candidate_layers(handle.n_layers, settings.layers, settings.layer_step)
     out_dir = Path(out_dir) if out_dir is not None else recipe.output_dir / "search"
     checkpoint = out_dir / CHECKPOINT_NAME
-    finished = read_checkpoint(checkpoint)
     rule = guard_rule(settings.margin, settings.min_perplexity_ratio)
     sweeps = []
     written: dict[Path, SteeringVector] = {}
@@ -553,7 +514,6 @@ def search_recipe(
         spec = instruction.check
         prompts = validation_prompts(recipe, entry.instruction)
         candidates = candidate_settings(recipe, index, vector, layers)
-        bar = progress(f"search {entry.instruction}") if progress else None
         swept = run_cells(
             handle,
             vector,
@@ -564,10 +524,9 @@ def search_recipe(
             reference=reference,
             generator=generator,
             checkpoint=checkpoint,
-            finished=finished,
-            label=entry.instruction,
+            label=f"search {entry.instruction}",
             together=handle.remote,
-            progress=bar,
+            progress=progress,
         )
         baseline = swept[0]
         cells = [
@@ -587,7 +546,7 @@ def search_recipe(
         if write:
             # Build on what this run already wrote: another entry may have recorded its own setting in the same file.
             written[files[index]] = written.get(files[index], vector).with_choice(
-                chosen_metadata(sweep, layers), entry.instruction
+                searched_setting(sweep, layers), entry.instruction
             )
             save_vector(written[files[index]], paths[index])
         sweeps.append(sweep)

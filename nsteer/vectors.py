@@ -6,7 +6,7 @@ import dataclasses
 import json
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,8 +16,22 @@ import torch
 from nsteer.errors import NsteerError, VectorFileError
 from nsteer.fileio import atomic_write_bytes, require_file
 from nsteer.models import ModelHandle
+from nsteer.records import read_record, record_dict
+from nsteer.searched import (
+    SearchedSetting,
+    check_setting,
+    read_settings_by_instruction,
+    setting_reader,
+    setting_writer,
+    settings_dict,
+)
 
-FORMAT = "nsteer.vector/1"
+FORMAT_NAME = "nsteer.vector"
+FORMAT_VERSION = 1
+FORMAT = f"{FORMAT_NAME}/{FORMAT_VERSION}"
+# How files of an older format version are read: UPGRADES[n] turns version n's metadata into version n + 1's. A new
+# metadata field needs none when its default is what older files mean; otherwise bump FORMAT_VERSION and add one.
+UPGRADES: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {}
 TENSOR_NAMES = ("directions", "mean_projections", "norms")
 
 
@@ -44,50 +58,55 @@ class VectorMetadata:
     seed: int = 0
     read_site: str = "block_output"
     token_position: str = "last_prompt_token"
-    # Filled in by `nsteer search`: {"layer", "mode", "weight", "positions", "score", ...}; None means unsearched.
-    chosen: Mapping[str, Any] | None = None
+    # Filled in by `nsteer search` for the vector's own instruction; None means unsearched.
+    chosen: SearchedSetting | None = field(default=None, metadata={"read": setting_reader, "write": setting_writer})
     # Settings searched for OTHER instructions that borrow this vector, by instruction (word exclusion searches the
     # include:<word> vector with a negative weight): kept apart so one use never takes another's layer or weight.
-    chosen_for: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    chosen_for: Mapping[str, SearchedSetting] = field(
+        default_factory=dict, metadata={"read": read_settings_by_instruction, "write": settings_dict}
+    )
     # Non-empty for a vector read from another format (e.g. "llama.cpp control vector concise.gguf"): it has
     # directions and scales but no mean projections, so `set` edits are refused (nsteer.interop).
     imported_from: str = ""
 
     def to_json(self) -> str:
-        """Serialize to a JSON string for the safetensors header."""
-        data = dataclasses.asdict(self)
-        data["phrasings"] = list(self.phrasings)
-        if not self.chosen_for:  # written only when used, so files without borrowed searches keep their bytes
-            del data["chosen_for"]
-        return json.dumps(data, sort_keys=True)
+        """Serialize to a JSON string for the safetensors header (``chosen_for`` only when used, so files without
+        borrowed searches keep their bytes)."""
+        always = [item.name for item in dataclasses.fields(self) if item.name != "chosen_for"]
+        return json.dumps(record_dict(self, always=always), sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str, path: Path) -> VectorMetadata:
-        """Parse the header JSON, refusing missing or unknown fields."""
+    def from_json(cls, text: str, path: Path, version: int = FORMAT_VERSION) -> VectorMetadata:
+        """Parse the header JSON of a format ``version`` file: missing fields are refused, every field is
+        type-checked, unknown ones ignored."""
         try:
             data = json.loads(text)
         except json.JSONDecodeError as error:
             raise VectorFileError(f"{path}: the nsteer metadata is not valid JSON ({error.msg}).") from None
-        names = {f.name for f in dataclasses.fields(cls)}
+        if not isinstance(data, dict):
+            raise VectorFileError(f"{path}: the nsteer metadata is not a JSON object; recompute the vector.")
+        for older in range(version, FORMAT_VERSION):
+            data = UPGRADES[older](data)
         required = {
-            f.name
-            for f in dataclasses.fields(cls)
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+            item.name
+            for item in dataclasses.fields(cls)
+            if item.default is dataclasses.MISSING and item.default_factory is dataclasses.MISSING
         }
         missing = sorted(required - set(data))
         if missing:
             raise VectorFileError(
                 f"{path}: the metadata lacks {', '.join(missing)}; recompute the vector with `nsteer compute`."
             )
-        data = {key: value for key, value in data.items() if key in names}
-        data["phrasings"] = tuple(data.get("phrasings", ()))
-        borrowed = data.get("chosen_for", {})
-        if not isinstance(borrowed, dict) or not all(isinstance(value, dict) for value in borrowed.values()):
-            raise VectorFileError(
-                f"{path}: the metadata's chosen_for is not a mapping of instruction to setting; "
-                "rerun `nsteer search` to rewrite it."
-            )
-        return cls(**data)
+        n_layers = data.get("n_layers")
+        return read_record(
+            cls,
+            data,
+            where=str(path),
+            error=VectorFileError,
+            hint="Recompute the vector with `nsteer compute` (a searched setting: rerun `nsteer search`).",
+            context={"n_layers": n_layers if isinstance(n_layers, int) and not isinstance(n_layers, bool) else None},
+            unknown="ignore",
+        )
 
 
 @dataclass(frozen=True)
@@ -104,18 +123,21 @@ class SteeringVector:
         """The instruction this vector steers toward."""
         return self.metadata.instruction_id
 
-    def choice(self, instruction: str | None = None) -> Mapping[str, Any] | None:
+    def choice(self, instruction: str | None = None) -> SearchedSetting | None:
         """The setting searched for ``instruction`` (default: the vector's own); None if none was searched."""
         if instruction is None or instruction == self.instruction_id:
             return self.metadata.chosen
         return self.metadata.chosen_for.get(instruction)
 
-    def with_choice(self, chosen: Mapping[str, Any] | None, instruction: str | None = None) -> SteeringVector:
-        """A copy with the searched setting (layer, mode, weight, positions) recorded for ``instruction``.
+    def with_choice(self, chosen: SearchedSetting | None, instruction: str | None = None) -> SteeringVector:
+        """A copy with the searched setting recorded for ``instruction`` (the one way a setting enters a vector).
 
         The vector's own instruction (the default) goes to ``chosen``; another instruction that borrows the vector
         goes to ``chosen_for[instruction]``, leaving the vector's own setting untouched.
         """
+        if chosen is not None:
+            where = f"the setting for '{instruction or self.instruction_id}'"
+            check_setting(chosen, n_layers=self.metadata.n_layers, where=where)
         if instruction is None or instruction == self.instruction_id:
             metadata = dataclasses.replace(self.metadata, chosen=chosen)
         else:
@@ -183,9 +205,7 @@ def load_vector(path: str | Path) -> SteeringVector:
             f"{path} is not a readable safetensors vector file (truncated or another format: {error}). "
             "Recompute it with `nsteer compute`, or copy it again."
         ) from None
-    if header.get("format") != FORMAT or "nsteer" not in header:
-        raise VectorFileError(f"{path} is a safetensors file but not an nsteer vector (no '{FORMAT}' metadata).")
-    metadata = VectorMetadata.from_json(header["nsteer"], path)
+    metadata = VectorMetadata.from_json(header.get("nsteer", ""), path, _format_version(header, path))
     missing = [name for name in TENSOR_NAMES if name not in tensors]
     if missing:
         raise VectorFileError(f"{path} lacks the tensor(s) {', '.join(missing)}.")
@@ -204,6 +224,19 @@ def load_vector(path: str | Path) -> SteeringVector:
         if not torch.isfinite(tensor).all():
             raise VectorFileError(f"{path}: the tensor '{name}' holds NaN or infinite values; recompute the vector.")
     return SteeringVector(directions, mean_projections, norms, metadata)
+
+
+def _format_version(header: Mapping[str, str], path: Path) -> int:
+    """The vector format version a file declares; a file of a newer version than this nsteer reads is refused."""
+    name, _, version = str(header.get("format", "")).partition("/")
+    if name != FORMAT_NAME or not version.isdigit() or "nsteer" not in header:
+        raise VectorFileError(f"{path} is a safetensors file but not an nsteer vector (no '{FORMAT}' metadata).")
+    if not 1 <= int(version) <= FORMAT_VERSION:
+        raise VectorFileError(
+            f"{path} was written in vector format version {int(version)}, and this nsteer reads versions 1 to "
+            f"{FORMAT_VERSION}: upgrade nsteer to read it."
+        )
+    return int(version)
 
 
 def same_model(metadata: VectorMetadata, handle: ModelHandle) -> bool:
@@ -258,8 +291,8 @@ def vector_summary(vector: SteeringVector) -> dict[str, Any]:
         "width": meta.hidden_size,
         "layers": meta.n_layers,
         "pairs": meta.n_pairs,
-        "chosen": dict(meta.chosen) if meta.chosen else None,
-        "chosen_for": {name: dict(setting) for name, setting in meta.chosen_for.items()},
+        "chosen": meta.chosen.to_dict() if meta.chosen else None,
+        "chosen_for": settings_dict(meta.chosen_for),
         "imported_from": meta.imported_from or None,
         "largest_norm_layer": int(max(range(len(norms)), key=norms.__getitem__)) if norms else None,
         "norms": [round(value, 4) for value in norms],
@@ -296,8 +329,7 @@ def shipped_vectors(directory: str | Path | None = None) -> list[ShippedVector]:
 
 def listing_row(vector: ShippedVector, root: str | Path | None = None) -> dict[str, Any]:
     """One JSON-friendly row for `nsteer list`: instruction, model, shape, pairs and the searched (chosen) setting."""
-    meta, chosen = vector.metadata, dict(vector.metadata.chosen or {})
-    shared = chosen.get("shared_search") or {}
+    meta, chosen = vector.metadata, vector.metadata.chosen
     try:
         file = str(vector.path.relative_to(root)) if root is not None else str(vector.path)
     except ValueError:
@@ -309,16 +341,16 @@ def listing_row(vector: ShippedVector, root: str | Path | None = None) -> dict[s
         "layers": meta.n_layers,
         "width": meta.hidden_size,
         "pairs": meta.n_pairs,
-        "searched": bool(chosen),
-        "no_steering": bool(chosen.get("no_steering")),
-        "layer": chosen.get("layer"),
-        "mode": chosen.get("mode"),
-        "weight": chosen.get("weight"),
-        "positions": chosen.get("positions"),
-        "score": chosen.get("score"),
-        "baseline_score": chosen.get("baseline_score"),
-        "condition": chosen.get("condition"),
-        "shared_search": list(shared.get("words", [])),
+        "searched": chosen is not None,
+        "no_steering": chosen is not None and chosen.no_steering,
+        "layer": chosen.layer if chosen else None,
+        "mode": chosen.mode if chosen else None,
+        "weight": chosen.weight if chosen else None,
+        "positions": chosen.positions if chosen else None,
+        "score": chosen.score if chosen else None,
+        "baseline_score": chosen.baseline_score if chosen else None,
+        "condition": chosen.condition if chosen else None,
+        "shared_search": list(chosen.shared_search.words) if chosen and chosen.shared_search else [],
         "searched_for": sorted(meta.chosen_for),  # other instructions that borrow this vector, with their own setting
         "file": file,
     }

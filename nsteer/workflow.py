@@ -285,28 +285,28 @@ def steer_entry_edit(recipe: Recipe, vectors: Mapping[str, SteeringVector], inde
     vector = vectors[entry.vector or entry.instruction]
     layer, mode, weight, target_scale = entry.layer, entry.mode, entry.weight, entry.target_scale
     if layer == "auto":
-        chosen = vector.choice(entry.instruction) or {}
-        if chosen.get("no_steering"):
+        chosen = vector.choice(entry.instruction)
+        if chosen is not None and chosen.no_steering:
             return None
-        if chosen.get("layer") is None:
-            own = vector.choice() or {}
+        if chosen is None:
+            own = vector.choice()
             borrowed = ""
             if entry.instruction != vector.instruction_id:
                 borrowed = (
                     f" on the borrowed '{vector.instruction_id}' vector "
                     "(a setting searched for one instruction is not used for another"
                 )
-                if own.get("layer") is not None:
-                    borrowed += f"; its own search chose layer {own['layer']} {own.get('mode')} w={own.get('weight')}"
+                if own is not None and not own.no_steering:
+                    borrowed += f"; its own search chose layer {own.layer} {own.mode} w={own.weight}"
                 borrowed += ")"
             raise recipe.error(
                 ("steer", index, "layer"),
                 f"layer is auto but there is no searched layer for '{entry.instruction}'{borrowed}. "
                 "Run `nsteer search` on this recipe, or give a layer number.",
             )
-        layer = int(chosen["layer"])
-        searched_mode = chosen.get("mode")
-        if searched_mode in ("set", "add", "ablate") and searched_mode != mode:
+        layer = chosen.layer
+        searched_mode = chosen.mode
+        if searched_mode != mode:
             if "mode" in entry.model_fields_set:  # a layer searched for one mode says nothing about another
                 raise recipe.error(
                     ("steer", index, "mode"),
@@ -314,10 +314,10 @@ def steer_entry_edit(recipe: Recipe, vectors: Mapping[str, SteeringVector], inde
                     f"{mode}. Leave mode out to use the searched one, or run `nsteer search` again for mode {mode}.",
                 )
             mode = searched_mode  # a search over several modes (search.modes) chose this one
-        if "weight" not in entry.model_fields_set and chosen.get("mode") == mode and chosen.get("weight") is not None:
-            weight = float(chosen["weight"])  # the absolute weight the search tried (a relative k already resolved)
-        if "target_scale" not in entry.model_fields_set and chosen.get("mode") == mode:
-            target_scale = float(chosen.get("target_scale", 1.0))
+        if "weight" not in entry.model_fields_set and chosen.mode == mode:
+            weight = chosen.weight  # the absolute weight the search tried (a relative k already resolved)
+        if "target_scale" not in entry.model_fields_set and chosen.mode == mode:
+            target_scale = chosen.target_scale
     if not 0 <= layer < vector.metadata.n_layers:
         raise recipe.error(
             ("steer", index, "layer"), f"layer {layer} is out of range (0..{vector.metadata.n_layers - 1})."

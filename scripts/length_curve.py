@@ -122,8 +122,8 @@ def main(argv: list[str] | None = None) -> int:
 
     recipe = load_recipe(ROOT / "recipes/length.yaml")
     vector = load_vector(args.vector)
-    chosen = dict(vector.metadata.chosen or {})
-    layer = args.layer if args.layer is not None else chosen.get("layer")
+    chosen = vector.metadata.chosen
+    layer = args.layer if args.layer is not None else (chosen.layer if chosen else None)
     if layer is None:
         raise SystemExit(f"{args.vector} has no searched layer (the search chose no steering): pass --layer.")
     weights = [float(w) for w in args.weights.split(",")]

@@ -75,15 +75,10 @@ def searched(recipe, names, n_layers: int) -> bool:
         except NsteerError:
             return False
         chosen = vector.metadata.chosen
-        if (
-            not chosen
-            or list(chosen.get("layers_searched", [])) != layers
-            or chosen.get("condition") != settings.condition
-        ):
+        if chosen is None or list(chosen.layers_searched or ()) != layers or chosen.condition != settings.condition:
             return False
         weights, relative = searched_weights(candidate_settings(recipe, indices[name], vector, layers))
-        searched_as = ([float(w) for w in chosen.get("weights_searched", [])], bool(chosen.get("weights_relative")))
-        if searched_as != (weights, relative):
+        if (list(chosen.weights_searched or ()), chosen.weights_relative) != (weights, relative):
             return False
     return True
 
@@ -123,7 +118,8 @@ def pooled_cell(cells):
 def search_words_shared(recipe, handle, runs_dir: Path, force: bool, words=SHARED_SEARCH_WORDS) -> None:
     """Sweep the shared words together, pool their cells, and write the pooled winner into every word vector."""
     from nsteer.report import write_search_report
-    from nsteer.search import InstructionSweep, candidate_layers, choose, chosen_metadata, guard, search_recipe
+    from nsteer.search import InstructionSweep, candidate_layers, choose, guard, search_recipe, searched_setting
+    from nsteer.searched import SharedSearch
     from nsteer.vectors import load_vector, save_vector
     from nsteer.workflow import vector_path
 
@@ -165,13 +161,14 @@ def search_words_shared(recipe, handle, runs_dir: Path, force: bool, words=SHARE
         rule=result.sweeps[0].rule,
     )
     layers = candidate_layers(handle.n_layers, settings.layers, settings.layer_step)
-    chosen = chosen_metadata(sweep, layers)
-    chosen["shared_search"] = {
-        "words": list(words),
-        "note": (
-            "layer and weight searched once on these words' pooled validation answers and shared by every word vector"
+    chosen = dataclasses.replace(
+        searched_setting(sweep, layers),
+        shared_search=SharedSearch(
+            words=tuple(words),
+            note="layer and weight searched once on these words' pooled validation answers "
+            "and shared by every word vector",
         ),
-    }
+    )
     log(f"{recipe.name}: shared winner {sweep.winner.setting.label} (baseline loose {baseline.loose:.3f})")
     for name in names:
         path = vector_path(recipe, name)

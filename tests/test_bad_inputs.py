@@ -29,6 +29,7 @@ import pytest
 import torch
 
 from nsteer.cli import main
+from nsteer.searched import SearchedSetting
 from nsteer.vectors import FORMAT, SteeringVector, VectorMetadata, save_vector
 
 NSTEER = Path(sys.executable).parent / "nsteer"
@@ -103,7 +104,7 @@ output: {output}
         nan: bool = False,
         hidden: int | None = None,
         layers: int | None = None,
-        chosen: dict | None = None,
+        chosen: SearchedSetting | None = None,
         **meta,
     ) -> str:
         """A vector file: by default one that fits the tiny model exactly."""

@@ -11,6 +11,7 @@ import pytest
 import torch
 from cli_runner import run_cli
 
+from nsteer.searched import SearchedSetting
 from nsteer.vectors import SteeringVector, VectorMetadata, save_vector
 
 REPO = Path(__file__).resolve().parent.parent
@@ -44,7 +45,7 @@ def vector_file(tmp_path) -> Path:
         instruction_id="lowercase",
         category="format",
         n_pairs=12,
-        chosen={"layer": 1, "mode": "set", "weight": 1.0, "positions": "all"},
+        chosen=SearchedSetting(layer=1, mode="set", weight=1.0, positions="all"),
     )
     directions = torch.nn.functional.normalize(torch.randn(3, 8), dim=-1)
     vector = SteeringVector(directions, torch.tensor([0.5, 1.5, 2.5]), torch.tensor([1.0, 3.0, 2.0]), metadata)
@@ -72,14 +73,14 @@ def test_inspect_and_list_show_settings_searched_for_borrowers(monkeypatch, caps
 
     from nsteer.vectors import load_vector
 
-    borrowed = {"layer": 2, "mode": "add", "weight": -3.0, "positions": "all"}
+    borrowed = SearchedSetting(layer=2, mode="add", weight=-3.0, positions="all")
     save_vector(load_vector(vector_file).with_choice(borrowed, "exclude:lowercase"), vector_file)
     code, out, err = run_cli(monkeypatch, capsys, "inspect", str(vector_file))
     assert code == 0, err
     assert "searched for exclude:lowercase" in flat(out) and "weight -3" in out
     code, out, err = run_cli(monkeypatch, capsys, "inspect", str(vector_file), "--json")
     (summary,) = json.loads(out)["vectors"]
-    assert summary["chosen_for"] == {"exclude:lowercase": borrowed}
+    assert summary["chosen_for"] == {"exclude:lowercase": borrowed.to_dict()}
     assert summary["chosen"]["layer"] == 1  # the vector's own setting, untouched
     code, out, err = run_cli(monkeypatch, capsys, "list", "--vectors", str(vector_file.parent), "--json")
     assert code == 0, err

@@ -12,6 +12,7 @@ import torch
 from cli_runner import run_cli
 from test_cli import write_recipe
 
+from nsteer.searched import SearchedSetting
 from nsteer.vectors import SteeringVector, VectorMetadata, save_vector
 
 # Markup rich would interpret, terminal escape sequences (colour, OSC 8 link, window title), a carriage return, a
@@ -79,7 +80,7 @@ def hostile_vector(folder: Path, name: str = "hostile.safetensors") -> Path:
         instruction_id=HOSTILE,
         category=HOSTILE,
         n_pairs=4,
-        chosen={"layer": 1, "mode": "add", "weight": 2.0, "positions": "all"},
+        chosen=SearchedSetting(layer=1, mode="add", weight=2.0, positions="all"),
     )
     directions = torch.nn.functional.normalize(torch.randn(3, 8), dim=-1)
     vector = SteeringVector(directions, torch.tensor([0.5, 1.5, 2.5]), torch.tensor([1.0, 3.0, 2.0]), metadata)

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from nsteer.errors import EvaluationError
 from nsteer.evaluate.checkers import CheckSpec, check_all
 from nsteer.evaluate.composition import evaluate_composition, evaluate_recipe_composition
-from nsteer.evaluate.table import instruction_edits, recipe_items
+from nsteer.evaluate.inputs import instruction_edits, recipe_items
 from nsteer.generate import GenerationConfig, generate, generate_tokens
 from nsteer.recipe import load_recipe, recipe_from_dict
 from nsteer.workflow import compute_recipe_vectors, load_recipe_vectors, recipe_edits, vector_path

@@ -10,19 +10,11 @@ import pytest
 import torch
 
 from nsteer.errors import EvaluationError
-from nsteer.evaluate.table import (
-    CELLS,
-    Cell,
-    PairedChange,
-    Reference,
-    evaluate_recipe,
-    ifeval_items,
-    instruction_edits,
-    paired_change,
-    read_ifeval_jsonl,
-    recipe_items,
-    sign_test,
-)
+from nsteer.evaluate.ifeval_data import read_ifeval_jsonl
+from nsteer.evaluate.inputs import ifeval_items, instruction_edits, recipe_items
+from nsteer.evaluate.runner import Reference
+from nsteer.evaluate.stats import PairedChange, paired_change, sign_test
+from nsteer.evaluate.table import CELLS, Cell, evaluate_recipe
 from nsteer.recipe import recipe_from_dict
 from nsteer.report import eval_markdown, write_eval_report
 from nsteer.workflow import compute_recipe_vectors, load_recipe_vectors

@@ -21,6 +21,7 @@ from nsteer.edits import edit_from_vector
 from nsteer.errors import NsteerError, VectorFileError
 from nsteer.generate import GenerationConfig, generate_tokens
 from nsteer.interop import control_vector_edits, export_llama_cpp, import_llama_cpp, read_control_vector
+from nsteer.searched import SearchedSetting
 from nsteer.vectors import SteeringVector, VectorMetadata, check_compatible, load_vector, save_vector
 
 PROMPTS = ["Describe the water cycle.", "Hi", "What are the pros and cons of working from home?"]
@@ -88,14 +89,14 @@ def test_export_writes_llama_cpp_layout_read_back_by_gguf(tiny, tmp_path):
 
 def test_export_defaults_to_the_searched_add_setting(tiny, tmp_path):
     handle = tiny("llama")
-    vector = make_vector(handle, chosen={"layer": 2, "mode": "add", "weight": -4.0, "positions": "all"})
+    vector = make_vector(handle, chosen=SearchedSetting(layer=2, mode="add", weight=-4.0, positions="all"))
     tensors = reader_tensors(export_llama_cpp(vector, tmp_path / "v.gguf"))
     np.testing.assert_allclose(tensors["direction.2"], (-4.0 * vector.directions[2]).numpy(), atol=1e-6)
 
 
 def test_export_refusals(tiny, tmp_path):
     handle = tiny("llama")
-    searched_set = make_vector(handle, chosen={"layer": 2, "mode": "set", "weight": 1.0})
+    searched_set = make_vector(handle, chosen=SearchedSetting(layer=2, mode="set", weight=1.0))
     with pytest.raises(NsteerError, match="llama.cpp can only add"):
         export_llama_cpp(searched_set, tmp_path / "v.gguf")
     with pytest.raises(NsteerError, match="layer 0"):
@@ -121,7 +122,7 @@ def test_import_round_trip(tiny, tmp_path):
     assert meta.model_id == handle.model_id and meta.weights_fingerprint == handle.weights_fingerprint
     assert meta.hidden_size == handle.hidden_size and meta.n_layers == handle.n_layers
     assert meta.instruction_id == "length_0" and meta.check_id == "length_constraints:number_sentences"
-    assert "llama.cpp" in meta.imported_from and meta.chosen["layers"] == [1, 3]
+    assert "llama.cpp" in meta.imported_from and meta.chosen.layers == (1, 3)
     for layer in (1, 3):  # a negative weight flips the unit direction; the norm is the scale
         torch.testing.assert_close(imported.directions[layer], -vector.directions[layer], atol=1e-6, rtol=0)
         assert imported.norms[layer].item() == pytest.approx(2.5, abs=1e-5)
@@ -228,7 +229,7 @@ def test_bad_files_are_clear_errors(tiny, tmp_path):
 
 def test_cli_export_and_import(tiny, tmp_path, monkeypatch, capsys):
     handle = tiny("llama")
-    vector = make_vector(handle, chosen={"layer": 2, "mode": "set", "weight": 1.0})
+    vector = make_vector(handle, chosen=SearchedSetting(layer=2, mode="set", weight=1.0))
     source = save_vector(vector, tmp_path / "length_0.safetensors")
     out = tmp_path / "cv.gguf"
     code, stdout, err = run_cli(
@@ -251,7 +252,7 @@ def test_cli_export_and_import(tiny, tmp_path, monkeypatch, capsys):
     back = tmp_path / "back.safetensors"
     code, stdout, err = run_cli(monkeypatch, capsys, "import", str(out), "--out", str(back))
     assert code == 0, err
-    assert load_vector(back).metadata.chosen["layers"] == [1, 3]
+    assert load_vector(back).metadata.chosen.layers == (1, 3)
     code, _, err = run_cli(monkeypatch, capsys, "export", str(source), "--out", str(out))
     assert code == 2 and "Give --weight" in err and "Traceback" not in err
     code, _, err = run_cli(monkeypatch, capsys, "export", str(source), "--format", "onnx", "--weight", "1")

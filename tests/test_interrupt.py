@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-import nsteer.evaluate.table as table_module
+import nsteer.evaluate.runner as runner_module
 import nsteer.search as search_module
 import nsteer.workflow as workflow_module
 from nsteer.cli import main
@@ -181,7 +181,7 @@ def test_interrupted_search_keeps_finished_cells_and_resumes(monkeypatch, capsys
     assert len(first.calls) == 4
     lines = checkpoint.read_bytes().splitlines(keepends=True)
     assert len(lines) == 3 and all(line.endswith(b"\n") for line in lines)  # three whole cells, no partial line
-    assert all(json.loads(line)["label"].startswith("shout") for line in lines)
+    assert all(json.loads(line)["label"] == "search shout" for line in lines)
     assert leftovers(out) == []
     assert not (out / "search" / "search.json").exists()  # the report is written only once the search is complete
     assert load_vector(out / "shout.safetensors").metadata.chosen is not None  # shout's sweep finished: recorded
@@ -211,20 +211,20 @@ def test_interrupted_eval_keeps_finished_groups_and_resumes(monkeypatch, capsys,
     out = tmp_path / "out"
     assert run(monkeypatch, capsys, "compute", str(recipe))[0] == 0
     checkpoint = out / "eval" / "cells.jsonl"
-    original = table_module.generate
+    original = runner_module.generate
     describe = lambda handle, prompts, **kwargs: len(prompts)  # noqa: E731
 
     first = Counting(original, fail_on=2, describe=describe)  # groups: shout, whisper, calm (one generation each)
-    monkeypatch.setattr(table_module, "generate", first)
+    monkeypatch.setattr(runner_module, "generate", first)
     assert_interrupted(*run(monkeypatch, capsys, "eval", str(recipe)))
     lines = checkpoint.read_bytes().splitlines(keepends=True)
-    assert len(lines) == 1 and lines[0].endswith(b"\n") and json.loads(lines[0])["group"] == "shout"
+    assert len(lines) == 1 and lines[0].endswith(b"\n") and json.loads(lines[0])["label"] == "eval shout"
     assert not (out / "eval" / "eval.json").exists()
     assert leftovers(out) == []
     vectors_before = {name: (out / f"{name}.safetensors").read_bytes() for name in INSTRUCTIONS}
 
     again = Counting(original, describe=describe)
-    monkeypatch.setattr(table_module, "generate", again)
+    monkeypatch.setattr(runner_module, "generate", again)
     code, output = run(monkeypatch, capsys, "eval", str(recipe))
     assert code == 0, output
     assert len(again.calls) == 2  # whisper and calm; shout's answers come from the checkpoint

@@ -220,7 +220,7 @@ def test_remote_search_sends_one_request_per_searched_entry(mock_ndif, tmp_path,
     )  # the baseline and 4 settings on the validation prompts: one request, not five
     prompts = sweep.baseline.prompts
     assert len(sweep.cells) == 4 and all(c.prompts == prompts and len(c.answers) == len(prompts) for c in sweep.cells)
-    assert load_vector(tmp_path / "remote" / "shout.safetensors").metadata.chosen["layers_searched"] == [1, 2]
+    assert load_vector(tmp_path / "remote" / "shout.safetensors").metadata.chosen.layers_searched == (1, 2)
 
 
 # ------------------------------------------------------------------------------- nnsight's local simulation

@@ -12,7 +12,7 @@ import torch
 from typer.testing import CliRunner
 
 from nsteer.errors import EvaluationError, RecipeError
-from nsteer.evaluate.table import Reference
+from nsteer.evaluate.runner import Reference
 from nsteer.recipe import recipe_from_dict
 from nsteer.report import write_search_report
 from nsteer.search import CHECKPOINT_NAME, Setting, SweepCell, candidate_layers, guard, search_recipe
@@ -90,7 +90,7 @@ def test_a_degenerate_layer_that_passes_the_checker_is_rejected(setup, handle) -
     assert layer2.rejected and "degenerate 100% > baseline 0%" in layer2.rejected  # ... the guard does not
     assert sweep.winner.setting.no_steering
     chosen = load_vector(vector_path(recipe, "lowercase")).metadata.chosen
-    assert chosen["no_steering"] is True and chosen["layer"] is None
+    assert chosen.no_steering and chosen.layer is None
     assert recipe_edits(recipe, load_recipe_vectors(recipe, handle)) == []  # layer: auto now means no edit
 
 
@@ -101,8 +101,8 @@ def test_an_accepted_better_layer_wins_and_is_used_by_layer_auto(setup, handle, 
     (sweep,) = result.sweeps
     assert sweep.winner.setting == Setting(3, "set", 1.0, "all") and sweep.winner.loose == 1.0
     chosen = load_vector(vector_path(recipe, "lowercase")).metadata.chosen
-    assert chosen["layer"] == 3 and chosen["split"] == "validation" and chosen["baseline_score"] == 0.0
-    assert chosen["layers_searched"] == [1, 2, 3]
+    assert chosen.layer == 3 and chosen.split == "validation" and chosen.baseline_score == 0.0
+    assert chosen.layers_searched == (1, 2, 3)
     (edit,) = recipe_edits(recipe, load_recipe_vectors(recipe, handle))
     assert (edit.layer, edit.mode, edit.weight) == (3, "set", 1.0)
     paths = write_search_report(result, tmp_path / "report")
@@ -125,7 +125,7 @@ def test_no_steering_wins_when_every_setting_is_worse(setup, handle) -> None:
     assert sweep.baseline.loose == pytest.approx(0.5)
     assert all(c.loose == 0.0 and c.rejected is None for c in sweep.cells)
     assert sweep.winner is sweep.baseline
-    assert load_vector(vector_path(recipe, "lowercase")).metadata.chosen["no_steering"] is True
+    assert load_vector(vector_path(recipe, "lowercase")).metadata.chosen.no_steering
 
 
 def test_a_tie_goes_to_no_steering(setup, handle) -> None:
@@ -189,10 +189,10 @@ def test_add_entries_sweep_weights_relative_to_the_layer_norm_by_default(setup, 
     assert (winner.layer, winner.relative, winner.weight) == (2, 2.0, pytest.approx(2.0 * norms[2]))
     assert winner.label == f"layer 2 add w=2×‖u‖={2.0 * norms[2]:.3g}"
     chosen = load_vector(vector_path(recipe, "lowercase")).metadata.chosen
-    assert chosen["weight"] == pytest.approx(2.0 * norms[2]) and chosen["weight_relative"] == 2.0
-    assert chosen["weights_searched"] == [0.5, 1.0, 2.0] and chosen["weights_relative"] is True
+    assert chosen.weight == pytest.approx(2.0 * norms[2]) and chosen.weight_relative == 2.0
+    assert chosen.weights_searched == (0.5, 1.0, 2.0) and chosen.weights_relative is True
     (edit,) = recipe_edits(recipe, load_recipe_vectors(recipe, handle))
-    assert (edit.layer, edit.mode, edit.weight) == (2, "add", chosen["weight"])
+    assert (edit.layer, edit.mode, edit.weight) == (2, "add", chosen.weight)
 
 
 def test_set_entries_can_sweep_target_scales(setup, handle) -> None:
@@ -209,7 +209,7 @@ def test_set_entries_can_sweep_target_scales(setup, handle) -> None:
     assert [c.setting.target_scale for c in sweep.cells] == [0.5, 1.5]
     assert sweep.winner.setting.target_scale == 1.5 and sweep.winner.setting.label == "layer 2 set w=1 z×1.5"
     chosen = load_vector(vector_path(recipe, "lowercase")).metadata.chosen
-    assert chosen["target_scale"] == 1.5 and chosen["target_scales_searched"] == [0.5, 1.5]
+    assert chosen.target_scale == 1.5 and chosen.target_scales_searched == (0.5, 1.5)
     (edit,) = recipe_edits(recipe, load_recipe_vectors(recipe, handle))
     assert (edit.layer, edit.mode, edit.weight, edit.target) == (2, "set", 1.0, pytest.approx(1.5 * z))
 
@@ -257,8 +257,8 @@ def test_word_exclusion_searches_the_borrowed_inclusion_vector_without_touching_
         ("exclude:ocean", "layer 2 add w=-3"),
     ]
     metadata = load_vector(vector_path(recipe, "include:ocean")).metadata
-    assert (metadata.chosen["layer"], metadata.chosen["weight"]) == (1, 2.0)  # the inclusion's own, not overwritten
-    assert (metadata.chosen_for["exclude:ocean"]["layer"], metadata.chosen_for["exclude:ocean"]["weight"]) == (2, -3.0)
+    assert (metadata.chosen.layer, metadata.chosen.weight) == (1, 2.0)  # the inclusion's own, not overwritten
+    assert (metadata.chosen_for["exclude:ocean"].layer, metadata.chosen_for["exclude:ocean"].weight) == (2, -3.0)
     vectors = load_recipe_vectors(recipe, handle)
     include, exclude = recipe_edits(recipe, vectors)
     assert (include.layer, include.weight) == (1, 2.0)
@@ -284,7 +284,7 @@ def test_layer_auto_never_takes_a_setting_searched_for_another_instruction(setup
         generator=lambda h, p, *, row_edits, **k: ["The ocean is calm." if row_edits[0] else "A calm day."] * len(p),
         reference=None,
     )
-    assert load_vector(vector_path(recipe, "include:ocean")).metadata.chosen["weight"] == 2.0
+    assert load_vector(vector_path(recipe, "include:ocean")).metadata.chosen.weight == 2.0
     borrower = recipe_from_dict(
         {
             **recipe.model_dump(exclude_unset=True),

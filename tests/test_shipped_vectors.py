@@ -60,16 +60,17 @@ def test_every_file_loads_fits_the_embedded_model_and_has_a_chosen_setting(vecto
         assert torch.allclose(vector.directions.norm(dim=-1), torch.ones(30), atol=1e-5), name
         chosen = meta.chosen
         assert chosen, f"{name} has no searched setting"
-        assert chosen["split"] == "validation" and chosen["layers_searched"], name
-        if chosen["no_steering"]:
-            assert chosen["layer"] is None, name
+        assert chosen.split == "validation" and chosen.layers_searched, name
+        if chosen.no_steering:
+            assert chosen.layer is None, name
         else:
-            assert chosen["layer"] in chosen["layers_searched"] and chosen["mode"] in ("set", "add"), name
-            assert chosen["score"] > chosen["baseline_score"], name  # a steered winner beat "no steering"
+            assert chosen.layer in chosen.layers_searched and chosen.mode in ("set", "add"), name
+            assert chosen.score > chosen.baseline_score, name  # a steered winner beat "no steering"
         expected_mode = "add" if meta.category in ("length", "words") else "set"
-        assert chosen["mode"] == expected_mode, name
+        assert chosen.mode == expected_mode, name
         if meta.category == "words":
-            assert chosen["shared_search"]["words"], name  # words share one searched setting (docs/vectors.md)
+            # words share one searched setting (docs/vectors.md)
+            assert chosen.shared_search and chosen.shared_search.words, name
 
 
 def test_checksums_match_the_files(vectors):
@@ -102,9 +103,9 @@ def test_nsteer_list_shows_instructions_and_shipped_vectors(vectors, monkeypatch
     for name, item in vectors.items():
         chosen = item.metadata.chosen
         assert (rows[name]["layer"], rows[name]["mode"], rows[name]["weight"]) == (
-            chosen["layer"],
-            chosen["mode"],
-            chosen["weight"],
+            chosen.layer,
+            chosen.mode,
+            chosen.weight,
         )
     code, out = _run_cli(monkeypatch, capsys, "list", "--vectors", str(SHIPPED))
     assert code == 0

@@ -173,7 +173,7 @@ def test_layer_is_searched_again_on_the_base_model(pair, source_dir, tmp_path):
     assert [cell.setting.layer for cell in sweep.cells] == [1, 2, 3]
     assert result.model_id == base.model_id
     searched = load_vector(folder / "lowercase.safetensors")
-    assert searched.metadata.chosen is not None and searched.metadata.chosen["layers_searched"] == [1, 2, 3]
+    assert searched.metadata.chosen is not None and searched.metadata.chosen.layers_searched == (1, 2, 3)
     assert searched.metadata.model_id == instruct.model_id  # the file still says where the vector came from
     assert load_vector(source_dir / "lowercase.safetensors").metadata.chosen is None  # the source is untouched
     # With a searched layer (or the search's "no steering"), the recipe generates on the base model.

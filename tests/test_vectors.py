@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 
 import nsteer.vectors as vectors
 from nsteer.errors import VectorFileError
+from nsteer.searched import SearchedSetting
 from nsteer.vectors import FORMAT, SteeringVector, VectorMetadata, check_compatible, load_vector, save_vector
 
 
@@ -38,7 +39,7 @@ def make_vector(handle=None, *, hidden: int = 64, layers: int = 4, seed: int = 0
         n_pairs=42,
         chat_template_hash="t3mpl",
         seed=7,
-        chosen={"layer": 2, "mode": "add", "weight": 4.5, "positions": "prompt", "score": 0.5},
+        chosen=SearchedSetting(layer=2, mode="add", weight=4.5, positions="prompt", score=0.5),
     )
     fields.update(meta)
     return SteeringVector(
@@ -58,34 +59,35 @@ def test_round_trip_keeps_tensors_and_metadata(tmp_path):
     assert torch.equal(loaded.norms, vector.norms)
     assert loaded.metadata == vector.metadata
     assert loaded.metadata.phrasings == vector.metadata.phrasings and isinstance(loaded.metadata.phrasings, tuple)
-    assert dict(loaded.metadata.chosen) == dict(vector.metadata.chosen)
+    assert loaded.metadata.chosen == vector.metadata.chosen
 
 
 def test_settings_searched_for_borrowing_instructions_are_kept_apart(tmp_path):
     vector = make_vector()  # instruction lowercase, with its own searched setting
-    own = dict(vector.metadata.chosen)
+    own = vector.metadata.chosen
     assert "chosen_for" not in json.loads(vector.metadata.to_json())  # absent until used: old files keep their bytes
-    borrowed = vector.with_choice({"layer": 2, "mode": "add", "weight": -3.0}, "exclude:lowercase")
+    borrowed = vector.with_choice(SearchedSetting(layer=2, mode="add", weight=-3.0), "exclude:lowercase")
     assert borrowed.choice() == own and borrowed.choice("lowercase") == own
-    assert borrowed.choice("exclude:lowercase")["weight"] == -3.0
+    assert borrowed.choice("exclude:lowercase").weight == -3.0
     assert borrowed.choice("another") is None
     loaded = load_vector(save_vector(borrowed, tmp_path / "v.safetensors"))
     assert loaded.metadata == borrowed.metadata
-    assert dict(loaded.metadata.chosen) == own
-    replaced = loaded.with_choice({"layer": 1}, "exclude:lowercase").with_choice(None, "another")
-    assert dict(replaced.metadata.chosen_for) == {"exclude:lowercase": {"layer": 1}}
-    assert replaced.with_choice({"layer": 3}).choice() == {"layer": 3}  # the vector's own setting, borrowers untouched
-    assert replaced.with_choice({"layer": 3}).choice("exclude:lowercase") == {"layer": 1}
+    assert loaded.metadata.chosen == own
+    replaced = loaded.with_choice(SearchedSetting(layer=1), "exclude:lowercase").with_choice(None, "another")
+    assert dict(replaced.metadata.chosen_for) == {"exclude:lowercase": SearchedSetting(layer=1)}
+    own_again = replaced.with_choice(SearchedSetting(layer=3))
+    assert own_again.choice() == SearchedSetting(layer=3)  # the vector's own setting, borrowers untouched
+    assert own_again.choice("exclude:lowercase") == SearchedSetting(layer=1)
 
 
 def test_a_recomputed_vector_carries_the_files_searched_settings(tmp_path):
     path = tmp_path / "v.safetensors"
-    save_vector(make_vector().with_choice({"layer": 2, "weight": -3.0}, "exclude:lowercase"), path)
+    save_vector(make_vector().with_choice(SearchedSetting(layer=2, weight=-3.0), "exclude:lowercase"), path)
     fresh = make_vector(seed=1, chosen=None)
     carried = vectors.carry_choices(path, fresh)
     assert torch.equal(carried.directions, fresh.directions)  # the new tensors ...
     assert carried.metadata.chosen == load_vector(path).metadata.chosen  # ... with the old searched settings
-    assert carried.metadata.chosen_for == {"exclude:lowercase": {"layer": 2, "weight": -3.0}}
+    assert carried.metadata.chosen_for == {"exclude:lowercase": SearchedSetting(layer=2, weight=-3.0)}
     other = make_vector(seed=1, chosen=None, instruction_id="uppercase")
     assert vectors.carry_choices(path, other) is other  # another instruction's file: nothing carried
     assert vectors.carry_choices(tmp_path / "missing.safetensors", fresh) is fresh
@@ -99,7 +101,7 @@ def test_malformed_borrowed_settings_are_refused(tmp_path):
     data["chosen_for"] = ["layer", 3]
     path = tmp_path / "v.safetensors"
     _write(path, _tensors(vector), json.dumps(data))
-    with pytest.raises(VectorFileError, match="chosen_for is not a mapping of instruction to setting"):
+    with pytest.raises(VectorFileError, match="field chosen_for: expected a mapping of instruction to setting"):
         load_vector(path)
 
 

@@ -15,33 +15,26 @@ import dataclasses
 import math
 import statistics
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from nsteer.edits import Edit
 from nsteer.errors import EvaluationError
-from nsteer.evaluate.checkers import CheckSpec, check_all, count_sentences, count_words
-from nsteer.evaluate.checkpoint import append_checkpoint, cell_key, read_checkpoint
-from nsteer.evaluate.quality import degeneracy, perplexity
-from nsteer.evaluate.table import (
-    EvalItem,
-    Generator,
-    Reference,
-    describe_edits,
-    edit_signature,
-    instruction_edits,
-    json_safe,
-    open_reference,
-    recipe_items,
-)
-from nsteer.generate import GenerationConfig, generate
+from nsteer.evaluate.checkers import CheckSpec
+from nsteer.evaluate.inputs import EvalItem, describe_edits, instruction_edits, open_reference, recipe_items
+from nsteer.evaluate.runner import Generator, Reference, Row, Unit, run_units
+from nsteer.fileio import json_safe, write_json, write_text
+from nsteer.generate import GenerationConfig
 from nsteer.models import ModelHandle
+from nsteer.progress import ProgressFactory
+from nsteer.recipe import Recipe
 from nsteer.text import markdown_text
+from nsteer.vectors import SteeringVector
+from nsteer.workflow import generation_config, load_recipe_vectors, recipe_edits
 
 STEERING = ("unsteered", "alone", "composed")
-ProgressFactory = Callable[[str], Callable[[int, int], None]]
 
 
 @dataclass(frozen=True)
@@ -174,19 +167,23 @@ def evaluate_composition(
             "Composition needs edits for at least two instructions; "
             f"got {len(steered)} ({', '.join(steered) or 'none'})."
         )
-    generator = generator or generate
     started = time.monotonic()
-    finished = read_checkpoint(checkpoint) if checkpoint else {}
     joint_specs: dict[str, tuple[CheckSpec, ...]] = {}
     for item in items:
         if item.group in steered:
             joint_specs.setdefault(item.group, item.checks)
-    answers: list[CompositionAnswer] = []
+    every_check = tuple(spec for other in steered for spec in joint_specs.get(other, ()))
+    units: list[Unit] = []
+    generated: list[list[tuple[EvalItem, bool, str]]] = []
     for name in steered:
         group = [item for item in items if item.group == name]
         if not group:
             raise EvaluationError(f"No prompts to evaluate '{name}' on: its split is empty.")
-        edits_by_state = {"unsteered": [], "alone": list(alone[name]), "composed": list(composed)}
+        edits_by_state: dict[str, tuple[Edit, ...]] = {
+            "unsteered": (),
+            "alone": tuple(alone[name]),
+            "composed": tuple(composed),
+        }
         rows = [
             (item, present, steering)
             for item in group
@@ -194,54 +191,51 @@ def evaluate_composition(
             if present or item.prompt_without is not None
             for steering in STEERING
         ]
-        prompts = [item.prompt_with if present else item.prompt_without for item, present, _ in rows]
-        row_edits = [edits_by_state[steering] for _, _, steering in rows]
-        key = cell_key(
-            kind="composition",
-            model=handle.weights_fingerprint or handle.model_id,
-            instruction=name,
-            prompts=prompts,
-            alone=[edit_signature(e) for e in alone[name]],
-            composed=[edit_signature(e) for e in composed],
-            states=[steering for _, _, steering in rows],
-            config=dataclasses.asdict(config),
-        )
-        if key in finished:
-            texts = list(finished[key]["answers"])
-        else:
-            texts = generator(
-                handle,
-                prompts,
-                row_edits=row_edits,
-                config=config,
-                progress=progress(f"composition {name}") if progress else None,
+        generated.append(rows)
+        # Each row is checked against its own instruction, then against every steered instruction (joint).
+        units.append(
+            Unit(
+                f"composition {name}",
+                tuple(
+                    Row(
+                        item.prompt_with if present else item.prompt_without,  # type: ignore[arg-type]
+                        edits_by_state[steering],
+                        (*item.checks, *every_check),
+                        item.prompt_with,
+                    )
+                    for item, present, steering in rows
+                ),
             )
-            if len(texts) != len(prompts):
-                raise EvaluationError(f"The generator returned {len(texts)} answers for {len(prompts)} prompts.")
-            if checkpoint:
-                append_checkpoint(checkpoint, {"key": key, "instruction": name, "answers": list(texts)})
-        values = (
-            perplexity(reference.model, reference.tokenizer, prompts, texts) if reference else [math.nan] * len(texts)
         )
-        every_check = tuple(spec for other in steered for spec in joint_specs.get(other, ()))
-        for (item, present, steering), prompt, text, ppl in zip(rows, prompts, texts, values):
-            own = check_all(item.checks, text, item.prompt_with)
-            joint = check_all(every_check, text, item.prompt_with)
+    scored = run_units(
+        handle,
+        units,
+        kind="composition",
+        config=config,
+        generator=generator,
+        reference=reference,
+        checkpoint=checkpoint,
+        progress=progress,
+    )
+    answers: list[CompositionAnswer] = []
+    for name, rows, unit_answers in zip(steered, generated, scored):
+        for (item, present, steering), answer in zip(rows, unit_answers):
+            own, joint = answer.checks[: len(item.checks)], answer.checks[len(item.checks) :]
             answers.append(
                 CompositionAnswer(
                     instruction=name,
                     key=item.key,
                     instruction_in_prompt=present,
                     steering=steering,
-                    prompt=prompt,
-                    answer=text,
+                    prompt=answer.prompt,
+                    answer=answer.answer,
                     strict=all(r.strict for r in own),
                     loose=all(r.loose for r in own),
                     joint_loose=all(r.loose for r in joint),
-                    degeneracy=degeneracy(text),
-                    perplexity=ppl,
-                    sentences=count_sentences(text),
-                    words=count_words(text),
+                    degeneracy=answer.degeneracy,
+                    perplexity=answer.perplexity,
+                    sentences=answer.sentences,
+                    words=answer.words,
                 )
             )
     return CompositionResult(
@@ -261,10 +255,10 @@ def evaluate_composition(
 
 
 def evaluate_recipe_composition(
-    recipe: Any,
+    recipe: Recipe,
     handle: ModelHandle,
     *,
-    vectors: Mapping[str, Any] | None = None,
+    vectors: Mapping[str, SteeringVector] | None = None,
     split: str = "test",
     limit: int | None = None,
     reference: Reference | None = None,
@@ -273,8 +267,6 @@ def evaluate_recipe_composition(
     progress: ProgressFactory | None = None,
 ) -> CompositionResult:
     """Composed vs alone for a recipe: each steered instruction on its ``split`` prompts (at most ``limit`` each)."""
-    from nsteer.workflow import generation_config, load_recipe_vectors, recipe_edits
-
     if vectors is None:
         vectors = load_recipe_vectors(recipe, handle)
     alone = instruction_edits(recipe, vectors)
@@ -322,15 +314,11 @@ def composition_markdown(result: CompositionResult) -> str:
 
 def write_composition_report(result: CompositionResult, out_dir: str | Path) -> dict[str, Path]:
     """Write ``composition.json`` (every answer) and ``composition.md`` into ``out_dir``."""
-    import json
-
-    from nsteer.fileio import atomic_write_bytes
-
     out_dir = Path(out_dir)
-    paths = {"json": out_dir / "composition.json", "markdown": out_dir / "composition.md"}
-    atomic_write_bytes(paths["json"], (json.dumps(result.to_dict(), indent=1, ensure_ascii=False) + "\n").encode())
-    atomic_write_bytes(paths["markdown"], composition_markdown(result).encode())
-    return paths
+    return {
+        "json": write_json(out_dir / "composition.json", result.to_dict()),
+        "markdown": write_text(out_dir / "composition.md", composition_markdown(result)),
+    }
 
 
 __all__ = [

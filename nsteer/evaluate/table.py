@@ -8,27 +8,32 @@ answers, an optional judge's mean score) beside strict and loose accuracy.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 import statistics
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from nsteer.edits import Edit
-from nsteer.errors import EvaluationError
-from nsteer.evaluate.checkers import CheckSpec, check_all, count_sentences, count_words, validate_spec
-from nsteer.evaluate.checkpoint import append_checkpoint, cell_key, read_checkpoint
-from nsteer.evaluate.quality import degeneracy, perplexity
-from nsteer.fileio import MAX_DATA_BYTES, parse_json, read_text, text_lines
-from nsteer.generate import GenerationConfig, generate
+from nsteer.evaluate.inputs import (
+    EvalItem,
+    describe_edits,
+    evaluation_items,
+    instruction_edits,
+    open_reference,
+    steering_note,
+)
+from nsteer.evaluate.runner import Generator, Judge, Reference, Row, ScoredAnswer, Unit, run_units
+from nsteer.evaluate.stats import PairedChange, paired_change
+from nsteer.fileio import json_safe
+from nsteer.generate import GenerationConfig
 from nsteer.models import ModelHandle
-
-Generator = Callable[..., list[str]]  # generate(handle, prompts, *, row_edits, config, progress) -> answers
-Judge = Callable[[str, str], float]  # (prompt, answer) -> score; a user's LLM judge, off by default
-ProgressFactory = Callable[[str], Callable[[int, int], None]]
+from nsteer.progress import ProgressFactory
+from nsteer.recipe import Recipe
+from nsteer.vectors import SteeringVector
+from nsteer.workflow import generation_config, load_recipe_vectors
 
 
 @dataclass(frozen=True)
@@ -48,19 +53,6 @@ class Cell:
 
 
 CELLS = (Cell(False, False), Cell(False, True), Cell(True, False), Cell(True, True))
-
-
-@dataclass(frozen=True)
-class EvalItem:
-    """One test prompt: with and (where known) without its instruction, the checks that judge it, who steers it."""
-
-    key: str
-    group: str  # the table row: a recipe instruction, or several joined by "+"
-    category: str
-    prompt_with: str
-    prompt_without: str | None
-    checks: tuple[CheckSpec, ...]
-    instructions: tuple[str, ...]  # recipe instructions whose edits steer this item
 
 
 @dataclass(frozen=True)
@@ -96,35 +88,6 @@ class CellSummary:
     judge: float | None
     sentences: tuple[int, ...] = ()
     words: tuple[int, ...] = ()
-
-
-@dataclass(frozen=True)
-class PairedChange:
-    """Steered against unsteered on the same prompts: how many failures steering fixed and how many passes it broke.
-
-    ``p_value`` is the two-sided exact sign test on the discordant pairs (McNemar's exact test): the chance of a split
-    at least this uneven if steering changed verdicts in either direction equally often. 1.0 when nothing changed.
-    """
-
-    pairs: int
-    gained: int
-    lost: int
-    p_value: float
-
-
-def paired_change(unsteered: Mapping[Any, bool], steered: Mapping[Any, bool]) -> PairedChange:
-    """Compare loose verdicts prompt by prompt (keys present in both)."""
-    keys = unsteered.keys() & steered.keys()
-    gained = sum(steered[key] and not unsteered[key] for key in keys)
-    lost = sum(unsteered[key] and not steered[key] for key in keys)
-    return PairedChange(len(keys), gained, lost, sign_test(gained, lost))
-
-
-def sign_test(successes: int, failures: int) -> float:
-    """Two-sided exact binomial test of ``successes`` against ``failures`` at p = 1/2."""
-    trials = successes + failures
-    tail = sum(math.comb(trials, i) for i in range(min(successes, failures) + 1)) / 2**trials
-    return min(1.0, 2 * tail)
 
 
 @dataclass(frozen=True)
@@ -199,32 +162,12 @@ class EvaluationResult:
         )
 
 
-@dataclass(frozen=True, eq=False)
-class Reference:
-    """The model whose perplexity judges answers (a Hugging Face causal LM and its tokenizer)."""
-
-    model: Any
-    tokenizer: Any
-    name: str
-
-
 def _condition_name(instruction_in_prompt: bool) -> str:
     return f"{'with' if instruction_in_prompt else 'without'}_instruction"
 
 
 def _cell_name(cell: Cell) -> str:
     return f"{_condition_name(cell.instruction_in_prompt)}/{'steered' if cell.steered else 'unsteered'}"
-
-
-def json_safe(value: Any) -> Any:
-    """NaN and infinities become null, tuples lists, so the JSON is valid everywhere."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, Mapping):
-        return {str(key): json_safe(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(item) for item in value]
-    return value
 
 
 def summarize(answers: Sequence[Answer]) -> CellSummary:
@@ -247,186 +190,6 @@ def summarize(answers: Sequence[Answer]) -> CellSummary:
     )
 
 
-def recipe_items(recipe: Any, split: str = "test", limit: int | None = None) -> list[EvalItem]:
-    """One item per prompt pair of ``split`` for every instruction in the recipe (at most ``limit`` each)."""
-    from nsteer.workflow import instruction_splits, resolve_instruction
-
-    limit = limit if limit is not None else recipe.evaluation.max_prompts
-    items: list[EvalItem] = []
-    for name in recipe.instructions:
-        instruction = resolve_instruction(recipe, name)
-        if not instruction.check_id:
-            raise recipe.error(
-                ("instructions", name, "check"),
-                f"'{name}' has no check, so it cannot be scored: give `check: {{id, kwargs}}`.",
-            )
-        pairs = instruction_splits(recipe, name).part(split)
-        if not pairs:
-            raise EvaluationError(
-                f"The {split} split of '{name}' is empty: "
-                f"give prompts.split.{split} a positive fraction, or more base prompts."
-            )
-        spec = instruction.check
-        for pair in pairs[:limit]:
-            items.append(
-                EvalItem(
-                    key=f"{name}/{pair.base_id}",
-                    group=name,
-                    category=instruction.category,
-                    prompt_with=pair.with_instruction,
-                    prompt_without=pair.without_instruction,
-                    checks=(spec,),
-                    instructions=(name,),
-                )
-            )
-    return items
-
-
-@dataclass(frozen=True)
-class IFEvalRecord:
-    """One line of an IFEval-format JSONL file."""
-
-    key: str
-    prompt: str
-    checks: tuple[CheckSpec, ...]
-    prompt_without_instruction: str | None
-    line: int
-
-
-def read_ifeval_jsonl(path: str | Path) -> list[IFEvalRecord]:
-    """Parse an IFEval JSONL file (key, prompt, instruction_id_list, kwargs, optional prompt_without_instruction)."""
-    path = Path(path)
-    hint = "Give a JSONL file with one prompt per line."
-    text = read_text(path, "IFEval data file", EvaluationError, limit=MAX_DATA_BYTES, hint=hint)
-    records: list[IFEvalRecord] = []
-    seen: set[str] = set()
-    for number, line in text_lines(text, path, "IFEval data file", EvaluationError):
-        record = _ifeval_record(line, number, path)
-        if record.key in seen:
-            raise EvaluationError(f"{path}, line {number}: the key {record.key!r} appears twice; keys must be unique.")
-        seen.add(record.key)
-        records.append(record)
-    if not records:
-        raise EvaluationError(f"{path}: the file holds no records; it needs one JSON object per line.")
-    return records
-
-
-def _ifeval_record(line: str, number: int, path: Path) -> IFEvalRecord:
-    where = f"{path}, line {number}"
-    expected = "expected an object with key, prompt, instruction_id_list and kwargs"
-    try:
-        data = parse_json(line)
-    except ValueError as error:
-        raise EvaluationError(f"{where}: not valid JSON ({error.msg}); {expected}.") from None
-    if not isinstance(data, dict):
-        raise EvaluationError(f"{where}: {expected}, got {type(data).__name__}.")
-    missing = [name for name in ("key", "prompt", "instruction_id_list", "kwargs") if name not in data]
-    if missing:
-        raise EvaluationError(f"{where}: missing {', '.join(missing)}; {expected}.")
-    key, prompt, ids, kwargs = data["key"], data["prompt"], data["instruction_id_list"], data["kwargs"]
-    if not isinstance(key, (str, int)) or isinstance(key, bool):
-        raise EvaluationError(f"{where}: key must be a string or an integer, got {key!r}.")
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise EvaluationError(f"{where}: prompt must be a non-empty string.")
-    if not isinstance(ids, list) or not ids or not all(isinstance(i, str) for i in ids):
-        raise EvaluationError(f"{where}: instruction_id_list must be a non-empty list of IFEval ids.")
-    if not isinstance(kwargs, list) or len(kwargs) != len(ids) or not all(isinstance(k, dict) for k in kwargs):
-        raise EvaluationError(
-            f"{where}: kwargs must be a list of {len(ids)} object(s), one per entry of instruction_id_list."
-        )
-    without = data.get("prompt_without_instruction")
-    if without is not None and (not isinstance(without, str) or not without.strip()):
-        raise EvaluationError(f"{where}: prompt_without_instruction must be a non-empty string when given.")
-    checks = tuple(CheckSpec(i, k) for i, k in zip(ids, kwargs))
-    for spec in checks:
-        try:
-            validate_spec(spec)
-        except EvaluationError as error:
-            raise EvaluationError(f"{where}: {error}") from None
-    return IFEvalRecord(str(key), prompt, checks, without, number)
-
-
-def ifeval_items(records: Sequence[IFEvalRecord], recipe: Any, limit: int | None = None) -> tuple[list[EvalItem], int]:
-    """Map each record to the recipe instructions that share one of its check ids; returns items and the skip count.
-
-    Where several recipe instructions share a check id (``include:ocean``, ``include:brave``), only those whose
-    check kwargs equal the record's are matched. A record is scored against all its checks (IFEval's prompt level).
-    """
-    from nsteer.workflow import resolve_instruction
-
-    instructions = {name: resolve_instruction(recipe, name) for name in recipe.instructions}
-    items: list[EvalItem] = []
-    per_group: dict[str, int] = {}
-    skipped = 0
-    for record in records:
-        matched: list[str] = []
-        for spec in record.checks:
-            candidates = [name for name, ins in instructions.items() if ins.check_id == spec.instruction_id]
-            if len(candidates) > 1:
-                given = {k: v for k, v in spec.kwargs.items() if v is not None}
-                candidates = [name for name in candidates if dict(instructions[name].check_kwargs) == given]
-            matched.extend(name for name in candidates if name not in matched)
-        if not matched:
-            skipped += 1
-            continue
-        group = "+".join(matched)
-        if limit is not None and per_group.get(group, 0) >= limit:
-            continue
-        per_group[group] = per_group.get(group, 0) + 1
-        items.append(
-            EvalItem(
-                key=record.key,
-                group=group,
-                category=instructions[matched[0]].category,
-                prompt_with=record.prompt,
-                prompt_without=record.prompt_without_instruction,
-                checks=record.checks,
-                instructions=tuple(matched),
-            )
-        )
-    if not items:
-        known = ", ".join(sorted({ins.check_id for ins in instructions.values()}))
-        raise EvaluationError(
-            f"None of the {len(records)} records uses a check of the recipe's instructions ({known}). "
-            "Add instructions with those checks to the recipe, or pass a file with matching instruction ids."
-        )
-    return items, skipped
-
-
-def instruction_edits(recipe: Any, vectors: Mapping[str, Any]) -> dict[str, tuple[Edit, ...]]:
-    """Each recipe instruction's edits (its steer entries, in recipe order); empty where none steers it."""
-    from nsteer.workflow import steer_entry_edit
-
-    found: dict[str, list[Edit]] = {name: [] for name in recipe.instructions}
-    for index, entry in enumerate(recipe.steer):
-        edit = steer_entry_edit(recipe, vectors, index)
-        if edit is not None:
-            found[entry.instruction].append(edit)
-    return {name: tuple(edits) for name, edits in found.items()}
-
-
-def describe_edits(edits: Sequence[Edit]) -> str:
-    """``lowercase@14 set w=1`` for each edit, or ``none``."""
-    return ", ".join(f"{e.name}@{e.layer} {e.mode} w={e.weight:g} ({e.positions})" for e in edits) or "none"
-
-
-def open_reference(recipe: Any, handle: ModelHandle) -> Reference | None:
-    """The recipe's reference model for perplexity: evaluation.reference_model, else the model itself when local."""
-    from nsteer.models import open_model
-
-    name = recipe.evaluation.reference_model
-    if name is None or (name == handle.model_id and not handle.remote):
-        return None if handle.remote else Reference(handle.hf_model, handle.tokenizer, handle.model_id)
-    reference = open_model(name, dtype=recipe.model.dtype, device=recipe.model.device)
-    return Reference(reference.hf_model, reference.tokenizer, name)
-
-
-def edit_signature(edit: Edit) -> list[Any]:
-    """What makes an edit's output differ: name, layer, mode, weight, positions, target and a hash of the direction."""
-    digest = hashlib.sha256(edit.direction.detach().float().cpu().numpy().tobytes()).hexdigest()[:16]
-    return [edit.name, edit.layer, edit.mode, edit.weight, edit.positions, round(edit.target, 6), digest]
-
-
 def evaluate(
     handle: ModelHandle,
     items: Sequence[EvalItem],
@@ -445,19 +208,18 @@ def evaluate(
 
     ``edits`` maps recipe instruction names to their edits; an item is steered by the edits of all its
     instructions. A group with no edits has identical steered and unsteered cells, so its steered answers are the
-    unsteered ones (not generated twice). With ``checkpoint`` (a JSONL path) finished groups are reused on a rerun.
+    unsteered ones (not generated twice). Greedy unsteered answers are reused across groups (the runner's
+    ``reuse_greedy``). With ``checkpoint`` (a JSONL path) finished groups are reused on a rerun.
     """
-    generator = generator or generate
     started = time.monotonic()
-    finished = read_checkpoint(checkpoint) if checkpoint else {}
     by_group: dict[str, list[EvalItem]] = {}
     for item in items:
         by_group.setdefault(item.group, []).append(item)
-    answers: list[Answer] = []
     steering: dict[str, str] = {}
-    unsteered_answers: dict[str, str] = {}
+    units: list[Unit] = []
+    generated: list[tuple[list[tuple[EvalItem, Cell]], bool]] = []  # per group: its generated rows, whether steered
     for group, group_items in by_group.items():
-        group_edits = [edit for name in group_items[0].instructions for edit in edits.get(name, ())]
+        group_edits = tuple(edit for name in group_items[0].instructions for edit in edits.get(name, ()))
         steering[group] = describe_edits(group_edits)
         rows = [
             (item, cell)
@@ -465,51 +227,37 @@ def evaluate(
             for cell in CELLS
             if (cell.instruction_in_prompt or item.prompt_without is not None) and (not cell.steered or group_edits)
         ]
-        prompts = [_prompt(item, cell) for item, cell in rows]
-        row_edits = [list(group_edits) if cell.steered else [] for _, cell in rows]
-        key = cell_key(
-            kind="eval",
-            model=handle.weights_fingerprint or handle.model_id,
-            group=group,
-            prompts=prompts,
-            edits=[edit_signature(e) for e in group_edits],
-            steered=[cell.steered for _, cell in rows],
-            config=dataclasses.asdict(config),
-        )
-        if key in finished:
-            texts = list(finished[key]["answers"])
-        else:
-            # Greedy answers to an unsteered prompt already answered for another group are reused, not regenerated
-            # (instructions share their base prompts, so the no-instruction, unsteered cells often coincide).
-            reuse = {} if config.do_sample else unsteered_answers
-            todo = [i for i, (prompt, edits_) in enumerate(zip(prompts, row_edits)) if edits_ or prompt not in reuse]
-            fresh = (
-                generator(
-                    handle,
-                    [prompts[i] for i in todo],
-                    row_edits=[row_edits[i] for i in todo],
-                    config=config,
-                    progress=progress(f"eval {group}") if progress else None,
-                )
-                if todo
-                else []
+        generated.append((rows, bool(group_edits)))
+        units.append(
+            Unit(
+                f"eval {group}",
+                tuple(
+                    Row(_prompt(item, cell), group_edits if cell.steered else (), item.checks, item.prompt_with)
+                    for item, cell in rows
+                ),
             )
-            if len(fresh) != len(todo):
-                raise EvaluationError(f"The generator returned {len(fresh)} answers for {len(todo)} prompts.")
-            made = dict(zip(todo, fresh))
-            texts = [made[i] if i in made else reuse[prompt] for i, prompt in enumerate(prompts)]
-            if checkpoint:
-                append_checkpoint(checkpoint, {"key": key, "group": group, "answers": list(texts)})
-        unsteered_answers.update((prompt, text) for prompt, text, e in zip(prompts, texts, row_edits) if not e)
-        generated = {(item.key, cell): text for (item, cell), text in zip(rows, texts)}
-        scored_rows = []
+        )
+    scored = run_units(
+        handle,
+        units,
+        kind="eval",
+        config=config,
+        generator=generator,
+        reference=reference,
+        judge=judge,
+        checkpoint=checkpoint,
+        progress=progress,
+        reuse_greedy=True,
+    )
+    answers: list[Answer] = []
+    for group_items, (rows, steered_group), unit_answers in zip(by_group.values(), generated, scored):
+        by_cell = {(item.key, cell): answer for (item, cell), answer in zip(rows, unit_answers)}
         for item in group_items:
             for cell in CELLS:
                 if not cell.instruction_in_prompt and item.prompt_without is None:
                     continue
-                source_cell = cell if group_edits else Cell(cell.instruction_in_prompt, False)
-                scored_rows.append((item, cell, generated[(item.key, source_cell)]))
-        answers.extend(_score_rows(scored_rows, reference, judge))
+                source_cell = cell if steered_group else Cell(cell.instruction_in_prompt, False)
+                answers.append(_answer(item, cell, by_cell[(item.key, source_cell)]))
     return EvaluationResult(
         model_id=handle.model_id,
         split=split,
@@ -533,48 +281,34 @@ def _prompt(item: EvalItem, cell: Cell) -> str:
     return prompt
 
 
-def _score_rows(
-    rows: Sequence[tuple[EvalItem, Cell, str]], reference: Reference | None, judge: Judge | None
-) -> list[Answer]:
-    """Check, measure and (optionally) judge each answer; perplexity is computed once per distinct pair."""
-    perplexities: dict[tuple[str, str], float] = {}
-    if reference is not None:
-        distinct = list(dict.fromkeys((_prompt(item, cell), text) for item, cell, text in rows))
-        values = perplexity(reference.model, reference.tokenizer, [p for p, _ in distinct], [a for _, a in distinct])
-        perplexities = dict(zip(distinct, values))
-    scored = []
-    for item, cell, text in rows:
-        prompt = _prompt(item, cell)
-        results = check_all(item.checks, text, item.prompt_with)
-        scored.append(
-            Answer(
-                key=item.key,
-                group=item.group,
-                instruction_in_prompt=cell.instruction_in_prompt,
-                steered=cell.steered,
-                prompt=prompt,
-                answer=text,
-                strict=all(r.strict for r in results),
-                loose=all(r.loose for r in results),
-                checks=tuple(
-                    {"id": spec.instruction_id, "kwargs": dict(spec.kwargs), "strict": r.strict, "loose": r.loose}
-                    for spec, r in zip(item.checks, results)
-                ),
-                degeneracy=degeneracy(text),
-                perplexity=perplexities.get((prompt, text), math.nan),
-                sentences=count_sentences(text),
-                words=count_words(text),
-                judge=float(judge(prompt, text)) if judge is not None else None,
-            )
-        )
-    return scored
+def _answer(item: EvalItem, cell: Cell, scored: ScoredAnswer) -> Answer:
+    """One cell's answer of one item, with its per-check verdicts."""
+    return Answer(
+        key=item.key,
+        group=item.group,
+        instruction_in_prompt=cell.instruction_in_prompt,
+        steered=cell.steered,
+        prompt=scored.prompt,
+        answer=scored.answer,
+        strict=scored.strict,
+        loose=scored.loose,
+        checks=tuple(
+            {"id": spec.instruction_id, "kwargs": dict(spec.kwargs), "strict": result.strict, "loose": result.loose}
+            for spec, result in zip(item.checks, scored.checks)
+        ),
+        degeneracy=scored.degeneracy,
+        perplexity=scored.perplexity,
+        sentences=scored.sentences,
+        words=scored.words,
+        judge=scored.judge,
+    )
 
 
 def evaluate_recipe(
-    recipe: Any,
+    recipe: Recipe,
     handle: ModelHandle,
     *,
-    vectors: Mapping[str, Any] | None = None,
+    vectors: Mapping[str, SteeringVector] | None = None,
     split: str = "test",
     limit: int | None = None,
     data: str | Path | None = None,
@@ -585,17 +319,10 @@ def evaluate_recipe(
     progress: ProgressFactory | None = None,
 ) -> EvaluationResult:
     """The 2×2 table for a recipe: on its ``split`` (default test), or on an IFEval JSONL file given as ``data``."""
-    from nsteer.workflow import generation_config, load_recipe_vectors
-
     if vectors is None:
         vectors = load_recipe_vectors(recipe, handle) if recipe.steer else {}
     edits = instruction_edits(recipe, vectors)
-    skipped = 0
-    if data is not None:
-        items, skipped = ifeval_items(read_ifeval_jsonl(data), recipe, limit)
-        source = str(data)
-    else:
-        items, source = recipe_items(recipe, split, limit), f"recipe {recipe.name}"
+    items, skipped, source = evaluation_items(recipe, split, limit, data)
     if reference is None:
         reference = open_reference(recipe, handle)
     result = evaluate(
@@ -611,19 +338,9 @@ def evaluate_recipe(
         split=split if data is None else "data",
         source=source,
     )
-    notes = {name: _steering_note(recipe, vectors, name) for name in recipe.instructions}
+    notes = {name: steering_note(recipe, vectors, name) for name in recipe.instructions}
     steering = {group: text if text != "none" else notes.get(group, "none") for group, text in result.steering.items()}
     return dataclasses.replace(result, skipped=skipped, steering=steering)
-
-
-def _steering_note(recipe: Any, vectors: Mapping[str, Any], name: str) -> str:
-    """Why an instruction is not steered: no steer entry, or the search chose no steering."""
-    for entry in recipe.steer:
-        if entry.instruction == name and entry.layer == "auto":
-            chosen = vectors[entry.vector or entry.instruction].choice(entry.instruction) or {}
-            if chosen.get("no_steering"):
-                return "none (search chose no steering)"
-    return "none (no steer entry)"
 
 
 __all__ = [
@@ -631,20 +348,8 @@ __all__ = [
     "Answer",
     "Cell",
     "CellSummary",
-    "EvalItem",
     "EvaluationResult",
-    "IFEvalRecord",
-    "PairedChange",
-    "Reference",
-    "describe_edits",
     "evaluate",
     "evaluate_recipe",
-    "ifeval_items",
-    "instruction_edits",
-    "open_reference",
-    "paired_change",
-    "read_ifeval_jsonl",
-    "recipe_items",
-    "sign_test",
     "summarize",
 ]
