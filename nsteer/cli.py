@@ -149,7 +149,7 @@ def _recipe(path: Path, overrides: Sequence[Any] = ()) -> Any:
 
 def _open(output: Output, recipe: Any, remote: bool) -> Any:
     """Open the recipe's model (on NDIF with ``remote``), saying which."""
-    from nsteer.workflow import open_recipe_model
+    from nsteer.pipeline import open_recipe_model
 
     use_remote = remote or recipe.model.backend == "ndif"
     output.note(f"Opening {recipe.model.id if use_remote else recipe.model_location} ...")
@@ -218,8 +218,8 @@ def compute(
     as_jsonl: bool = JSONL,
 ) -> None:
     """Compute a steering vector for every instruction in RECIPE and write them to its output folder."""
+    from nsteer.pipeline import compute_task, vector_tasks
     from nsteer.recipe import Override
-    from nsteer.workflow import compute_task, vector_tasks
 
     output = _output(as_json, as_jsonl)
     overrides = _model_overrides(model, device, dtype)
@@ -278,8 +278,8 @@ def generate(
 ) -> None:
     """Answer prompts with the recipe's steering edits (or without, or both side by side)."""
     from nsteer.generate import generate as run_generate
+    from nsteer.pipeline import check_recipe_vectors, generation_config, read_recipe_vectors, recipe_edits
     from nsteer.recipe import Override
-    from nsteer.workflow import check_recipe_vectors, generation_config, read_recipe_vectors, recipe_edits
 
     output = _output(as_json, as_jsonl)
     overrides = [
@@ -492,9 +492,9 @@ def evaluate(
 ) -> None:
     """The 2×2 table (instruction in prompt × steering) with quality, written as JSON, Markdown and PNG."""
     from nsteer.evaluate.table import CELLS, evaluate_recipe
+    from nsteer.pipeline import check_recipe_vectors, read_recipe_vectors
     from nsteer.recipe import Override
     from nsteer.report import CELL_HEADERS, write_eval_report
-    from nsteer.workflow import check_recipe_vectors, read_recipe_vectors
 
     overrides = [
         *_model_overrides(model, device, dtype),
@@ -613,9 +613,9 @@ def search(
     Before any work it prints the plan: settings x prompts = answers, and how long that takes at the rate recorded
     on this machine by earlier runs (or that none is recorded yet).
     """
+    from nsteer.pipeline import check_recipe_vectors, read_recipe_vectors
     from nsteer.report import search_rows, write_search_report
     from nsteer.search import plan_estimate, plan_search, search_recipe
-    from nsteer.workflow import check_recipe_vectors, read_recipe_vectors
 
     output = _output(as_json, as_jsonl)
     recipe = _recipe(recipe_path, _search_overrides(limit, layers, weights, modes, max_new_tokens))
@@ -677,7 +677,7 @@ def _check_no_wait(no_wait: bool, remote: bool, recipe: Any) -> None:
 
 def _submit_vectors(output: Output, recipe: Any, handle: Any, run: dict[str, Any], *, force: bool) -> None:
     """`compute --no-wait`: submit the NDIF jobs and print their ids."""
-    from nsteer.remote import submit_recipe_vectors
+    from nsteer.jobs import submit_recipe_vectors
 
     records = []
     for name, job in submit_recipe_vectors(recipe, handle, force=force).items():
@@ -697,7 +697,7 @@ def _submit_generation(
     output: Output, handle: Any, prompts: list[str], edits: list, config: Any, *, compare: bool
 ) -> None:
     """`generate --no-wait`: submit one NDIF job and print its id."""
-    from nsteer.remote import submit_generation
+    from nsteer.jobs import submit_generation
 
     if compare:
         raise NsteerError("--compare cannot be submitted as one job: submit twice, with and without --no-steer.")
@@ -721,8 +721,8 @@ def collect(
     as_jsonl: bool = JSONL,
 ) -> None:
     """Fetch NDIF jobs submitted with --no-wait: write their vector files, or print their answers."""
-    from nsteer.remote import collect as collect_job
-    from nsteer.remote import pending_jobs
+    from nsteer.jobs import collect as collect_job
+    from nsteer.jobs import pending_jobs
 
     output = _output(as_json, as_jsonl)
     ids = list(job_ids or [])
@@ -899,7 +899,7 @@ def _eval_composition(
     output: Output,
 ) -> None:
     from nsteer.evaluate.composition import evaluate_recipe_composition, write_composition_report
-    from nsteer.workflow import check_recipe_vectors, read_recipe_vectors
+    from nsteer.pipeline import check_recipe_vectors, read_recipe_vectors
 
     recipe = _recipe(recipe_path, overrides)
     _check_split(split)

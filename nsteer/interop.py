@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from nsteer.constants import __version__
 from nsteer.edits import Edit
 from nsteer.errors import NsteerError, VectorFileError
 from nsteer.fileio import atomic_write, require_file
@@ -323,8 +324,6 @@ def import_llama_cpp(
     layers = [layer for layer in control.layers if norms[layer] > 0]
     if not layers:
         raise VectorFileError(f"{control.path}: every direction tensor is zero.")
-    from nsteer import __version__
-
     name = instruction_id or source.get("instruction_id") or control.path.stem
     first = layers[0]
     metadata = VectorMetadata(

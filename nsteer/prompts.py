@@ -9,18 +9,24 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import yaml
 
 from nsteer.errors import PromptDataError
+from nsteer.evaluate.check_spec import CheckSpec
 from nsteer.evaluate.custom_checks import CustomCheck
+from nsteer.fileio import (
+    MAX_DATA_BYTES,
+    MAX_LINE_CHARS,
+    builtin_name,
+    parse_json,
+    parse_yaml,
+    read_text,
+    text_lines,
+    user_path,
+)
 
-if TYPE_CHECKING:
-    from nsteer.evaluate.checkers import CheckSpec
-from nsteer.fileio import MAX_DATA_BYTES, MAX_LINE_CHARS, parse_json, parse_yaml, read_text, text_lines, user_path
-
-BUILTIN_PREFIX = "builtin:"
 BUILTIN_BASE_SETS = {"base-v1": "base_prompts.jsonl"}
 SPLIT_NAMES = ("train", "validation", "test")
 
@@ -48,8 +54,6 @@ class Instruction:
     @property
     def check(self) -> CheckSpec:
         """The check that judges an answer to this instruction."""
-        from nsteer.evaluate.checkers import CheckSpec  # IFEval's checkers load NLTK: only when checking
-
         return CheckSpec(self.check_id, dict(self.check_kwargs), custom=self.custom_check)
 
 
@@ -140,8 +144,8 @@ def _record_text(record: Any, path: Path, index: int, where: str) -> tuple[str, 
 
 def load_base_prompts(source: str, base_dir: Path | None = None) -> tuple[BasePrompt, ...]:
     """Load base prompts from ``builtin:base-v1`` or a JSONL / JSON / YAML file."""
-    if source.startswith(BUILTIN_PREFIX):
-        name = source[len(BUILTIN_PREFIX) :]
+    name = builtin_name(source)
+    if name is not None:
         if name not in BUILTIN_BASE_SETS:
             raise PromptDataError(f"Unknown built-in prompt set '{name}'; available: {', '.join(BUILTIN_BASE_SETS)}.")
         path = _data_file(BUILTIN_BASE_SETS[name])
@@ -161,8 +165,9 @@ def load_base_prompts(source: str, base_dir: Path | None = None) -> tuple[BasePr
 
 def load_phrasings(source: str | Sequence[str], base_dir: Path | None = None) -> tuple[str, ...]:
     """Load phrasings from ``builtin:<instruction>``, an inline list, or a file."""
-    if isinstance(source, str) and source.startswith(BUILTIN_PREFIX):
-        return builtin_instruction(source[len(BUILTIN_PREFIX) :]).phrasings
+    name = builtin_name(source) if isinstance(source, str) else None
+    if name is not None:
+        return builtin_instruction(name).phrasings
     if isinstance(source, str):
         path = user_path(source, base_dir)
         records = _read_records(path)

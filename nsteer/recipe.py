@@ -21,11 +21,12 @@ from pydantic import (
     model_validator,
 )
 
+from nsteer.constants import EMBEDDED_ID
 from nsteer.errors import NsteerError, RecipeError
-from nsteer.fileio import MAX_RECIPE_BYTES, YAMLLimitError, parse_yaml, read_text, user_path
-from nsteer.models import EMBEDDED_ID
-
-BUILTIN = "builtin:"
+from nsteer.evaluate.checkers import CheckSpec, validate_spec
+from nsteer.evaluate.custom_checks import function_check, regex_check
+from nsteer.fileio import MAX_RECIPE_BYTES, YAMLLimitError, input_path, is_file, parse_yaml, read_text, user_path
+from nsteer.prompts import builtin_instruction, load_base_prompts, load_phrasings
 
 
 class Strict(BaseModel):
@@ -702,10 +703,6 @@ def _duplicate_key(node: yaml.Node | None, path: tuple = ()) -> tuple[tuple, int
 def _check_references(recipe: Recipe) -> None:
     """Check that the model path, files, built-in names and checkers the recipe refers to exist, before any model
     is loaded; every problem found is reported at once."""
-    from nsteer.evaluate.checkers import CheckSpec, validate_spec
-    from nsteer.evaluate.custom_checks import function_check, regex_check
-    from nsteer.prompts import builtin_instruction, load_base_prompts, load_phrasings
-
     problems: list[str] = []
 
     def refuse(location: tuple, message: str) -> None:
@@ -721,10 +718,10 @@ def _check_references(recipe: Recipe) -> None:
     for name, section in recipe.instructions.items():
         phrasings = section.phrasings
         try:
-            if phrasings is None or (isinstance(phrasings, str) and phrasings.startswith(BUILTIN)):
-                builtin_instruction(phrasings[len(BUILTIN) :] if phrasings else name)
+            if phrasings is None:
+                builtin_instruction(name)
             elif isinstance(phrasings, str):
-                load_phrasings(phrasings, recipe.base_dir)
+                load_phrasings(phrasings, recipe.base_dir)  # a file, or builtin:<instruction>
         except NsteerError as error:
             hint = (
                 ""
@@ -744,10 +741,10 @@ def _check_references(recipe: Recipe) -> None:
             except NsteerError as error:
                 refuse(("instructions", name, "check"), str(error))
     for index, entry in enumerate(recipe.steer):
-        if entry.vector is None or entry.vector in recipe.instructions:
-            continue  # the vector `compute` writes for that instruction
+        if not entry.vector or entry.vector in recipe.instructions:
+            continue  # none, or the vector `compute` writes for that instruction
         try:
-            missing = not _is_file(user_path(entry.vector, recipe.base_dir)) and not _is_file(user_path(entry.vector))
+            missing = not is_file(input_path(entry.vector, recipe.base_dir))
         except NsteerError as error:
             refuse(("steer", index, "vector"), str(error))
             continue
@@ -795,13 +792,5 @@ def _model_path_problem(recipe: Recipe) -> str | None:
 def _exists(path: Path) -> bool:
     try:
         return path.exists()
-    except (OSError, ValueError):
-        return False
-
-
-def _is_file(path: Path) -> bool:
-    """Whether ``path`` is a file; False for names the file system refuses (too long, NUL bytes)."""
-    try:
-        return path.is_file()
     except (OSError, ValueError):
         return False

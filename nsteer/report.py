@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from nsteer.errors import NsteerError, VectorFileError
 from nsteer.evaluate.stats import PairedChange
 from nsteer.evaluate.table import CELLS, CellSummary, EvaluationResult
 from nsteer.fileio import atomic_write_bytes, json_safe, write_json, write_text
@@ -363,8 +364,6 @@ def cosine_between(vectors: Sequence[Any], *, centered: bool = False) -> Any:
     """
     import torch
 
-    from nsteer.errors import VectorFileError
-
     shapes = {tuple(v.directions.shape) for v in vectors}
     if len(shapes) > 1:
         described = ", ".join(
@@ -395,8 +394,6 @@ def similarity_png(
     """PNG of cosine similarities: one vector -> layer x layer heatmap and norms by layer;
     several -> instruction x instruction heatmap at ``layer`` (default: the middle layer)
     and pairwise curves by layer."""
-    from nsteer.errors import NsteerError
-
     first = vectors[0]
     n_layers = first.metadata.n_layers
     model = _plot_text(first.metadata.model_id)
@@ -500,8 +497,6 @@ def write_similarity_plot(
     centered: bool = False,
 ) -> Path:
     """Draw ``similarity_png`` for the vectors read from ``paths`` and write it to ``out`` (a .png) atomically."""
-    from nsteer.errors import NsteerError
-
     out = Path(out)
     if out.suffix.lower() != ".png":
         raise NsteerError(f"--plot {out}: the plot is a PNG image; give a file name ending in .png.")

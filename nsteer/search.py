@@ -32,18 +32,18 @@ from nsteer.evaluate.inputs import open_reference
 from nsteer.evaluate.runner import Generator, Reference, Row, ScoredAnswer, Unit, run_units
 from nsteer.generate import GenerationConfig, generate
 from nsteer.models import ModelHandle
-from nsteer.progress import ProgressFactory
-from nsteer.recipe import Recipe
-from nsteer.searched import SearchedSetting
-from nsteer.throughput import handle_rate_key, timed
-from nsteer.vectors import SteeringVector, save_vector
-from nsteer.workflow import (
+from nsteer.pipeline import (
     generation_config,
     instruction_splits,
     load_recipe_vectors,
     resolve_instruction,
     steer_vector_path,
 )
+from nsteer.progress import ProgressFactory
+from nsteer.recipe import Recipe, RelativeWeight, SearchWeights
+from nsteer.searched import SearchedSetting
+from nsteer.throughput import handle_rate_key, rate_key, read_rate, timed
+from nsteer.vectors import SteeringVector, save_vector
 
 CHECKPOINT_NAME = "cells.jsonl"
 
@@ -142,8 +142,6 @@ def candidate_settings(recipe: Recipe, index: int, vector: SteeringVector, layer
     add weight; ``set`` sweeps ``search.target_scales`` unless the entry gives its own; ``set`` and ``ablate`` keep
     the entry's weight when they are its mode, else weight 1.
     """
-    from nsteer.recipe import RelativeWeight, SearchWeights
-
     entry, search = recipe.steer[index], recipe.search
     own = entry.mode
     candidates = []
@@ -444,8 +442,6 @@ def plan_search(recipe: Recipe, vectors: Mapping[str, SteeringVector]) -> Search
 
 def plan_estimate(plan: SearchPlan, recipe: Recipe, *, remote: bool = False) -> str:
     """How long ``plan`` should take at the rate recorded on this machine, or a plain statement that none is."""
-    from nsteer.throughput import rate_key, read_rate
-
     model = recipe.model
     if remote:  # the keys generations are recorded under (throughput.handle_rate_key of the opened model)
         key = rate_key(model.id, "ndif", "remote", plan.batch_size)

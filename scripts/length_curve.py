@@ -116,9 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     from nsteer.evaluate.checkers import CheckSpec
     from nsteer.evaluate.quality import perplexity
     from nsteer.generate import GenerationConfig, generate
+    from nsteer.pipeline import instruction_splits, open_recipe_model, resolve_instruction
     from nsteer.recipe import load_recipe
     from nsteer.vectors import check_compatible, load_vector
-    from nsteer.workflow import instruction_splits, open_recipe_model, resolve_instruction
 
     recipe = load_recipe(ROOT / "recipes/length.yaml")
     vector = load_vector(args.vector)

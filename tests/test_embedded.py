@@ -55,9 +55,9 @@ def test_activation_parity_on_two_layers(embedded, hf_last_token_states):
 def test_compute_from_a_recipe_dict_and_steer(embedded, tmp_path):
     from nsteer.extract import compute_vector
     from nsteer.generate import generate_tokens
+    from nsteer.pipeline import generation_config, instruction_splits, recipe_edits, resolve_instruction
     from nsteer.recipe import recipe_from_dict
     from nsteer.vectors import check_compatible, load_vector, save_vector
-    from nsteer.workflow import generation_config, instruction_splits, recipe_edits, resolve_instruction
 
     recipe = recipe_from_dict(RECIPE)
     recipe.check_layers(embedded.n_layers)

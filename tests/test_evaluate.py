@@ -15,9 +15,9 @@ from nsteer.evaluate.inputs import ifeval_items, instruction_edits, recipe_items
 from nsteer.evaluate.runner import Reference
 from nsteer.evaluate.stats import PairedChange, paired_change, sign_test
 from nsteer.evaluate.table import CELLS, Cell, evaluate_recipe
+from nsteer.pipeline import compute_recipe_vectors, load_recipe_vectors
 from nsteer.recipe import recipe_from_dict
 from nsteer.report import eval_markdown, write_eval_report
-from nsteer.workflow import compute_recipe_vectors, load_recipe_vectors
 
 PASS_LOWER = "this is a short lowercase answer about the weather today."
 LOOP_LOWER = "the cat sat on the mat " * 6  # passes the lowercase checker, and is a repetition loop

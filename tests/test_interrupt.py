@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 import nsteer.evaluate.runner as runner_module
+import nsteer.pipeline as pipeline_module
 import nsteer.search as search_module
-import nsteer.workflow as workflow_module
 from nsteer.cli import main
 from nsteer.vectors import load_vector
 
@@ -107,9 +107,9 @@ def assert_interrupted(code: int, output: str) -> None:
 def test_interrupted_compute_keeps_finished_vectors_and_resumes(monkeypatch, capsys, tmp_path, model_dir) -> None:
     recipe = write_recipe(tmp_path, model_dir)
     out = tmp_path / "out"
-    original = workflow_module.compute_vector
+    original = pipeline_module.compute_vector
     first = Counting(original, fail_on=2, describe=lambda handle, instruction, *a, **k: instruction.id)
-    monkeypatch.setattr(workflow_module, "compute_vector", first)
+    monkeypatch.setattr(pipeline_module, "compute_vector", first)
     assert_interrupted(*run(monkeypatch, capsys, "compute", str(recipe)))
     assert first.calls == ["shout", "whisper"]  # interrupted while extracting the second instruction
 
@@ -122,7 +122,7 @@ def test_interrupted_compute_keeps_finished_vectors_and_resumes(monkeypatch, cap
     before = snapshot(out)
 
     again = Counting(original, describe=lambda handle, instruction, *a, **k: instruction.id)
-    monkeypatch.setattr(workflow_module, "compute_vector", again)
+    monkeypatch.setattr(pipeline_module, "compute_vector", again)
     code, output = run(monkeypatch, capsys, "compute", str(recipe))
     assert code == 0, output
     assert again.calls == ["whisper", "calm"]  # the finished vector is not recomputed
@@ -131,7 +131,7 @@ def test_interrupted_compute_keeps_finished_vectors_and_resumes(monkeypatch, cap
     assert sorted(after) == [f"{name}.safetensors" for name in sorted(INSTRUCTIONS)]
 
     third = Counting(original)
-    monkeypatch.setattr(workflow_module, "compute_vector", third)
+    monkeypatch.setattr(pipeline_module, "compute_vector", third)
     assert run(monkeypatch, capsys, "compute", str(recipe))[0] == 0
     assert third.calls == [] and snapshot(out) == after  # all up to date: nothing recomputed or rewritten
 

@@ -15,16 +15,19 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-import nsteer.remote as remote
+import nsteer.jobs as jobs
 from nsteer.edits import Edit, compile_plan
 from nsteer.errors import RemoteError
+from nsteer.execution.backend import Execution
+from nsteer.execution.errors import translate_error
+from nsteer.execution.ndif import NdifBackend
 from nsteer.extract import chat_token_ids, compute_vector, last_token_states, left_pad
 from nsteer.generate import GenerationConfig, generate, generate_tokens, steered_generate_ids
 from nsteer.models import open_model, wrap_model
+from nsteer.pipeline import compute_recipe_vectors, open_recipe_model
 from nsteer.prompts import BasePrompt, Instruction, make_pairs
 from nsteer.recipe import recipe_from_dict
 from nsteer.vectors import load_vector
-from nsteer.workflow import compute_recipe_vectors, open_recipe_model
 
 try:
     from mock_ndif.tiny_models import DEFAULT_MODEL, UNDEPLOYED_MODEL
@@ -118,7 +121,7 @@ def jobs_dir(tmp_path, monkeypatch):
 def test_remote_handle_names_the_hub_model(mock_ndif):
     handle = remote_handle(timeout=12.5)
     local = local_handle(mock_ndif)
-    assert handle.remote and handle.remote_timeout == 12.5
+    assert handle.remote and handle.execution.timeout == 12.5
     assert handle.model_id == DEFAULT_MODEL and handle.weights_fingerprint == ""
     assert (handle.n_layers, handle.hidden_size, handle.layers_path) == (3, 64, "model.layers")
     assert handle.config_hash == local.config_hash and handle.architecture == local.architecture
@@ -181,7 +184,7 @@ def test_recipe_run_through_mock_writes_what_a_local_run_writes(mock_ndif, tmp_p
     )
     recipe = recipe_from_dict(spec)
     handle = open_recipe_model(recipe)
-    assert handle.remote and handle.remote_timeout == 30
+    assert handle.remote and handle.execution.timeout == 30
     before = jobs_count(mock_ndif)
     written = compute_recipe_vectors(recipe, handle)
     assert jobs_count(mock_ndif) - before == 2  # one request per instruction
@@ -228,9 +231,11 @@ def test_remote_search_sends_one_request_per_searched_entry(mock_ndif, tmp_path,
 
 def test_every_entry_point_under_remote_local_simulation(mock_ndif, monkeypatch):
     # remote="local" serializes each request as for NDIF, deserializes it with local modules hidden and runs it.
-    monkeypatch.setattr(remote, "trace_kwargs", lambda handle: {"remote": "local"})
+    monkeypatch.setattr(
+        Execution, "trace_kwargs", lambda self, model, model_id: {"remote": "local"} if self.remote else {}
+    )
     local = local_handle(mock_ndif)
-    simulated = dataclasses.replace(local, remote=True)
+    simulated = dataclasses.replace(local, execution=Execution(remote=True))
     tokenizer = local.tokenizer
     input_ids, attention_mask = left_pad(
         [chat_token_ids(tokenizer, text) for text in PROMPTS[:3]], tokenizer.pad_token_id
@@ -260,24 +265,24 @@ def test_every_entry_point_under_remote_local_simulation(mock_ndif, monkeypatch)
 def test_submit_and_collect_vectors_and_answers(mock_ndif, tmp_path, jobs_dir):
     handle = remote_handle()
     path = tmp_path / "shout.safetensors"
-    job = remote.submit_vector(handle, INSTRUCTION, pairs(), path=path, batch_size=4)
+    job = jobs.submit_vector(handle, INSTRUCTION, pairs(), path=path, batch_size=4)
     assert job.id and not path.exists() and (jobs_dir / f"{job.id}.json").is_file()
-    assert [pending.id for pending in remote.pending_jobs()] == [job.id]
-    collected = remote.collect(job.id, wait=30)
+    assert [pending.id for pending in jobs.pending_jobs()] == [job.id]
+    collected = jobs.collect(job.id, wait=30)
     assert collected.done and collected.paths == {"shout": path}
     expected = compute_vector(local_handle(mock_ndif), INSTRUCTION, pairs(), batch_size=4)
     vector = load_vector(path)
     for name in ("directions", "mean_projections", "norms"):
         torch.testing.assert_close(getattr(vector, name), getattr(expected, name), rtol=1e-5, atol=1e-6)
     assert vector.metadata == dataclasses.replace(expected.metadata, weights_fingerprint="")
-    assert remote.pending_jobs() == [] and (jobs_dir / "done" / f"{job.id}.json").is_file()
+    assert jobs.pending_jobs() == [] and (jobs_dir / "done" / f"{job.id}.json").is_file()
 
     config = GenerationConfig(max_new_tokens=6, batch_size=2)
     edits = edits_for_test()[:2]
     before = jobs_count(mock_ndif)
-    job = remote.submit_generation(handle, PROMPTS, edits, config=config)
+    job = jobs.submit_generation(handle, PROMPTS, edits, config=config)
     assert jobs_count(mock_ndif) - before == 1
-    collected = remote.collect(job.id, wait=30)
+    collected = jobs.collect(job.id, wait=30)
     assert collected.tokens == generate_tokens(local_handle(mock_ndif), PROMPTS, edits, config=config)
     assert collected.answers == generate(local_handle(mock_ndif), PROMPTS, edits, config=config)
 
@@ -295,7 +300,7 @@ def test_submitted_recipe_vectors_are_the_ones_compute_would_make(mock_ndif, tmp
         )
     )
     before = jobs_count(mock_ndif)
-    submitted = remote.submit_recipe_vectors(recipe, open_recipe_model(recipe))
+    submitted = jobs.submit_recipe_vectors(recipe, open_recipe_model(recipe))
     assert set(submitted) == {"include:ocean"}  # the exclusion borrows the inclusion vector: no job of its own
     assert jobs_count(mock_ndif) - before == 1
 
@@ -326,17 +331,17 @@ def test_cli_no_wait_then_collect(mock_ndif, tmp_path, jobs_dir, monkeypatch):
 
 def test_collect_of_a_job_still_running(mock_ndif, tmp_path, jobs_dir):
     mock_ndif.fail("stall", hold_s=5)
-    job = remote.submit_vector(remote_handle(), INSTRUCTION, pairs()[:2], path=tmp_path / "v.safetensors")
-    collected = remote.collect(job.id)
+    job = jobs.submit_vector(remote_handle(), INSTRUCTION, pairs()[:2], path=tmp_path / "v.safetensors")
+    collected = jobs.collect(job.id)
     assert not collected.done and collected.status in ("RECEIVED", "QUEUED", "RUNNING", "not started")
-    assert remote.pending_jobs()[0].id == job.id  # still pending
+    assert jobs.pending_jobs()[0].id == job.id  # still pending
     with pytest.raises(RemoteError, match="No record of job"):
-        remote.collect("0123456789abcdef")
+        jobs.collect("0123456789abcdef")
     mock_ndif.fail("exec_error")
-    failed = remote.submit_vector(remote_handle(), INSTRUCTION, pairs()[:2], path=tmp_path / "w.safetensors")
+    failed = jobs.submit_vector(remote_handle(), INSTRUCTION, pairs()[:2], path=tmp_path / "w.safetensors")
     with pytest.raises(RemoteError, match=r"NDIF reported an error.*injected.*submit it again"):
-        remote.collect(failed.id, wait=30)
-    assert [job.id for job in remote.pending_jobs()] == [job.id]  # the failed one is no longer pending
+        jobs.collect(failed.id, wait=30)
+    assert [job.id for job in jobs.pending_jobs()] == [job.id]  # the failed one is no longer pending
 
 
 def test_no_wait_needs_ndif(tmp_path, monkeypatch):
@@ -440,14 +445,12 @@ def test_server_side_errors(mock_ndif):
     # would cost the next test a worker restart).
     from nnsight.intervention.backends.remote import RemoteError as ServerError
 
-    backend = remote.NdifBackend(
-        handle.model, model_id=handle.model_id, timeout=5, api_key="not-a-real-key-0042", job_id="j1"
-    )
+    backend = NdifBackend(handle.model, model_id=handle.model_id, timeout=5, api_key="not-a-real-key-0042", job_id="j1")
     for text, hint in (
         ("mock NDIF: job exceeded the server's deadline of 60 s", "NDIF's own time limit"),
         ("Traceback ...\ntorch.OutOfMemoryError: CUDA out of memory.", "lower extraction.batch_size"),
     ):
-        translated = remote.translate_error(ServerError(text), backend=backend)
+        translated = translate_error(ServerError(text), backend=backend)
         assert "NDIF reported an error while running the request for mock-ndif/tiny-llama (job j1)" in str(translated)
         assert hint in str(translated)
 

@@ -13,11 +13,8 @@ from typer.testing import CliRunner
 
 from nsteer.errors import EvaluationError, RecipeError
 from nsteer.evaluate.runner import Reference
-from nsteer.recipe import recipe_from_dict
-from nsteer.report import write_search_report
-from nsteer.search import CHECKPOINT_NAME, Setting, SweepCell, candidate_layers, guard, search_recipe
-from nsteer.vectors import load_vector
-from nsteer.workflow import (
+from nsteer.execution.backend import Execution
+from nsteer.pipeline import (
     compute_recipe_vectors,
     instruction_splits,
     load_recipe_vectors,
@@ -25,6 +22,10 @@ from nsteer.workflow import (
     recipe_edits,
     vector_path,
 )
+from nsteer.recipe import recipe_from_dict
+from nsteer.report import write_search_report
+from nsteer.search import CHECKPOINT_NAME, Setting, SweepCell, candidate_layers, guard, search_recipe
+from nsteer.vectors import load_vector
 
 PASS_LOWER = "this is a short lowercase answer about the weather today."
 LOOP_LOWER = "the cat sat on the mat " * 8  # passes the lowercase checker, and is a repetition loop
@@ -310,9 +311,8 @@ def test_a_remote_sweep_generates_every_setting_in_one_call_with_the_same_result
         return [answers[layer] for layer in layers]
 
     one_by_one = search_recipe(recipe, handle, generator=ByLayer(answers), reference=None, out_dir=tmp_path / "a")
-    remote_handle = dataclasses.replace(
-        handle, remote=True
-    )  # only decides how cells are grouped: the generator is fake
+    # Only decides how cells are grouped: the generator is fake.
+    remote_handle = dataclasses.replace(handle, execution=Execution(remote=True))
     together = search_recipe(recipe, remote_handle, generator=generator, reference=None, out_dir=tmp_path / "b")
     (sweep,) = together.sweeps
     assert len(calls) == 1 and len(calls[0]) == 4 * len(sweep.baseline.prompts)  # baseline + 3 layers, one generation
@@ -445,7 +445,7 @@ def test_the_plot_keeps_the_winner_and_a_rejected_setting_with_the_same_score_ap
 
 
 def test_dry_run_prints_the_plan_without_opening_the_model(setup, handle, tmp_path, monkeypatch) -> None:
-    import nsteer.workflow
+    import nsteer.pipeline
     from nsteer.cli import app
 
     recipe = setup(  # vectors computed; the recipe file below points at them
@@ -467,7 +467,7 @@ def test_dry_run_prints_the_plan_without_opening_the_model(setup, handle, tmp_pa
     def no_model(*args, **kwargs):
         raise AssertionError("--dry-run opened the model")
 
-    monkeypatch.setattr(nsteer.workflow, "open_model", no_model)
+    monkeypatch.setattr(nsteer.pipeline, "open_model", no_model)
     outcome = CliRunner().invoke(app, ["search", str(recipe_path), "--dry-run"], catch_exceptions=False)
     assert outcome.exit_code == 0, outcome.output
     text = outcome.output.replace("\n", " ")
@@ -559,8 +559,8 @@ def test_command_line_bounds_override_the_recipe(planned, monkeypatch, capsys) -
 def test_bad_command_line_bounds_exit_2_naming_the_flag(planned, monkeypatch, capsys, flag, value, message) -> None:
     from cli_runner import run_cli
 
-    import nsteer.workflow
+    import nsteer.pipeline
 
-    monkeypatch.setattr(nsteer.workflow, "open_model", lambda *a, **k: pytest.fail("a model was opened"))
+    monkeypatch.setattr(nsteer.pipeline, "open_model", lambda *a, **k: pytest.fail("a model was opened"))
     code, out, err = run_cli(monkeypatch, capsys, "search", str(planned), flag, value)
     assert code == 2 and message in err, err

@@ -121,9 +121,9 @@ def test_nsteer_list_shows_instructions_and_shipped_vectors(vectors, monkeypatch
 def test_recomputing_a_shipped_vector_with_its_recipe_reproduces_the_file(tmp_path):
     """Same recipe, seed and pairs on CPU with make_vectors' thread count: the stored tensors come back exactly."""
     from nsteer.extract import compute_vector
+    from nsteer.pipeline import instruction_splits, open_recipe_model, resolve_instruction
     from nsteer.prompts import prompt_set_hash
     from nsteer.recipe import load_recipe
-    from nsteer.workflow import instruction_splits, open_recipe_model, resolve_instruction
 
     recipe_name, instruction, file_name = RECOMPUTED
     recipe = load_recipe(REPO / "recipes" / f"{recipe_name}.yaml")

@@ -22,10 +22,10 @@ from cli_runner import run_cli
 from nsteer.errors import VectorFileError
 from nsteer.generate import GenerationConfig, generate_tokens
 from nsteer.models import wrap_model
+from nsteer.pipeline import compute_recipe_vectors, load_recipe_vectors, recipe_edits, vector_path
 from nsteer.recipe import recipe_from_dict
 from nsteer.search import search_recipe
 from nsteer.vectors import check_compatible, load_vector
-from nsteer.workflow import compute_recipe_vectors, load_recipe_vectors, recipe_edits, vector_path
 
 
 def perturbed(handle, *, scale: float = 0.05, seed: int = 1, model_id: str = "tiny-llama-base"):

@@ -20,9 +20,7 @@ import re
 import shutil
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from types import MappingProxyType
 from typing import Any
 
 import langdetect
@@ -33,6 +31,7 @@ from if_verifiable.ifeval import instructions_registry, instructions_util
 from nltk.tokenize.punkt import PunktParameters, save_punkt_params
 
 from nsteer.errors import EvaluationError
+from nsteer.evaluate.check_spec import CheckResult, CheckSpec
 from nsteer.evaluate.custom_checks import CustomCheck
 
 _PUNKT_FILES = ("abbrev_types.txt", "collocations.tab", "ortho_context.tab", "sent_starters.txt")
@@ -50,28 +49,6 @@ _RELATIONS = ("less than", "at least")  # IFEval's _COMPARISON_RELATION
 _WORD_LIST_KWARGS = frozenset({"keywords", "forbidden_words"})
 # Checkers use these strings inside regular expressions (IFEval's behaviour), so they must compile.
 _REGEX_KWARGS = frozenset({"keywords", "forbidden_words", "keyword", "section_spliter"})
-
-
-@dataclass(frozen=True)
-class CheckSpec:
-    """One instruction to check: an IFEval id (e.g. ``change_case:english_lowercase``) and its kwargs, or a recipe's
-    own check (``custom``, whose name is then the id)."""
-
-    instruction_id: str
-    kwargs: Mapping[str, Any] = field(default_factory=dict)
-    custom: CustomCheck | None = None
-
-    def __post_init__(self) -> None:
-        # A read-only copy, so a caller mutating its dict later cannot change a spec already in use.
-        object.__setattr__(self, "kwargs", MappingProxyType(dict(self.kwargs)))
-
-
-@dataclass(frozen=True)
-class CheckResult:
-    """Whether a response follows one instruction, under IFEval's strict and loose scoring."""
-
-    strict: bool
-    loose: bool
 
 
 def known_instruction_ids() -> tuple[str, ...]:

@@ -28,11 +28,11 @@ from nsteer.evaluate.runner import Generator, Reference, Row, Unit, run_units
 from nsteer.fileio import json_safe, write_json, write_text
 from nsteer.generate import GenerationConfig
 from nsteer.models import ModelHandle
+from nsteer.pipeline import generation_config, load_recipe_vectors, recipe_edits
 from nsteer.progress import ProgressFactory
 from nsteer.recipe import Recipe
 from nsteer.text import markdown_text
 from nsteer.vectors import SteeringVector
-from nsteer.workflow import generation_config, load_recipe_vectors, recipe_edits
 
 STEERING = ("unsteered", "alone", "composed")
 

@@ -12,9 +12,9 @@ from nsteer.evaluate.checkers import CheckSpec
 from nsteer.evaluate.ifeval_data import IFEvalRecord, read_ifeval_jsonl
 from nsteer.evaluate.runner import Reference
 from nsteer.models import ModelHandle, open_model
+from nsteer.pipeline import instruction_splits, resolve_instruction, steer_entry_edit
 from nsteer.recipe import Recipe
 from nsteer.vectors import SteeringVector
-from nsteer.workflow import instruction_splits, resolve_instruction, steer_entry_edit
 
 
 @dataclass(frozen=True)

@@ -30,10 +30,10 @@ from nsteer.evaluate.stats import PairedChange, paired_change
 from nsteer.fileio import json_safe
 from nsteer.generate import GenerationConfig
 from nsteer.models import ModelHandle
+from nsteer.pipeline import generation_config, load_recipe_vectors
 from nsteer.progress import ProgressFactory
 from nsteer.recipe import Recipe
 from nsteer.vectors import SteeringVector
-from nsteer.workflow import generation_config, load_recipe_vectors
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""The recipe's view of the flow: resolve its instructions, open its model, compute/load its vectors, build its edits.
+"""The recipe pipeline: resolve a recipe's instructions and splits, open its model, compute or load its vectors, and
+turn its steer entries into edits.
 
 The CLI and the SDK both call these functions; each step delegates to the stage module that owns it.
 """
@@ -6,30 +7,36 @@ The CLI and the SDK both call these functions; each step delegates to the stage 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from nsteer.edits import Edit, edit_from_vector, relative_weight
 from nsteer.errors import NsteerError, RecipeError
 from nsteer.extract import compute_vector
-from nsteer.fileio import user_path
+from nsteer.fileio import builtin_name, input_path
 from nsteer.generate import GenerationConfig
 from nsteer.models import ModelHandle, open_model
+from nsteer.progress import ProgressFactory
 from nsteer.prompts import (
-    BUILTIN_PREFIX,
     Instruction,
     PromptPair,
     Split,
     builtin_instruction,
     load_base_prompts,
     load_phrasings,
+    prompt_set_hash,
     split_pairs,
 )
 from nsteer.recipe import Recipe, RelativeWeight
-from nsteer.vectors import SteeringVector, carry_choices, check_compatible, load_vector, save_vector
-
-ProgressFactory = Callable[[str], Callable[[int, int], None]]
+from nsteer.vectors import (
+    SteeringVector,
+    carry_choices,
+    check_compatible,
+    load_vector,
+    same_model,
+    save_vector,
+)
 
 
 def resolve_instruction(recipe: Recipe, name: str) -> Instruction:
@@ -41,21 +48,16 @@ def resolve_instruction(recipe: Recipe, name: str) -> Instruction:
     except NsteerError:
         builtin = None
     phrasings_source = section.phrasings
+    borrowed = builtin_name(phrasings_source) if isinstance(phrasings_source, str) else None
     if phrasings_source is None:
         if builtin is None:
             raise recipe.error(("instructions", name, "phrasings"), f"'{name}' is not built in: give its phrasings.")
         phrasings = builtin.phrasings
-    elif isinstance(phrasings_source, str) and phrasings_source.startswith(BUILTIN_PREFIX):
-        phrasings = builtin_instruction(phrasings_source[len(BUILTIN_PREFIX) :]).phrasings
     else:
-        phrasings = load_phrasings(phrasings_source, recipe.base_dir)
+        phrasings = load_phrasings(phrasings_source, recipe.base_dir)  # a list, a file, or builtin:<instruction>
     check = section.check
     if check is None:
-        reference = builtin or (
-            builtin_instruction(phrasings_source[len(BUILTIN_PREFIX) :])
-            if isinstance(phrasings_source, str) and phrasings_source.startswith(BUILTIN_PREFIX)
-            else None
-        )
+        reference = builtin or (builtin_instruction(borrowed) if borrowed is not None else None)
         check_id, check_kwargs = (reference.check_id, dict(reference.check_kwargs)) if reference else ("", {})
     elif isinstance(check, str):
         check_id, check_kwargs = check, {}
@@ -111,8 +113,6 @@ def vector_path(recipe: Recipe, name: str) -> Path:
 
 def _is_current(path: Path, handle: ModelHandle, instruction: Instruction, expected_hash: str) -> bool:
     """Whether a vector on disk was computed from exactly these pairs on this model (so a rerun can skip it)."""
-    from nsteer.vectors import same_model
-
     try:
         vector = load_vector(path)
     except NsteerError:
@@ -138,8 +138,6 @@ def vector_tasks(recipe: Recipe, handle: ModelHandle, *, force: bool = False) ->
     An instruction whose steer entries all take another vector (``vector:``, e.g. word exclusion steering with the
     inclusion vector) and that no entry borrows gets none: it is there to be prompted and scored, not extracted.
     """
-    from nsteer.prompts import prompt_set_hash
-
     tasks = []
     for name in recipe.instructions:
         if borrows_vector(recipe, name):
@@ -201,8 +199,6 @@ def compute_task(
 
 def _is_transferred(path: Path, handle: ModelHandle) -> bool:
     """Whether ``path`` holds a readable vector from another model of ``handle``'s shape (one put there to transfer)."""
-    from nsteer.vectors import same_model
-
     try:
         meta = load_vector(path).metadata
     except NsteerError:
@@ -219,13 +215,13 @@ def borrows_vector(recipe: Recipe, name: str) -> bool:
 
 
 def steer_vector_path(recipe: Recipe, index: int) -> Path:
-    """The vector file steer entry ``index`` uses: its `vector` (a file or another instruction), else its own."""
+    """The vector file steer entry ``index`` uses: another instruction's vector, a file (the rule of
+    :func:`nsteer.fileio.input_path`, which recipe loading checks too), else the entry's own."""
     entry = recipe.steer[index]
     if entry.vector in recipe.instructions:
         return vector_path(recipe, entry.vector)
     if entry.vector:
-        path = user_path(entry.vector)
-        return path if path.is_absolute() or path.exists() else recipe.base_dir / path
+        return input_path(entry.vector, recipe.base_dir)
     return vector_path(recipe, entry.instruction)
 
 
