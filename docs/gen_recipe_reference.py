@@ -41,7 +41,8 @@ prompts, the instructions and the edits. `nsteer compute | search | generate | e
 - **Values are not coerced across types**: `weight: "8"`, `layer: yes` or `max_new_tokens: true` are errors, not
   8, 1 and 1. Integers are accepted where a number is expected.
 - **Input paths** (`model.id` when it is a path, `prompts.base`, `phrasings` files, `steer[].vector` files) are
-  relative to the recipe's folder; **`output.dir`** is relative to the current directory.
+  relative to the recipe's folder (a `steer[].vector` file found only relative to the current directory is taken
+  from there); **`output.dir`** is relative to the current directory.
 - **`model.id`** is a path when it names a file or folder (relative to the recipe's folder) or is written as one
   (starting with `/`, `./`, `../` or `~`, or ending in `.gguf`); a path that does not exist is an error at load time.
   Anything else is a Hub id (or `embedded:smollm2-135m-instruct`). `nsteer ... --model PATH` takes its path from the
