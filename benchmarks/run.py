@@ -10,8 +10,9 @@ the per-round ratios go into the JSON so the noise can be judged.
 
 Pairs measured (see docs/performance.md for the results and how to read them):
 
-- steered / unsteered generation: nsteer ``steered_generate_ids`` with one ``set`` edit at every position over plain
-  ``transformers`` ``generate``, same left-padded input ids, greedy, ``min_new_tokens = max_new_tokens``.
+- steered / unsteered generation: nsteer ``steered_generate_batches`` (one batch) with one ``set`` edit at every
+  position over plain ``transformers`` ``generate``, same left-padded input ids, greedy,
+  ``min_new_tokens = max_new_tokens``.
 - nsteer edit path / plain forward hook: the same steered generation through nsteer and through HF ``generate`` with a
   ``register_forward_hook`` that makes the same edit.
 - per-step overhead: CPU ms per decoding step that nsteer's step loop, a forward hook, and 1 / 2 / 4 composed edits
@@ -295,7 +296,8 @@ def tiny_config(tokenizer: Any, layers: int = 4) -> Any:
 
 def open_benchmark_model(kind: str, device: str) -> Any:
     """``embedded``: the embedded SmolLM2 model; ``tiny``: a tiny random Llama with an in-memory tokenizer."""
-    from nsteer.models import EMBEDDED_ID, open_model, wrap_model
+    from nsteer.constants import EMBEDDED_ID
+    from nsteer.models import open_model, wrap_model
 
     if kind == "embedded":
         return open_model(EMBEDDED_ID, device=device)
@@ -502,7 +504,7 @@ def bench_generation(
 ) -> dict[str, Any]:
     """Steered (nsteer) vs unsteered (HF generate) vs forward-hook steering, per batch size."""
     from nsteer.edits import compile_plan
-    from nsteer.generate import GenerationConfig, steered_generate_ids
+    from nsteer.generate import GenerationConfig, steered_generate_batches
 
     hf_model = handle.hf_model
     config = GenerationConfig(max_new_tokens=settings.new_tokens)
@@ -542,7 +544,7 @@ def bench_generation(
             plan: Any = plan,
             outputs: dict[str, torch.Tensor] = outputs,
         ) -> None:
-            tokens = steered_generate_ids(handle, input_ids, attention_mask, plan, generate_kwargs)
+            tokens = steered_generate_batches(handle, [(input_ids, attention_mask, plan)], generate_kwargs)[0]
             if store:
                 outputs[store] = tokens.cpu()
 
@@ -590,7 +592,7 @@ def bench_overhead(settings: Settings, device: str, generation: dict[str, Any] |
     the benchmark model's own per-step time (the generation section) this gives the expected overhead there.
     """
     from nsteer.edits import compile_plan
-    from nsteer.generate import GenerationConfig, steered_generate_ids
+    from nsteer.generate import GenerationConfig, steered_generate_batches
     from nsteer.models import wrap_model
 
     tokenizer = tiny_tokenizer()
@@ -615,9 +617,9 @@ def bench_overhead(settings: Settings, device: str, generation: dict[str, Any] |
 
     variants: dict[str, Callable[[], Any]] = {"hf_unsteered": plain, "hook_edits_1": hooked}
     for count in counts:
-        variants[f"nsteer_edits_{count}"] = lambda count=count: steered_generate_ids(
-            handle, input_ids, attention_mask, plans[count], kwargs
-        )
+        variants[f"nsteer_edits_{count}"] = lambda count=count: steered_generate_batches(
+            handle, [(input_ids, attention_mask, plans[count])], kwargs
+        )[0]
     for variant in variants.values():  # warm-up
         variant()
     times = alternate(

@@ -14,6 +14,7 @@ from typing import Any
 from nsteer.constants import __version__
 
 _EXPORTS = {
+    # models and prompts
     "open_model": "nsteer.models",
     "wrap_model": "nsteer.models",
     "ModelHandle": "nsteer.models",
@@ -23,8 +24,11 @@ _EXPORTS = {
     "load_base_prompts": "nsteer.prompts",
     "Instruction": "nsteer.prompts",
     "PromptPair": "nsteer.prompts",
+    "Split": "nsteer.prompts",
+    # vectors, edits, generation
     "compute_vector": "nsteer.extract",
     "SteeringVector": "nsteer.vectors",
+    "SearchedSetting": "nsteer.searched",
     "save_vector": "nsteer.vectors",
     "load_vector": "nsteer.vectors",
     "check_compatible": "nsteer.vectors",
@@ -33,15 +37,54 @@ _EXPORTS = {
     "relative_weight": "nsteer.edits",
     "generate": "nsteer.generate",
     "generate_tokens": "nsteer.generate",
-    "export_llama_cpp": "nsteer.interop",
-    "import_llama_cpp": "nsteer.interop",
     "GenerationConfig": "nsteer.generate",
+    # checking answers
+    "CheckSpec": "nsteer.evaluate.check_spec",
+    "check_response": "nsteer.evaluate.checkers",
+    "count_sentences": "nsteer.evaluate.checkers",
+    "count_words": "nsteer.evaluate.checkers",
+    # recipes and their pipeline
+    "Recipe": "nsteer.recipe",
     "load_recipe": "nsteer.recipe",
     "recipe_from_dict": "nsteer.recipe",
+    "open_recipe_model": "nsteer.pipeline",
+    "compute_recipe_vectors": "nsteer.pipeline",
+    "load_recipe_vectors": "nsteer.pipeline",
+    "recipe_edits": "nsteer.pipeline",
+    "generation_config": "nsteer.pipeline",
+    "instruction_splits": "nsteer.pipeline",
+    # search, evaluation, reports
+    "search_recipe": "nsteer.search",
+    "evaluate_recipe": "nsteer.evaluate.table",
+    "CELLS": "nsteer.evaluate.table",
+    "evaluate_recipe_composition": "nsteer.evaluate.composition",
+    "composition_markdown": "nsteer.evaluate.composition",
+    "write_composition_report": "nsteer.evaluate.composition",
+    "write_eval_report": "nsteer.report",
+    "write_search_report": "nsteer.report",
+    "cosine_across_layers": "nsteer.report",
+    "cosine_between": "nsteer.report",
+    "write_similarity_plot": "nsteer.report",
+    "text_progress": "nsteer.progress",
+    # NDIF jobs and llama.cpp control vectors
+    "submit_vector": "nsteer.jobs",
+    "submit_recipe_vectors": "nsteer.jobs",
+    "submit_generation": "nsteer.jobs",
+    "collect": "nsteer.jobs",
+    "pending_jobs": "nsteer.jobs",
+    "RemoteJob": "nsteer.jobs",
+    "CollectedJob": "nsteer.jobs",
+    "export_llama_cpp": "nsteer.interop",
+    "import_llama_cpp": "nsteer.interop",
+    "control_vector_edits": "nsteer.interop",
+    # errors
     "NsteerError": "nsteer.errors",
     "RecipeError": "nsteer.errors",
-    "VectorFileError": "nsteer.errors",
+    "PromptDataError": "nsteer.errors",
     "ModelError": "nsteer.errors",
+    "VectorFileError": "nsteer.errors",
+    "EvaluationError": "nsteer.errors",
+    "FileError": "nsteer.errors",
     "RemoteError": "nsteer.errors",
 }
 

@@ -52,25 +52,6 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Ten
     return input_ids, attention_mask
 
 
-def last_token_states(handle: ModelHandle, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Block outputs at the last position of a left-padded batch, all layers in one pass: ``[n_layers, B, H]`` fp32."""
-    model, layers, n_layers = handle.model, handle.layers, handle.n_layers
-    batch = {"input_ids": input_ids, "attention_mask": attention_mask}
-    read_kwargs, stop_early = read_pass_kwargs(handle)
-    # The trace body only touches tensors, ints and the model's own modules, so it can run on NDIF unchanged.
-    with torch.inference_mode():
-        with model.trace(batch, **read_kwargs, **handle.trace_kwargs()) as tracer:
-            states = []
-            for index in range(n_layers):
-                output = layers[index].output
-                hidden = output[0] if isinstance(output, tuple) else output
-                states.append(hidden[:, -1, :].to(torch.float32))
-            stacked = torch.stack(states).cpu().save()
-            if stop_early:
-                tracer.stop()  # skip the final norm and the full LM head (models without logits_to_keep)
-    return stacked
-
-
 def read_pass_kwargs(handle: ModelHandle) -> tuple[dict[str, Any], bool]:
     """Forward keyword arguments for a read-only pass, and whether the trace must stop early instead.
 

@@ -39,17 +39,6 @@ class GenerationConfig:
         return kwargs
 
 
-def steered_generate_ids(
-    handle: ModelHandle,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    plan: Plan,
-    generate_kwargs: dict,
-) -> torch.Tensor:
-    """Run one batched ``generate`` with ``plan`` applied at every decoding step; returns prompt + new token ids."""
-    return steered_generate_batches(handle, [(input_ids, attention_mask, plan)], generate_kwargs)[0]
-
-
 def steered_generate_batches(
     handle: ModelHandle,
     batches: Sequence[tuple[torch.Tensor, torch.Tensor, Plan]],

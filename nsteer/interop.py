@@ -368,23 +368,9 @@ def control_vector_edits(vector: SteeringVector, *, strength: float = 1.0, posit
     ]
 
 
-def describe(control: ControlVectorFile) -> dict[str, Any]:
-    """A JSON-friendly summary of a control-vector file."""
-    return {
-        "path": str(control.path),
-        "model_hint": control.model_hint,
-        "layer_count": control.layer_count,
-        "layers": control.layers,
-        "width": control.hidden_size,
-        "norms": {layer: round(float(np.linalg.norm(control.directions[layer])), 6) for layer in control.layers},
-        "nsteer": dict(control.nsteer),
-    }
-
-
 __all__ = [
     "ControlVectorFile",
     "control_vector_edits",
-    "describe",
     "export_llama_cpp",
     "import_llama_cpp",
     "parse_layers",

@@ -99,6 +99,25 @@ def hf_block_outputs_last_token(
     return torch.stack(states).to("cpu", torch.float64)
 
 
+def nsteer_last_token_states(handle, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """``[n_layers, B, H]`` float64: each row's last-token block outputs as nsteer's extraction reads them, inside the
+    same left-padded batch (the with-instruction sum of ``last_token_sums`` over a batch whose only with-row is that
+    row, moved to the front)."""
+    from nsteer.extract import last_token_sums
+
+    rows = []
+    for row in range(input_ids.shape[0]):
+        order = [row, *(other for other in range(input_ids.shape[0]) if other != row)]
+        rows.append(last_token_sums(handle, [(input_ids[order], attention_mask[order], 1)])[0])
+    return torch.stack(rows, dim=1)
+
+
+@pytest.fixture(scope="session")
+def nsteer_states() -> Callable[..., torch.Tensor]:
+    """nsteer's reader of block outputs (see ``nsteer_last_token_states``)."""
+    return nsteer_last_token_states
+
+
 @pytest.fixture(scope="session")
 def hf_last_token_states() -> Callable[..., torch.Tensor]:
     """The reference reader of block outputs (see ``hf_block_outputs_last_token``)."""

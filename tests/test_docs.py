@@ -168,6 +168,53 @@ def test_python_examples_run(path: Path, scratch: Path, shared_models, monkeypat
             raise AssertionError(f"{block.where}: the example raised {type(error).__name__}: {error}") from error
 
 
+def public_api_problems(block: Block) -> list[str]:
+    """What a block uses of nsteer that is not its public API: a submodule import, or a name not in nsteer.__all__."""
+    import nsteer
+
+    problems = []
+    for node in ast.walk(ast.parse(block.code, filename=block.where)):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "nsteer":
+            if node.module != "nsteer":
+                problems.append(f"{block.where}: `from {node.module} import ...`: import it from nsteer itself")
+            problems += [
+                f"{block.where}: nsteer does not export {alias.name}"
+                for alias in node.names
+                if node.module == "nsteer" and alias.name not in nsteer.__all__
+            ]
+        elif isinstance(node, ast.Import):
+            problems += [
+                f"{block.where}: `import {alias.name}`: use `import nsteer`"
+                for alias in node.names
+                if alias.name.startswith("nsteer.")
+            ]
+        elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "nsteer":
+            if node.attr not in nsteer.__all__:
+                problems.append(f"{block.where}: nsteer.{node.attr} is not in nsteer.__all__")
+    return problems
+
+
+def test_examples_use_only_the_public_api() -> None:
+    """Every python block of README.md and docs/ (skipped ones too) imports from `nsteer` itself, names only what
+    `nsteer.__all__` exports, and each such name resolves."""
+    import nsteer
+
+    blocks = [block for block in ALL_BLOCKS if block.language == "python"]
+    assert blocks
+    problems = [problem for block in blocks for problem in public_api_problems(block)]
+    assert not problems, "\n".join(problems)
+    for name in nsteer.__all__:
+        assert getattr(nsteer, name) is not None, name
+
+
+def test_the_public_api_check_rejects_submodule_imports() -> None:
+    block = Block(
+        REPO / "README.md", 1, "python", "import nsteer.models\nfrom nsteer.search import x\nnsteer.nope\n", None
+    )
+    problems = public_api_problems(block)
+    assert len(problems) == 3 and "import nsteer.models" in problems[0] and "nsteer.nope" in problems[2]
+
+
 def test_skipped_python_blocks_say_why() -> None:
     skipped = [block for block in ALL_BLOCKS if block.language == "python" and block.skip is not None]
     for block in skipped:

@@ -39,13 +39,13 @@ def test_embedded_model_shape(embedded):
     assert embedded.tokenizer.chat_template
 
 
-def test_activation_parity_on_two_layers(embedded, hf_last_token_states):
-    from nsteer.extract import chat_token_ids, last_token_states, left_pad
+def test_activation_parity_on_two_layers(embedded, hf_last_token_states, nsteer_states):
+    from nsteer.extract import chat_token_ids, left_pad
 
     sequences = [chat_token_ids(embedded.tokenizer, prompt) for prompt in PROMPTS]
     assert len(sequences[0]) != len(sequences[1])
     input_ids, attention_mask = left_pad(sequences, embedded.tokenizer.pad_token_id)
-    states = last_token_states(embedded, input_ids, attention_mask)
+    states = nsteer_states(embedded, input_ids, attention_mask)
     expected = hf_last_token_states(embedded.hf_model, embedded.layers_path, input_ids, attention_mask)
     for layer in (10, embedded.n_layers - 1):
         scale = max(1.0, expected[layer].abs().max().item())

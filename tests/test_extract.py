@@ -14,7 +14,7 @@ import torch
 from tokenizers import processors
 from transformers import PreTrainedTokenizerFast
 
-from nsteer.extract import chat_token_ids, compute_vector, last_token_states, left_pad, mean_difference
+from nsteer.extract import chat_token_ids, compute_vector, last_token_sums, left_pad, mean_difference
 from nsteer.prompts import Instruction, PromptPair
 
 FAMILIES = ("llama", "gpt2", "gemma2", "qwen2", "gpt_neox", "phi3", "mistral")
@@ -56,7 +56,9 @@ def assert_states_close(actual: torch.Tensor, expected: torch.Tensor, *, atol: f
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("family", FAMILIES)
-def test_last_token_states_equal_hf_hidden_states_left_padded(tiny, tokenizer, hf_last_token_states, family, device):
+def test_last_token_states_equal_hf_hidden_states_left_padded(
+    tiny, tokenizer, hf_last_token_states, nsteer_states, family, device
+):
     handle = tiny(family, device=device)
     sequences = [chat_token_ids(tokenizer, prompt) for prompt in PROMPTS]
     lengths = [len(s) for s in sequences]
@@ -64,37 +66,41 @@ def test_last_token_states_equal_hf_hidden_states_left_padded(tiny, tokenizer, h
     input_ids, attention_mask = left_pad(sequences, tokenizer.pad_token_id)
     assert (attention_mask[:, 0] == 0).sum() == len(PROMPTS) - 1  # left padded: only the longest row starts real
 
-    states = last_token_states(handle, input_ids, attention_mask)
+    states = nsteer_states(handle, input_ids, attention_mask)
     expected = hf_last_token_states(handle.hf_model, handle.layers_path, input_ids, attention_mask)
 
     assert states.shape == (handle.n_layers, len(PROMPTS), handle.hidden_size)
-    assert states.dtype == torch.float32
     assert_states_close(states, expected)
+    # The batch's sums split at n_with: the rows before it, and the rest.
+    sums = last_token_sums(handle, [(input_ids, attention_mask, 2)])
+    assert sums.shape == (2, handle.n_layers, handle.hidden_size) and sums.dtype == torch.float64
+    assert_states_close(sums[0], expected[:, :2].sum(dim=1))
+    assert_states_close(sums[1], expected[:, 2:].sum(dim=1))
 
 
 @pytest.mark.parametrize("family", FAMILIES[:-1])
-def test_padded_batch_equals_each_prompt_alone(tiny, tokenizer, hf_last_token_states, family):
+def test_padded_batch_equals_each_prompt_alone(tiny, tokenizer, hf_last_token_states, nsteer_states, family):
     handle = tiny(family)
     sequences = [chat_token_ids(tokenizer, prompt) for prompt in PROMPTS]
     input_ids, attention_mask = left_pad(sequences, tokenizer.pad_token_id)
-    batched = last_token_states(handle, input_ids, attention_mask)
+    batched = nsteer_states(handle, input_ids, attention_mask)
     for row, sequence in enumerate(sequences):
         ids = torch.tensor([sequence])
         alone_reference = hf_last_token_states(handle.hf_model, handle.layers_path, ids, torch.ones_like(ids))
         assert_states_close(batched[:, row], alone_reference[:, 0])
         if row == 0:  # the most padded row, also read alone through nsteer
-            alone_nsteer = last_token_states(handle, ids, torch.ones_like(ids))
+            alone_nsteer = nsteer_states(handle, ids, torch.ones_like(ids))
             assert_states_close(alone_nsteer[:, 0], alone_reference[:, 0])
 
 
-def test_last_token_states_are_not_the_final_norm(tiny, tokenizer):
+def test_last_token_states_are_not_the_final_norm(tiny, tokenizer, nsteer_states):
     """The last layer is the block output, not HF's last hidden_states entry (which is after the final norm)."""
     handle = tiny("llama")
     ids = torch.tensor([chat_token_ids(tokenizer, PROMPTS[1])])
-    states = last_token_states(handle, ids, torch.ones_like(ids))
+    states = nsteer_states(handle, ids, torch.ones_like(ids))
     with torch.no_grad():
         normed = handle.hf_model(input_ids=ids, output_hidden_states=True).hidden_states[-1][0, -1]
-    assert not torch.allclose(states[-1, 0], normed, atol=1e-3)
+    assert not torch.allclose(states[-1, 0], normed.double(), atol=1e-3)
 
 
 def test_last_token_states_need_no_grad_and_leave_the_model_unchanged(tiny, tokenizer):
@@ -102,7 +108,7 @@ def test_last_token_states_need_no_grad_and_leave_the_model_unchanged(tiny, toke
     ids = torch.tensor([chat_token_ids(tokenizer, "Hi")])
     with torch.no_grad():
         before = handle.hf_model(input_ids=ids).logits
-    states = last_token_states(handle, ids, torch.ones_like(ids))
+    states = last_token_sums(handle, [(ids, torch.ones_like(ids), 1)])
     assert not states.requires_grad
     with torch.no_grad():
         after = handle.hf_model(input_ids=ids).logits
