@@ -90,7 +90,9 @@ def _models_in(annotation: Any) -> list[type[BaseModel]]:
 
 
 def _anchor(path: str) -> str:
-    return "".join(ch for ch in path.lower().replace(".", "-") if ch.isalnum() or ch == "-")
+    """The id GitHub gives the heading `path`: lower case, only letters, digits, _ and - kept (`prompts.split` ->
+    promptssplit; "Top level" -> top-level)."""
+    return "".join(ch for ch in path.lower().replace(" ", "-") if ch.isalnum() or ch in "-_")
 
 
 def _link(model: type[BaseModel]) -> str:

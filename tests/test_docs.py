@@ -9,7 +9,8 @@
   Makefile target.
 - ```yaml blocks that hold a whole recipe (an `instructions` section) must load as recipes.
 - docs/recipes.md must equal what docs/gen_recipe_reference.py generates from nsteer/recipe.py.
-- Relative links between the docs must point at files that exist.
+- Relative links between the docs must point at files that exist, and #anchors at headings (ids as GitHub
+  renders them).
 
 The convention is documented in docs/index.md ("Writing docs").
 """
@@ -24,6 +25,7 @@ import re
 import runpy
 import shlex
 import sys
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -352,11 +354,60 @@ def test_every_recipe_field_is_described() -> None:
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 
 
+def prose(path: Path) -> str:
+    """The Markdown of ``path`` without its fenced code blocks (a # there is a comment, not a heading)."""
+    return re.sub(r"^\s*```.*?^\s*```", "", path.read_text(encoding="utf-8"), flags=re.DOTALL | re.MULTILINE)
+
+
+def github_anchor(heading: str) -> str:
+    """The id GitHub gives a heading: its text as rendered (code, emphasis and link markup gone), lower-cased, every
+    character but letters, marks, digits, underscores, hyphens and spaces dropped, spaces made hyphens."""
+    text = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", heading)  # a link shows its text
+    parts = text.split("`")  # odd parts are `code`: shown as written; outside it, HTML tags and emphasis are markup
+    text = "".join(
+        part if number % 2 else re.sub(r"(\*\*|__|\*|(?<!\w)_|_(?!\w))", "", re.sub(r"<[^>]+>", "", part))
+        for number, part in enumerate(parts)
+    )
+    text = text.strip().lower()
+    kept = (ch for ch in text if ch in " -" or unicodedata.category(ch)[0] in "LMN" or unicodedata.category(ch) == "Pc")
+    return "".join(kept).replace(" ", "-")
+
+
+def anchors_of(path: Path) -> set[str]:
+    """Every heading id of a Markdown file, a repeated one numbered -1, -2 ... as GitHub numbers them."""
+    seen: dict[str, int] = {}
+    anchors = set()
+    for match in re.finditer(r"^#{1,6}\s+(.+?)\s*#*\s*$", prose(path), flags=re.MULTILINE):
+        anchor = github_anchor(match.group(1))
+        count = seen.get(anchor, 0)
+        seen[anchor] = count + 1
+        anchors.add(anchor if count == 0 else f"{anchor}-{count}")
+    return anchors
+
+
+def test_github_anchor_matches_what_github_renders():
+    assert github_anchor("`instructions.<name>.check`") == "instructionsnamecheck"
+    assert github_anchor("`steer[].weight`") == "steerweight"
+    assert (
+        github_anchor("3. Pick the layer and weight with data, and measure")
+        == "3-pick-the-layer-and-weight-with-data-and-measure"
+    )
+    assert github_anchor("Words: inclusion and exclusion") == "words-inclusion-and-exclusion"
+    assert github_anchor("**Bold** and [a link](x.md) — done") == "bold-and-a-link--done"
+    assert github_anchor("snake_case_name") == "snake_case_name"
+
+
 @pytest.mark.parametrize("path", DOCS, ids=_id)
-def test_relative_links_resolve(path: Path) -> None:
-    text = re.sub(r"```.*?```", "", path.read_text(encoding="utf-8"), flags=re.DOTALL)
-    for target in LINK.findall(text):
-        if re.match(r"^[a-z]+:", target) or target.startswith("#"):
+def test_links_resolve(path: Path) -> None:
+    """Relative links point at files that exist, and #anchors (in the page or another) at headings they have."""
+    for target in LINK.findall(prose(path)):
+        if re.match(r"^[a-z]+:", target):
             continue
-        file = target.split("#")[0]
-        assert (path.parent / file).exists(), f"{_id(path)}: link to {target}, which does not exist"
+        file, _, anchor = target.partition("#")
+        linked = (path.parent / file) if file else path
+        assert linked.exists(), f"{_id(path)}: link to {target}, which does not exist"
+        if anchor and linked.suffix == ".md":
+            assert anchor in anchors_of(linked), (
+                f"{_id(path)}: link to {target}, but {linked.name} has no heading with the id {anchor!r}; "
+                f"its ids: {', '.join(sorted(anchors_of(linked)))}"
+            )
