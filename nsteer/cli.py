@@ -492,7 +492,7 @@ def evaluate(
 ) -> None:
     """The 2×2 table (instruction in prompt × steering) with quality, written as JSON, Markdown and PNG."""
     from nsteer.evaluate.table import CELLS, evaluate_recipe
-    from nsteer.pipeline import check_recipe_vectors, read_recipe_vectors
+    from nsteer.pipeline import check_recipe_vectors, read_recipe_vectors, vectors_from_other_pairs
     from nsteer.recipe import Override
     from nsteer.report import CELL_HEADERS, write_eval_report
 
@@ -523,6 +523,13 @@ def evaluate(
         "eval" if data is None and split == "test" else f"eval-{'data' if data else split}"
     )
     vectors = read_recipe_vectors(recipe) if recipe.steer else {}
+    if data is None:
+        for name in vectors_from_other_pairs(recipe, vectors):
+            output.note(
+                f"note: the vector of '{name}' was computed from other training pairs than this recipe's split gives "
+                f"(prompts.seed {recipe.prompts.seed}, the prompts or the phrasings changed since): the test prompts "
+                "may include its training prompts. Recompute it with `nsteer compute` (and the same --seed)."
+            )
     handle = _open(output, recipe, remote)
     check_recipe_vectors(recipe, vectors, handle, allow_transfer=allow_transfer or None)
     with output.progress() as bars:

@@ -254,6 +254,26 @@ def read_recipe_vectors(recipe: Recipe) -> dict[str, SteeringVector]:
     return vectors
 
 
+def vectors_from_other_pairs(recipe: Recipe, vectors: Mapping[str, SteeringVector]) -> list[str]:
+    """Instructions whose own vector was computed from other training pairs than the recipe's split gives now.
+
+    A changed ``prompts.seed`` (or prompt set, or phrasings) since ``compute`` moves prompts between splits: the test
+    split may then hold the vector's training prompts. Borrowed, imported and transferred vectors are not judged.
+    """
+    from nsteer.prompts import prompt_set_hash
+
+    found = []
+    for name, vector in vectors.items():
+        meta = vector.metadata
+        if name not in recipe.instructions or meta.instruction_id != name or not meta.prompt_set_hash:
+            continue
+        if meta.imported_from or borrows_vector(recipe, name):
+            continue
+        if meta.prompt_set_hash != prompt_set_hash(instruction_splits(recipe, name).train):
+            found.append(name)
+    return found
+
+
 def check_recipe_vectors(
     recipe: Recipe, vectors: Mapping[str, SteeringVector], handle: ModelHandle, *, allow_transfer: bool | None = None
 ) -> None:

@@ -355,3 +355,14 @@ def test_relative_model_id_resolves_from_the_recipe_folder(monkeypatch, capsys, 
     code, out, err = run_cli(monkeypatch, capsys, "compute", str(recipe), "--json")
     assert code == 0, err
     assert json.loads(out)["run"]["model"] == str(folder / "model")
+
+
+def test_eval_with_another_seed_than_the_vectors_warns_of_overlap(monkeypatch, capsys, recipe):
+    code, out, err = run_cli(monkeypatch, capsys, "compute", str(recipe))
+    assert code == 0, err
+    code, out, err = run_cli(monkeypatch, capsys, "eval", str(recipe), "--limit", "1", "--json")
+    assert code == 0 and "other training pairs" not in err
+    code, out, err = run_cli(monkeypatch, capsys, "eval", str(recipe), "--limit", "1", "--seed", "3", "--json")
+    assert code == 0, err
+    assert "the vector of 'shout' was computed from other training pairs" in " ".join(err.split())
+    assert json.loads(out)["run"]["seed"] == 3
