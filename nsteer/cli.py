@@ -447,11 +447,18 @@ def _describe_setting(chosen: SearchedSetting | None) -> str:
     if chosen.no_steering:
         text = "no steering (nothing beat the unsteered model)"
     else:
-        text = f"layer {chosen.layer}, {chosen.mode}, weight {chosen.weight:g}, {chosen.positions} positions"
+        text = f"layer {chosen.layer}, {chosen.mode}, weight {chosen.weight:g}"
+        if chosen.weight_relative is not None:
+            text += f" ({chosen.weight_relative:g} x the layer's norm)"
+        text += f", {chosen.positions} positions"
         if chosen.layers is not None:
             text += f" (file steers layers {list(chosen.layers)})"
     if chosen.score is not None and chosen.baseline_score is not None:
-        text += f" (validation {chosen.score:.2f} vs {chosen.baseline_score:.2f} unsteered)"
+        text += f"; validation loose {chosen.score:.2f} vs {chosen.baseline_score:.2f} unsteered"
+        if chosen.n_prompts is not None:
+            text += f" on {chosen.n_prompts} prompts"
+        if chosen.condition is not None:
+            text += f" (instruction {'in the prompt or not' if chosen.condition == 'both' else chosen.condition})"
     return text
 
 

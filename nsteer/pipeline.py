@@ -260,8 +260,6 @@ def vectors_from_other_pairs(recipe: Recipe, vectors: Mapping[str, SteeringVecto
     A changed ``prompts.seed`` (or prompt set, or phrasings) since ``compute`` moves prompts between splits: the test
     split may then hold the vector's training prompts. Borrowed, imported and transferred vectors are not judged.
     """
-    from nsteer.prompts import prompt_set_hash
-
     found = []
     for name, vector in vectors.items():
         meta = vector.metadata
