@@ -40,17 +40,20 @@ def text_progress(
         started: float | None = None
         first_done = 0  # work already done when the job started (a resumed run): not part of the rate
         last_written = -float("inf")
+        last_shown: tuple[int, int] | None = None
         shown = visible(label)
 
         def update(done: int, total: int) -> None:
-            nonlocal started, first_done, last_written
+            nonlocal started, first_done, last_written, last_shown
             now = clock()
             if started is None:
                 started, first_done = now, done
             finished = total > 0 and done >= total
             if not finished and now - last_written < every and last_written != -float("inf"):
                 return
-            last_written = now
+            if finished and last_shown == (done, total):
+                return  # the same last line again (a caller that reports completion twice)
+            last_written, last_shown = now, (done, total)
             elapsed = now - started
             line = f"{shown}: {done}/{total}"
             if total > 0:

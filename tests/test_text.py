@@ -51,7 +51,7 @@ def test_text_progress_writes_first_every_and_last_with_time_left():
     stream = io.StringIO()
     update = text_progress(stream, every=10.0, clock=lambda: now[0])("compute \x1b[31mx")
     update(0, 100)  # first: written
-    for done, at in ((10, 105.0), (20, 110.0), (30, 111.0), (99, 119.0), (100, 120.0)):
+    for done, at in ((10, 105.0), (20, 110.0), (30, 111.0), (99, 119.0), (100, 120.0), (100, 121.0)):
         now[0] = at
         update(done, 100)
     lines = stream.getvalue().splitlines()
