@@ -12,7 +12,7 @@ import torch
 
 from nsteer.constants import __version__
 from nsteer.errors import NsteerError
-from nsteer.models import ModelHandle
+from nsteer.models import ModelHandle, tf32_matmuls
 from nsteer.progress import ProgressCallback
 from nsteer.prompts import Instruction, PromptPair, prompt_set_hash
 from nsteer.vectors import SteeringVector, VectorMetadata
@@ -83,7 +83,7 @@ def last_token_sums(handle: ModelHandle, batches: Sequence[ExtractionBatch]) -> 
     """
     model, layers, n_layers, hidden_size = handle.model, handle.layers, handle.n_layers, handle.hidden_size
     read_kwargs, stop_early = read_pass_kwargs(handle)  # no KV cache; LM head on the last position only
-    with torch.inference_mode():
+    with torch.inference_mode(), tf32_matmuls(handle):
         with model.session(**handle.trace_kwargs()):
             sum_with = torch.zeros(n_layers, hidden_size, dtype=torch.float64)
             sum_without = torch.zeros(n_layers, hidden_size, dtype=torch.float64)

@@ -10,7 +10,7 @@ import torch
 
 from nsteer.edits import Edit, Plan, compile_plan, validate_edits
 from nsteer.extract import chat_token_ids, left_pad
-from nsteer.models import ModelHandle
+from nsteer.models import ModelHandle, tf32_matmuls
 from nsteer.progress import ProgressCallback
 
 
@@ -51,7 +51,7 @@ def steered_generate_batches(
     Step 0 is the prefill (``[B, T, H]``); later steps see one new position each (``[B, 1, H]``) with the KV cache.
     """
     model, layers = handle.model, handle.layers
-    with torch.inference_mode(), warnings.catch_warnings():
+    with torch.inference_mode(), tf32_matmuls(handle), warnings.catch_warnings():
         # An open-ended step loop ends when generation does; nnsight warns about that by design.
         warnings.filterwarnings("ignore", message=".*was never reached.*")
         with model.session(**handle.trace_kwargs()):

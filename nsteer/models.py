@@ -7,6 +7,9 @@ import gc
 import hashlib
 import importlib.util
 import json
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +43,10 @@ DTYPES = {
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,
 }
+DTYPE_CHOICES = ("auto", *DTYPES)  # auto: bfloat16 on a GPU that supports it, float32 elsewhere
+DEVICE_CHOICES = "cpu, cuda, cuda:N or auto"
+# Fingerprints of the current scheme start with this; older files hold a bare hex digest of float32 samples.
+FINGERPRINT_PREFIX = "bf16:"
 
 
 @dataclass(frozen=True, eq=False)
@@ -56,6 +63,7 @@ class ModelHandle:
     config_hash: str
     weights_fingerprint: str  # "" for remote models, whose weights the client never sees
     execution: Execution = LOCAL  # where its traces run: here, or on NDIF with a deadline per request
+    tf32: bool = True  # float32 matmuls on CUDA may use TF32 inside nsteer's own calls (see tf32_matmuls)
 
     @property
     def remote(self) -> bool:
@@ -69,6 +77,17 @@ class ModelHandle:
     def batches_per_request(self, kind: str) -> int:
         """How many batches of ``kind`` (extraction or generation) go into one ``session`` (one NDIF request)."""
         return self.execution.batches_per_request(kind)
+
+    @property
+    def run_identity(self) -> str:
+        """What fixes this model's answers, for resumable checkpoints: its weights (or id) and, locally, their dtype.
+
+        The weights fingerprint does not depend on the dtype, but the answers do: a float32 run never resumes from a
+        bfloat16 run's checkpoint.
+        """
+        if self.remote:
+            return self.model_id
+        return f"{self.weights_fingerprint or self.model_id}|{str(self.dtype).removeprefix('torch.')}"
 
     @property
     def layers(self) -> Any:
@@ -160,11 +179,32 @@ def config_hash(config: Any) -> str:
 
 
 def weights_fingerprint(hf_model: torch.nn.Module) -> str:
-    """A cheap fingerprint of the weights: a hash over the first values of every parameter."""
+    """A cheap fingerprint of the weights that does not depend on the dtype they were loaded in.
+
+    It hashes the first 64 values of every parameter rounded to bfloat16: a float32 model and the same checkpoint
+    loaded in bfloat16 give the same fingerprint (rounding float32 to bfloat16 is exact-once, round to nearest even),
+    so a vector made on CPU in float32 is recognised on a GPU in bfloat16. "" for meta-device (remote) models.
+    """
     digest = hashlib.sha256()
     with torch.no_grad():
         for name, parameter in sorted(hf_model.named_parameters()):
             if parameter.device.type == "meta":
+                return ""
+            sample = parameter.detach().reshape(-1)[:64].to("cpu", torch.float32).to(torch.bfloat16)
+            digest.update(name.encode())
+            digest.update(sample.view(torch.int16).numpy().tobytes())
+    return FINGERPRINT_PREFIX + digest.hexdigest()[:16]
+
+
+def float32_weights_fingerprint(hf_model: torch.nn.Module) -> str:
+    """The fingerprint older vector files hold (a hash of float32 samples); "" unless the weights are float32.
+
+    Only a float32 model can reproduce it, so a bfloat16 or float16 model cannot tell from it whether the weights match.
+    """
+    digest = hashlib.sha256()
+    with torch.no_grad():
+        for name, parameter in sorted(hf_model.named_parameters()):
+            if parameter.device.type == "meta" or (parameter.is_floating_point() and parameter.dtype != torch.float32):
                 return ""
             sample = parameter.detach().reshape(-1)[:64].to("cpu", torch.float32)
             digest.update(name.encode())
@@ -198,15 +238,75 @@ def embedded_model_location() -> tuple[Path, str]:
     return directory, EMBEDDED_FILE
 
 
-def _resolve_device(device: str) -> str:
-    if device == "auto":
+def resolve_device(device: str) -> str:
+    """The torch device that a ``device`` setting names on this machine, refused before any weights load.
+
+    ``auto`` is the first CUDA GPU when there is one, else the CPU. Apple GPUs (``mps``) are refused: extraction
+    accumulates in float64, which they lack, and nsteer's generation path is untested there.
+    """
+    text = str(device).strip().lower()
+    if text == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
+    if text == "cpu":
+        return "cpu"
+    if text == "mps" or text.startswith("mps:"):
+        raise ModelError(
+            f"device '{device}' (an Apple GPU) is not supported: nsteer's extraction sums in float64, which Apple GPUs "
+            "lack. Use device: cpu."
+        )
+    match = re.fullmatch(r"cuda(?::(\d{1,4}))?", text)
+    if match is None:
+        raise ModelError(f"Unknown device '{device}'. Use {DEVICE_CHOICES}.")
+    if not torch.cuda.is_available():
         raise ModelError(f"device '{device}' was asked for but no CUDA GPU is available. Use device: cpu.")
-    return device
+    count = torch.cuda.device_count()
+    if match.group(1) is not None and int(match.group(1)) >= count:
+        raise ModelError(
+            f"device '{device}' was asked for but this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}. "
+            "Use one of those, or device: cuda for the first."
+        )
+    return text
 
 
-def _load_gguf(source: str, path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
+def resolve_dtype(dtype: str, device: str) -> torch.dtype:
+    """The torch dtype for a ``dtype`` setting on a resolved ``device``: ``auto`` is bfloat16 on a GPU with native
+    bfloat16 (compute capability 8.0 or newer), float32 on the CPU and on older GPUs."""
+    if dtype == "auto":
+        if device.startswith("cuda"):
+            index = int(device.split(":")[1]) if ":" in device else torch.cuda.current_device()
+            if torch.cuda.get_device_capability(index) >= (8, 0):
+                return torch.bfloat16
+        return torch.float32
+    if dtype not in DTYPES:
+        raise ModelError(f"dtype '{dtype}' is not supported; use one of {', '.join(DTYPE_CHOICES)}.")
+    return DTYPES[dtype]
+
+
+@contextmanager
+def tf32_matmuls(handle: ModelHandle) -> Iterator[None]:
+    """Within the block, float32 matrix products of a local CUDA model may use TF32 (when ``handle.tf32``).
+
+    torch keeps this switch process-wide, so it is set on entry and put back on exit: code outside nsteer's own
+    calls sees whatever it set itself. Models in bfloat16 or float16 are unaffected.
+    """
+    if not handle.tf32 or handle.remote or handle.device.type != "cuda":
+        yield
+        return
+    matmul = torch.backends.cuda.matmul
+    try:
+        previous: Any = matmul.allow_tf32
+        name = "allow_tf32"
+        matmul.allow_tf32 = True
+    except RuntimeError:  # the process already uses torch's newer fp32_precision switch, which cannot be mixed
+        previous, name = matmul.fp32_precision, "fp32_precision"
+        matmul.fp32_precision = "tf32"
+    try:
+        yield
+    finally:
+        setattr(matmul, name, previous)
+
+
+def _load_gguf(source: str, path: Path, dtype: torch.dtype, device: str) -> tuple[Any, Any]:
     """Tokenizer and model of the GGUF at ``path``, through the de-quantized cache (see nsteer.model_cache).
 
     A cache entry is loaded while its files' hashes are checked on other cores, and kept only when they match. A miss
@@ -214,27 +314,27 @@ def _load_gguf(source: str, path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
     """
     candidate = entry_candidate(path)
     if candidate is not None:
-        loaded = _load_verified(source, candidate, dtype)
+        loaded = _load_verified(source, candidate, dtype, device)
         if loaded is not None:
             return loaded
     if can_store(path):
-        tokenizer, model = _from_pretrained(source, str(path.parent), {"gguf_file": path.name}, torch.float32)
+        tokenizer, model = _from_pretrained(source, str(path.parent), {"gguf_file": path.name}, torch.float32, "cpu")
         stored = store_entry(path, tokenizer, model)
         del tokenizer, model
         gc.collect()  # the entry is loaded next: do not hold two copies of the weights
         candidate = entry_candidate(path) if stored is not None else None
-        loaded = _load_verified(source, candidate, dtype) if candidate is not None else None
+        loaded = _load_verified(source, candidate, dtype, device) if candidate is not None else None
         if loaded is not None:
             return loaded
-    return _from_pretrained(source, str(path.parent), {"gguf_file": path.name}, dtype)
+    return _from_pretrained(source, str(path.parent), {"gguf_file": path.name}, dtype, device)
 
 
-def _load_verified(source: str, candidate: Any, dtype: torch.dtype) -> tuple[Any, Any] | None:
+def _load_verified(source: str, candidate: Any, dtype: torch.dtype, device: str) -> tuple[Any, Any] | None:
     """Load a cache entry while its hashes are verified in a background thread; None when they do not match."""
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
         verified = pool.submit(verify_entry, candidate.folder, candidate.identity)
         try:
-            loaded = _from_pretrained(source, str(candidate.folder), {"use_safetensors": True}, dtype)
+            loaded = _from_pretrained(source, str(candidate.folder), {"use_safetensors": True}, dtype, device)
         except ModelError:
             if verified.result():
                 raise  # intact files that cannot be loaded: a real problem, not a damaged cache
@@ -242,8 +342,9 @@ def _load_verified(source: str, candidate: Any, dtype: torch.dtype) -> tuple[Any
         return loaded if verified.result() else None
 
 
-def _load_local(source: str, dtype: torch.dtype, revision: str | None) -> tuple[Any, Any]:
-    """Load a tokenizer and causal LM from a directory, a GGUF file (through the de-quantized cache) or a Hub id."""
+def _load_local(source: str, dtype: torch.dtype, device: str, revision: str | None) -> tuple[Any, Any]:
+    """Load a tokenizer and causal LM from a directory, a GGUF file (through the de-quantized cache) or a Hub id, with
+    the weights put on ``device``."""
     kwargs: dict[str, Any] = {}
     if source == EMBEDDED_ID or source.endswith(".gguf"):
         if source == EMBEDDED_ID:
@@ -251,7 +352,7 @@ def _load_local(source: str, dtype: torch.dtype, revision: str | None) -> tuple[
             path = directory / file_name
         else:
             path = require_file(user_path(source), "GGUF file", ModelError, "Check the path in model.id.")
-        return _load_gguf(source, path, dtype)
+        return _load_gguf(source, path, dtype, device)
     hub_id = not user_path(source).exists()
     location = source if hub_id else str(user_path(source))
     if Path(location).is_dir() and not (Path(location) / "config.json").is_file():
@@ -263,7 +364,7 @@ def _load_local(source: str, dtype: torch.dtype, revision: str | None) -> tuple[
         kwargs["revision"] = revision
     if hub_id:
         kwargs.update(hub_access(source, revision))
-    return _from_pretrained(source, location, kwargs, dtype)
+    return _from_pretrained(source, location, kwargs, dtype, device)
 
 
 _PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "HTTP_PROXY", "http_proxy")
@@ -317,13 +418,18 @@ def _unreachable(endpoint: str, timeout: float) -> str | None:
         return str(error) or type(error).__name__
 
 
-def _from_pretrained(source: str, location: str, kwargs: dict[str, Any], dtype: torch.dtype) -> tuple[Any, Any]:
-    """Tokenizer and model from ``location`` with ``kwargs``; loading failures become a ModelError naming ``source``."""
+def _from_pretrained(
+    source: str, location: str, kwargs: dict[str, Any], dtype: torch.dtype, device: str
+) -> tuple[Any, Any]:
+    """Tokenizer and model from ``location`` with ``kwargs``, weights on ``device``; loading failures become a
+    ModelError naming ``source``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, **kwargs)
+        # A GPU gets the weights as they load (no float32 copy in host memory first); the CPU needs no device map.
+        placement = {} if device == "cpu" else {"device_map": device}
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, **placement, **kwargs)
     except OSError as error:
         detail = " ".join(str(error).split())  # one paragraph: Hugging Face messages span lines
         if Path(location).exists():
@@ -344,25 +450,27 @@ def _from_pretrained(source: str, location: str, kwargs: dict[str, Any], dtype: 
 def open_model(
     model_id: str = EMBEDDED_ID,
     *,
-    dtype: str = "float32",
+    dtype: str = "auto",
     device: str = "cpu",
     layers_path: str | None = None,
     revision: str | None = None,
     remote: bool = False,
     timeout: float = DEFAULT_TIMEOUT,
+    tf32: bool = True,
 ) -> ModelHandle:
     """Open a model by id (embedded default, directory, .gguf file or Hub id) as a ModelHandle.
 
+    ``dtype="auto"`` is bfloat16 on a GPU that supports it and float32 on the CPU; ``device`` is cpu, cuda, cuda:N
+    or auto, checked before any weights load. ``tf32`` lets float32 matmuls on CUDA use TF32 inside nsteer's calls.
     ``remote=True`` names a model hosted on NDIF by its Hub id; ``timeout`` bounds each remote request (seconds).
     """
-    if dtype not in DTYPES:
-        raise ModelError(f"dtype '{dtype}' is not supported; use one of {', '.join(DTYPES)}.")
+    if dtype not in DTYPE_CHOICES:
+        raise ModelError(f"dtype '{dtype}' is not supported; use one of {', '.join(DTYPE_CHOICES)}.")
     if remote:
         return open_remote_model(model_id, layers_path=layers_path, revision=revision, timeout=timeout)
-    target = _resolve_device(device)  # refuse a device this machine lacks before any weights load
-    tokenizer, hf_model = _load_local(model_id, DTYPES[dtype], revision)
-    hf_model = hf_model.to(target).eval()
-    return wrap_model(hf_model, tokenizer, model_id=model_id, layers_path=layers_path)
+    target = resolve_device(device)
+    tokenizer, hf_model = _load_local(model_id, resolve_dtype(dtype, target), target, revision)
+    return wrap_model(hf_model.eval(), tokenizer, model_id=model_id, layers_path=layers_path, tf32=tf32)
 
 
 def open_remote_model(
@@ -414,7 +522,9 @@ def open_remote_model(
         raise RemoteError(str(error)) from None
 
 
-def wrap_model(hf_model: Any, tokenizer: Any, *, model_id: str, layers_path: str | None = None) -> ModelHandle:
+def wrap_model(
+    hf_model: Any, tokenizer: Any, *, model_id: str, layers_path: str | None = None, tf32: bool = True
+) -> ModelHandle:
     """Wrap an already-loaded Hugging Face causal LM (and its tokenizer) as a local ModelHandle."""
     from nnsight import TransformersModel
 
@@ -424,6 +534,7 @@ def wrap_model(hf_model: Any, tokenizer: Any, *, model_id: str, layers_path: str
         tokenizer,
         model_id=model_id,
         layers_path=layers_path,
+        tf32=tf32,
     )
 
 
@@ -435,6 +546,7 @@ def make_handle(
     model_id: str,
     layers_path: str | None = None,
     execution: Execution = LOCAL,
+    tf32: bool = True,
 ) -> ModelHandle:
     """A ModelHandle for an nnsight-wrapped module (local weights, or a meta-device copy run on NDIF)."""
     if tokenizer.pad_token_id is None:
@@ -452,4 +564,5 @@ def make_handle(
         config_hash=config_hash(config),
         weights_fingerprint="" if execution.remote else weights_fingerprint(module),
         execution=execution,
+        tf32=tf32,
     )

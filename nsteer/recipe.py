@@ -44,8 +44,12 @@ class ModelSection(Strict):
         "folder), or a Hub id.",
     )
     backend: Literal["local", "ndif"] = Field("local", description="local runs here; ndif runs on the NDIF service.")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weights and activations dtype.")
-    device: str = Field("cpu", pattern=r"^(cpu|auto|cuda(:\d+)?)$", description="cpu, cuda, cuda:N or auto.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weights and activations dtype; auto: bfloat16 on a GPU that supports it, else float32."
+    )
+    device: str = Field(
+        "cpu", pattern=r"^(cpu|auto|cuda(:\d{1,4})?)$", description="cpu, cuda, cuda:N or auto (a GPU if there is one)."
+    )
     layers_path: str | None = Field(None, description="Dotted path of the decoder-block list, for unusual models.")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
     timeout: float = Field(900.0, gt=0, description="Seconds to wait for one NDIF request before giving up.")

@@ -15,7 +15,7 @@ import torch
 
 from nsteer.errors import NsteerError, VectorFileError
 from nsteer.fileio import atomic_write_bytes, require_file
-from nsteer.models import ModelHandle
+from nsteer.models import FINGERPRINT_PREFIX, ModelHandle, float32_weights_fingerprint
 from nsteer.records import read_record, record_dict
 from nsteer.searched import (
     SearchedSetting,
@@ -239,10 +239,26 @@ def _format_version(header: Mapping[str, str], path: Path) -> int:
     return int(version)
 
 
+def weights_match(metadata: VectorMetadata, handle: ModelHandle) -> bool | None:
+    """Whether the vector's weights fingerprint matches the model's; None when the two cannot be compared.
+
+    The weights are the same whatever dtype either side loaded them in. A file from before dtype-independent
+    fingerprints holds a hash of float32 samples, which only a float32 model can check.
+    """
+    stored = metadata.weights_fingerprint
+    if not stored or not handle.weights_fingerprint:
+        return None  # a remote model or an imported vector: the weights are unknown on one side
+    if stored.startswith(FINGERPRINT_PREFIX):
+        return stored == handle.weights_fingerprint
+    legacy = float32_weights_fingerprint(handle.hf_model)
+    return stored == legacy if legacy else None
+
+
 def same_model(metadata: VectorMetadata, handle: ModelHandle) -> bool:
-    """Whether the vector was computed on this very model (weights when both sides know them, else id + config)."""
-    if metadata.weights_fingerprint and handle.weights_fingerprint:
-        return metadata.weights_fingerprint == handle.weights_fingerprint
+    """Whether the vector was computed on this very model (weights when they can be compared, else id + config)."""
+    match = weights_match(metadata, handle)
+    if match is not None:
+        return match
     return metadata.model_id == handle.model_id and metadata.config_hash == handle.config_hash
 
 
@@ -265,11 +281,7 @@ def check_compatible(vector: SteeringVector, handle: ModelHandle, *, allow_trans
         differences.append(f"architecture {meta.architecture} vs {handle.architecture}")
     if meta.config_hash != handle.config_hash:
         differences.append("the model configuration")
-    if (
-        meta.weights_fingerprint
-        and handle.weights_fingerprint
-        and meta.weights_fingerprint != handle.weights_fingerprint
-    ):
+    if weights_match(meta, handle) is False:
         differences.append("the weights")
     raise VectorFileError(
         f"The vector '{meta.instruction_id}' was computed on another model "

@@ -20,7 +20,9 @@ from nsteer.prompts import Instruction, PromptPair
 FAMILIES = ("llama", "gpt2", "gemma2", "qwen2", "gpt_neox", "phi3", "mistral")
 DEVICES = (
     "cpu",
-    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")),
+    pytest.param(
+        "cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+    ),
 )
 
 # Unequal lengths on purpose: left padding from 0 to ~40 positions.

@@ -31,7 +31,9 @@ FAMILIES = ("llama", "gpt2")
 DTYPES = (torch.float32, torch.bfloat16)
 DEVICES = (
     "cpu",
-    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")),
+    pytest.param(
+        "cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+    ),
 )
 PROMPTS = [
     "What are the pros and cons of working from home for a software engineer?",

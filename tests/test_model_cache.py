@@ -227,14 +227,14 @@ def test_an_entry_is_loaded_only_when_its_hashes_match(gguf, root, model):
 
     folder = store_entry(gguf, tiny_tokenizer(), model, root=root)
     candidate = entry_candidate(gguf, root=root)
-    loaded = _load_verified("tiny.gguf", candidate, torch.float32)
+    loaded = _load_verified("tiny.gguf", candidate, torch.float32, "cpu")
     assert loaded is not None and torch.equal(_logits(loaded[1], loaded[0]), _logits(model, tiny_tokenizer()))
     weights = folder / WEIGHTS
     data = bytearray(weights.read_bytes())
     data[-8] ^= 0x40  # a changed weight: loads fine, so only the hash can tell
     weights.write_bytes(bytes(data))
     assert entry_candidate(gguf, root=root) is not None  # the cheap checks pass ...
-    assert _load_verified("tiny.gguf", candidate, torch.float32) is None  # ... the hashes do not
+    assert _load_verified("tiny.gguf", candidate, torch.float32, "cpu") is None  # ... the hashes do not
     data[:8] = b"\xff" * 8  # a header that cannot be read: a damaged cache, not an error for the user
     weights.write_bytes(bytes(data))
-    assert _load_verified("tiny.gguf", candidate, torch.float32) is None
+    assert _load_verified("tiny.gguf", candidate, torch.float32, "cpu") is None

@@ -103,7 +103,7 @@ def unit_key(handle: ModelHandle, unit: Unit, config: GenerationConfig, kind: st
     signatures: dict[int, list[Any]] = {}  # an edit shared by many rows is hashed once
     return cell_key(
         kind=kind,
-        model=handle.weights_fingerprint or handle.model_id,
+        model=handle.run_identity,
         prompts=[row.prompt for row in unit.rows],
         edits=[[signatures.setdefault(id(edit), edit_signature(edit)) for edit in row.edits] for row in unit.rows],
         config=dataclasses.asdict(config),
