@@ -247,7 +247,7 @@ def test_overrides_are_refused_by_the_recipe_rules(monkeypatch, capsys, recipe):
         monkeypatch, capsys, "generate", str(recipe), "--dtype", "float64", "--layer", "nobody=1", "--weight", "nan"
     )
     assert code == 2
-    assert "--dtype float64: Input should be 'float32'" in err
+    assert "--dtype float64: Input should be 'auto', 'float32'" in err
     assert "--layer nobody=1: no steer entry steers 'nobody'" in err
     assert "--weight nan: weight must be a finite number" in err
 

@@ -67,5 +67,5 @@ def test_a_local_model_folder_is_never_probed(monkeypatch, online_mode_without_n
     calls = []
     monkeypatch.setattr(nsteer.models, "_from_pretrained", lambda *a, **k: calls.append(a) or (None, None))
     (tmp_path / "config.json").write_text("{}")
-    nsteer.models._load_local(str(tmp_path), None, None)
+    nsteer.models._load_local(str(tmp_path), None, "cpu", None)
     assert calls and online_mode_without_network == []

@@ -549,7 +549,10 @@ def test_overrides_replace_fields_and_keep_the_rest(tmp_path):
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ((("model", "dtype"), "float64"), "--x: Input should be 'float32', 'bfloat16' or 'float16' (got 'float64')."),
+        (
+            (("model", "dtype"), "float64"),
+            "--x: Input should be 'auto', 'float32', 'bfloat16' or 'float16' (got 'float64').",
+        ),
         ((("model", "device"), "mps"), "--x: String should match pattern"),
         ((("steer", None, "weight"), float("nan")), "--x: weight must be a finite number."),
         ((("steer", None, "layer"), -1), "--x: layer must be 0 or more (or auto)."),
