@@ -49,6 +49,10 @@ def rate_key(model_id: str, device: str, dtype: str, batch_size: int) -> RateKey
     kind = device.split(":")[0]
     if kind == "auto":
         kind = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype == "auto" and (kind == "cpu" or torch.cuda.is_available()):  # what open_model picks on this machine
+        from nsteer.models import resolve_dtype
+
+        dtype = str(resolve_dtype("auto", kind))
     return RateKey(model_id, kind, dtype.removeprefix("torch."), batch_size, torch.get_num_threads())
 
 

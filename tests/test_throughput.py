@@ -32,6 +32,7 @@ def test_rates_are_kept_apart_by_what_they_depend_on(tmp_path) -> None:
     ):
         assert read_rate(other, tmp_path) is None, other
     assert rate_key("m", "cpu", "torch.float32", 8) == cpu  # a torch dtype's name is the recipe's
+    assert rate_key("m", "cpu", "auto", 8) == cpu  # the default dtype is what opening the model picks here
     assert rate_key("m", "cuda:1", "bfloat16", 8).device == "cuda"
     assert cpu.threads == torch.get_num_threads()
 
