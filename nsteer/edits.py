@@ -1,8 +1,24 @@
-"""Edit specifications and their compilation into a plan of plain tensors and numbers.
+"""Edit specifications and their compilation into a plan of plain tensors that steers every row of a batch at once.
 
 The composition rule lives here and only here: edits are applied layer by layer in forward order; edits that share a
 layer are applied one after another in the order given (the recipe's order), each to the residual stream as the
 previous one left it, so their effects add and a later ``set`` sees what an earlier ``add`` did.
+
+One formula covers every mode: ``h <- h + (a (t - h.u) + b) u`` with ``set``: a = w, t = z; ``add``: a = 0, b = w;
+``ablate``: a = w, t = 0 (zeros elsewhere). The plan holds, per layer, a ``LayerPlan`` of per-row tensors:
+
+- ``directions [K, H]``: the distinct unit directions used at the layer (float32);
+- ``index [S, B]``: which of them row ``b``'s ``s``-th edit at this layer uses;
+- ``target [S, B]`` (t), and ``scale [2, S, B]`` (a) and ``shift [2, S, B]`` (b) for the prompt (the prefill,
+  step 0) and for generated tokens (later steps): positions ``prompt`` / ``generated`` zero one of the two.
+
+Slot ``s`` holds every row's ``s``-th edit at the layer, so one fused update per slot steers all rows, each with its
+own direction, mode, weight and positions, and a row with fewer edits there gets a = b = 0 (left exactly as it was).
+The number of slots is the most edits any one row has at that layer: the cost per step does not grow with the number
+of rows or of distinct settings. Sequential slots keep the rule exact for edits whose directions are not orthogonal.
+
+Extending an edit family means adding a per-row tensor to ``LayerPlan`` (and its use to the trace body in
+``nsteer.generate``, which sees ``LayerPlan.payload()``: a dict of plain tensors, so it pickles for NDIF).
 """
 
 from __future__ import annotations
@@ -16,10 +32,7 @@ from nsteer.constants import MODES, POSITIONS
 from nsteer.errors import NsteerError
 from nsteer.vectors import SteeringVector
 
-# A plan is what the trace body sees: ``[(layer, [(mode, direction[H], target, row_weights[B], positions), ...]), ...]``
-# with integer codes for mode and positions, so it can be pickled and run on a server that has no nsteer.
-PlanEntry = tuple[int, torch.Tensor, float, torch.Tensor, int]
-Plan = list[tuple[int, list[PlanEntry]]]
+PROMPT, GENERATED = 0, 1  # the two phases of a generation: the prefill (step 0) and each later step
 
 
 @dataclass(frozen=True, eq=False)
@@ -44,6 +57,55 @@ class Edit:
             raise NsteerError(f"Unknown positions '{self.positions}'; use one of {', '.join(POSITIONS)}.")
         if self.direction.dim() != 1:
             raise NsteerError(f"An edit's direction must be one vector [H], got shape {tuple(self.direction.shape)}.")
+
+    def coefficients(self) -> tuple[float, float, float, float, float]:
+        """``(t, a_prompt, b_prompt, a_generated, b_generated)`` of ``h <- h + (a (t - h.u) + b) u``."""
+        if self.mode == "set":
+            target, scale, shift = self.target, self.weight, 0.0
+        elif self.mode == "add":
+            target, scale, shift = 0.0, 0.0, self.weight
+        else:
+            target, scale, shift = 0.0, self.weight, 0.0
+        on_prompt = self.positions in ("all", "prompt")
+        on_generated = self.positions in ("all", "generated")
+        return (
+            target,
+            scale if on_prompt else 0.0,
+            shift if on_prompt else 0.0,
+            scale if on_generated else 0.0,
+            shift if on_generated else 0.0,
+        )
+
+
+@dataclass(frozen=True, eq=False)
+class LayerPlan:
+    """Every row's edits at one layer, as per-row tensors (see the module docstring for the formula and shapes)."""
+
+    layer: int
+    directions: torch.Tensor  # [K, H] float32, the distinct directions at this layer
+    index: torch.Tensor  # [S, B] int64 into directions
+    target: torch.Tensor  # [S, B] float32: t
+    scale: torch.Tensor  # [2, S, B] float32: a at the prompt (0) and at generated steps (1)
+    shift: torch.Tensor  # [2, S, B] float32: b, likewise
+
+    @property
+    def slots(self) -> int:
+        """How many sequential updates this layer needs per step (the most edits one row has here)."""
+        return int(self.index.shape[0])
+
+    def payload(self) -> dict[str, object]:
+        """The plain form the trace body reads (only ints and tensors: it pickles by value for NDIF)."""
+        return {
+            "layer": self.layer,
+            "directions": self.directions,
+            "index": self.index,
+            "target": self.target,
+            "scale": self.scale,
+            "shift": self.shift,
+        }
+
+
+Plan = tuple[LayerPlan, ...]
 
 
 def edit_from_vector(
@@ -115,41 +177,37 @@ def validate_edits(edits: Sequence[Edit], *, n_layers: int, hidden_size: int) ->
 
 
 def compile_plan(row_edits: Sequence[Sequence[Edit]]) -> Plan:
-    """Turn per-row edit lists into a layer-sorted plan of plain tensors.
+    """Turn per-row edit lists into a layer-sorted plan of per-row tensors (one ``LayerPlan`` per edited layer).
 
-    Each plan entry is one edit in one slot; its ``row_weights`` hold the edit's weight on the rows that carry it there
-    and 0 elsewhere, so one batched pass can steer every row differently (or not at all). Within a layer the slots
-    hold every row's edits as a subsequence in that row's own order, so rows that list shared edits in different
-    orders, or one edit twice, are each applied exactly as listed.
+    Row ``b``'s edits at a layer fill slots 0, 1, ... in that row's own list order, so rows that list shared edits in
+    different orders, or one edit twice, are each applied exactly as listed. Equal directions are stored once.
     """
     batch_size = len(row_edits)
-    slots: dict[int, list[tuple[Edit, set[int]]]] = {}
+    by_layer: dict[int, list[list[Edit]]] = {}
     for row, edits in enumerate(row_edits):
-        cursor: dict[int, int] = {}  # per layer: the first slot this row may still use
         for edit in edits:
-            layer_slots = slots.setdefault(edit.layer, [])
-            start = cursor.get(edit.layer, 0)
-            index = next((i for i in range(start, len(layer_slots)) if layer_slots[i][0] is edit), None)
-            if index is None:
-                layer_slots.append((edit, set()))
-                index = len(layer_slots) - 1
-            layer_slots[index][1].add(row)
-            cursor[edit.layer] = index + 1
-    plan: Plan = []
-    for layer in sorted(slots):
-        entries: list[PlanEntry] = []
-        for edit, rows in slots[layer]:
-            row_weights = torch.tensor(
-                [edit.weight if row in rows else 0.0 for row in range(batch_size)], dtype=torch.float32
-            )
-            entries.append(
-                (
-                    MODES.index(edit.mode),
-                    edit.direction.detach().to(torch.float32).cpu(),
-                    float(edit.target),
-                    row_weights,
-                    POSITIONS.index(edit.positions),
-                )
-            )
-        plan.append((layer, entries))
-    return plan
+            by_layer.setdefault(edit.layer, [[] for _ in range(batch_size)])[row].append(edit)
+    plan: list[LayerPlan] = []
+    for layer in sorted(by_layer):
+        rows = by_layer[layer]
+        slots = max(len(edits) for edits in rows)
+        directions: list[torch.Tensor] = []
+        known: dict[bytes, int] = {}
+        index = torch.zeros(slots, batch_size, dtype=torch.long)
+        target = torch.zeros(slots, batch_size, dtype=torch.float32)
+        scale = torch.zeros(2, slots, batch_size, dtype=torch.float32)
+        shift = torch.zeros(2, slots, batch_size, dtype=torch.float32)
+        for row, edits in enumerate(rows):
+            for slot, edit in enumerate(edits):
+                direction = edit.direction.detach().to("cpu", torch.float32).contiguous()
+                key = direction.numpy().tobytes()
+                if key not in known:
+                    known[key] = len(directions)
+                    directions.append(direction)
+                index[slot, row] = known[key]
+                t, a_prompt, b_prompt, a_generated, b_generated = edit.coefficients()
+                target[slot, row] = t
+                scale[PROMPT, slot, row], shift[PROMPT, slot, row] = a_prompt, b_prompt
+                scale[GENERATED, slot, row], shift[GENERATED, slot, row] = a_generated, b_generated
+        plan.append(LayerPlan(layer, torch.stack(directions), index, target, scale, shift))
+    return tuple(plan)

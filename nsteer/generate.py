@@ -46,37 +46,49 @@ def steered_generate_batches(
 ) -> list[torch.Tensor]:
     """Run one ``generate`` per ``(input_ids, attention_mask, plan)`` batch in one session (one NDIF request).
 
-    The loop body uses only tensors, numbers and the model's own modules, so the identical trace runs on NDIF
+    Each edited layer applies ``h <- h + (c - a (h.u)) u`` once per slot (``c = a t + b``; see ``nsteer.edits``), with
+    per-row ``u``, ``a`` and ``c`` put on the model's device and dtype at the prefill and kept there for the whole
+    generation: the work per step depends on the slots, not on how many rows carry edits or how they differ.
+    The loop body uses only tensors, numbers, dicts and the model's own modules, so the identical trace runs on NDIF
     (``nsteer.jobs.collect`` reads the saved name ``outputs``).
     Step 0 is the prefill (``[B, T, H]``); later steps see one new position each (``[B, 1, H]``) with the KV cache.
     """
     model, layers = handle.model, handle.layers
+    payloads = [
+        (input_ids, attention_mask, [layer.payload() for layer in plan]) for input_ids, attention_mask, plan in batches
+    ]
     with torch.inference_mode(), tf32_matmuls(handle), warnings.catch_warnings():
         # An open-ended step loop ends when generation does; nnsight warns about that by design.
         warnings.filterwarnings("ignore", message=".*was never reached.*")
         with model.session(**handle.trace_kwargs()):
             outputs = []
-            for input_ids, attention_mask, plan in batches:
+            for input_ids, attention_mask, plan in payloads:
                 with model.generate(**generate_kwargs) as tracer:
                     with tracer.invoke({"input_ids": input_ids, "attention_mask": attention_mask}):
+                        resident = {}  # per layer: (u as rows [S, B, 1, H], u as columns [S, B, H, 1], a, c)
                         # A step loop that touches no module would never yield back to the model: only loop with edits.
                         for step in tracer.all() if plan else ():
-                            for layer_index, layer_edits in plan:
-                                output = layers[layer_index].output
+                            phase = 0 if step == 0 else 1  # the prompt's coefficients, then the generated tokens'
+                            for entry in plan:
+                                output = layers[entry["layer"]].output
                                 hidden = output[0] if isinstance(output, tuple) else output
-                                for mode, direction, target, row_weights, positions in layer_edits:
-                                    if (positions == 1 and step > 0) or (positions == 2 and step == 0):
-                                        continue
-                                    unit = direction.to(hidden.device, hidden.dtype)
-                                    scale = row_weights.to(hidden.device, hidden.dtype)[:, None, None]
-                                    projection = (hidden * unit).sum(dim=-1, keepdim=True)
-                                    if mode == 0:
-                                        coefficient = target - projection
-                                    elif mode == 1:
-                                        coefficient = torch.ones_like(projection)
-                                    else:
-                                        coefficient = -projection
-                                    hidden[:] = hidden + scale * coefficient * unit
+                                if step == 0:
+                                    device, dtype = hidden.device, hidden.dtype
+                                    units = entry["directions"].to(device)[entry["index"].to(device)].to(dtype)
+                                    offset = entry["scale"] * entry["target"] + entry["shift"]  # c = a t + b
+                                    resident[entry["layer"]] = (
+                                        units[:, :, None, :],
+                                        units[:, :, :, None],
+                                        entry["scale"].to(device, dtype)[:, :, :, None, None],
+                                        offset.to(device, dtype)[:, :, :, None, None],
+                                    )
+                                rows, columns, scale, offset = resident[entry["layer"]]
+                                for slot in range(rows.shape[0]):
+                                    projection = torch.matmul(hidden, columns[slot])  # [B, T, 1]
+                                    change = torch.addcmul(
+                                        offset[phase, slot], scale[phase, slot], projection, value=-1
+                                    )
+                                    hidden.addcmul_(change, rows[slot])
                     with tracer.invoke():
                         outputs.append(tracer.result.cpu())
             outputs.save()

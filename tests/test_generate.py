@@ -10,9 +10,10 @@ prompt position) from decoding steps (one new position each, KV cache on), appli
 
 sequentially in list order within a layer, and decodes with Hugging Face ``generate`` (greedy unless sampled).
 
-bf16: the hook computes the projection as ``(h * u).sum(-1)`` in the model dtype. In fp32 a different op order
-(``h @ u``) gives the same tokens; in bf16 it does not (the projection rounds differently and greedy argmax flips),
-so the bf16 reference mirrors that op order. With it, parity in bf16 is exact too.
+bf16: nsteer applies every edit as ``h + (c - a (h.u)) u`` (``a``, ``c = a t + b`` rounded to the model dtype, two fused
+multiply-adds). In fp32 the plain formulas above give the same tokens; in bf16 they do not (each rounding step moves
+the result and greedy argmax flips), so the bf16 reference mirrors those rounding steps (``mirrored_edit``), still one
+row and one edit at a time from the hook. With it, parity in bf16 is exact too.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from collections.abc import Sequence
 import pytest
 import torch
 
-from nsteer.edits import Edit
+from nsteer.edits import Edit, compile_plan
 from nsteer.errors import NsteerError
 from nsteer.extract import chat_token_ids
 from nsteer.generate import GenerationConfig, generate, generate_tokens
@@ -86,15 +87,18 @@ def hook_generate(
                         continue
                     h = hidden[row]  # [T, H]
                     u = edit.direction.to(h.device, h.dtype)
+                    hidden = hidden.clone()
+                    if mirror_op_order:
+                        hidden[row] = mirrored_edit(h, u, edit)
+                        continue
                     w = torch.tensor(edit.weight, dtype=h.dtype, device=h.device)
-                    projection = (h * u).sum(-1, keepdim=True) if mirror_op_order else (h @ u)[:, None]
+                    projection = (h @ u)[:, None]
                     if edit.mode == "set":
                         coefficient = edit.target - projection
                     elif edit.mode == "add":
                         coefficient = torch.ones_like(projection)
                     else:
                         coefficient = -projection
-                    hidden = hidden.clone()
                     hidden[row] = h + w * coefficient * u
             return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
@@ -124,6 +128,19 @@ def hook_generate(
         new = output[row, width:].tolist()
         results.append(new[: new.index(eos)] if eos in new else new)
     return results
+
+
+def mirrored_edit(h: torch.Tensor, u: torch.Tensor, edit: Edit) -> torch.Tensor:
+    """One edit on one row's ``[T, H]`` states with nsteer's rounding steps in a low-precision dtype (bf16 parity).
+
+    The same formula as above, rearranged as ``h + (c - a (h.u)) u`` with ``a`` and ``c = a t + b`` rounded to the
+    model dtype once, the projection as a matrix product and each of the two updates as one fused multiply-add.
+    """
+    weight, target = (torch.tensor(value, dtype=torch.float32) for value in (edit.weight, edit.target))
+    a, c = {"set": (weight, weight * target), "add": (0.0, weight), "ablate": (weight, 0.0)}[edit.mode]
+    a, c = (torch.as_tensor(value, dtype=torch.float32).to(h.device, h.dtype) for value in (a, c))
+    projection = torch.matmul(h, u[:, None])  # [T, 1]
+    return h.addcmul(torch.addcmul(c, a, projection, value=-1), u)
 
 
 def unit_vector(hidden_size: int, seed: int) -> torch.Tensor:
@@ -292,6 +309,93 @@ def test_an_edit_listed_twice_applies_twice(tiny, family):
     assert twice == hook_generate(handle, PROMPTS, [[add, add]] * 3)
     doubled = Edit(layer=LAYER, direction=add.direction, mode="add", weight=8.0)
     assert twice == generate_tokens(handle, PROMPTS, [doubled], config=CONFIG)
+
+
+MANY_PROMPTS = [
+    *PROMPTS,
+    "Write a letter to a friend about a trip to the mountains.",
+    "Explain how rainbows form after a storm.",
+    "Include the word ocean.",
+    "What are the pros and cons of working from home?",
+    "Describe the lakes and the small villages.",
+]
+
+
+def many_row_edits(handle) -> list[list[Edit]]:
+    """Eight rows that each steer differently at layer 1 (and some at 2): directions, modes, weights, positions."""
+    width = handle.hidden_size
+    mixed = unit_vector(width, 20) + 0.8 * unit_vector(width, 21)  # not orthogonal to direction 21
+    mixed = mixed / mixed.norm()
+    return [
+        [Edit(layer=1, direction=unit_vector(width, 21), mode="add", weight=8.0)],
+        [],
+        [Edit(layer=1, direction=unit_vector(width, 22), mode="set", weight=1.0, target=7.0, positions="prompt")],
+        [Edit(layer=1, direction=mean_state_direction(handle, 1), mode="ablate", weight=0.9)],
+        [
+            Edit(layer=1, direction=unit_vector(width, 21), mode="add", weight=6.0),
+            Edit(layer=1, direction=mixed, mode="set", target=-4.0, positions="generated"),
+        ],
+        [Edit(layer=1, direction=unit_vector(width, 21), mode="add", weight=-7.0, positions="generated")],
+        [
+            Edit(layer=2, direction=unit_vector(width, 23), mode="add", weight=9.0),
+            Edit(layer=1, direction=unit_vector(width, 24), mode="set", weight=0.5, target=9.0),
+        ],
+        [Edit(layer=1, direction=mixed, mode="set", weight=1.0, target=-4.0)],
+    ]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_many_rows_with_distinct_settings_equal_the_hook_reference(tiny, family, dtype):
+    handle = tiny(family, dtype=dtype)
+    rows = many_row_edits(handle)
+    steered = generate_tokens(handle, MANY_PROMPTS, row_edits=rows, config=CONFIG)
+    assert steered == hook_generate(handle, MANY_PROMPTS, rows, mirror_op_order=dtype != torch.float32)
+    plain = generate_tokens(handle, MANY_PROMPTS, [], config=CONFIG)
+    assert steered[1] == plain[1]  # the row without edits is untouched
+    assert sum(steered[row] != plain[row] for row in range(len(rows))) >= 5  # the edits really act
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_same_layer_edits_with_different_directions_apply_in_list_order(tiny, family, dtype):
+    """A later ``set`` on a direction that overlaps an earlier ``add`` sees the add; the other order does not."""
+    handle = tiny(family, dtype=dtype)
+    first = unit_vector(handle.hidden_size, 30)
+    overlapping = first + 0.9 * unit_vector(handle.hidden_size, 31)
+    add = Edit(layer=LAYER, direction=first, mode="add", weight=7.0, name="add")
+    set_ = Edit(layer=LAYER, direction=overlapping / overlapping.norm(), mode="set", target=-5.0, name="set")
+    rows = [[add, set_], [set_, add], [add, set_]]
+    batched = generate_tokens(handle, PROMPTS, row_edits=rows, config=CONFIG)
+    assert batched == hook_generate(handle, PROMPTS, rows, mirror_op_order=dtype != torch.float32)
+    add_then_set = generate_tokens(handle, PROMPTS, [add, set_], config=CONFIG)
+    set_then_add = generate_tokens(handle, PROMPTS, [set_, add], config=CONFIG)
+    assert add_then_set != set_then_add
+    assert batched[0] == add_then_set[0] and batched[1] == set_then_add[1]
+
+
+def test_the_plan_needs_one_slot_per_edit_a_row_has_at_a_layer_however_many_rows_differ():
+    """32 rows with 32 settings at one layer: one slot (one fused update per step); a row's second edit: two."""
+    width = 16
+    rows = [
+        [Edit(layer=3, direction=unit_vector(width, row % 5), mode=mode, weight=0.5 + row, target=float(row))]
+        for row, mode in zip(range(32), ["set", "add", "ablate", "set"] * 8)
+    ]
+    (layer_plan,) = compile_plan(rows)
+    assert layer_plan.layer == 3 and layer_plan.slots == 1
+    assert layer_plan.directions.shape == (5, width)  # equal directions are stored once
+    for row, (edit,) in enumerate(rows):
+        assert torch.equal(layer_plan.directions[layer_plan.index[0, row]], edit.direction)
+        a = 0.0 if edit.mode == "add" else edit.weight
+        b = edit.weight if edit.mode == "add" else 0.0
+        t = edit.target if edit.mode == "set" else 0.0
+        assert layer_plan.scale[:, 0, row].tolist() == [a, a] and layer_plan.shift[:, 0, row].tolist() == [b, b]
+        assert layer_plan.target[0, row].item() == t
+    second = Edit(layer=3, direction=unit_vector(width, 9), mode="add", weight=2.0, positions="prompt")
+    (two_slots,) = compile_plan([rows[0] + [second], []])
+    assert two_slots.slots == 2
+    assert two_slots.shift[:, 1, 0].tolist() == [2.0, 0.0]  # prompt only: nothing on generated tokens
+    assert two_slots.scale[:, :, 1].abs().sum() == 0 and two_slots.shift[:, :, 1].abs().sum() == 0  # no edits
 
 
 def test_small_batches_equal_one_batch(tiny):
