@@ -81,25 +81,26 @@ def last_token_sums(handle: ModelHandle, batches: Sequence[ExtractionBatch]) -> 
     only tensors, ints and the model's own modules: it runs on NDIF unchanged (``nsteer.jobs.collect`` reads
     the saved name ``sums``).
     """
-    model, layers, n_layers, hidden_size = handle.model, handle.layers, handle.n_layers, handle.hidden_size
+    model, layers, n_layers = handle.model, handle.layers, handle.n_layers
     read_kwargs, stop_early = read_pass_kwargs(handle)  # no KV cache; LM head on the last position only
     with torch.inference_mode(), tf32_matmuls(handle):
         with model.session(**handle.trace_kwargs()):
-            sum_with = torch.zeros(n_layers, hidden_size, dtype=torch.float64)
-            sum_without = torch.zeros(n_layers, hidden_size, dtype=torch.float64)
+            parts = []  # per batch [2, n_layers, H] float64, kept on the model's device: no host sync per layer
             for input_ids, attention_mask, n_with in batches:
                 with model.trace({"input_ids": input_ids, "attention_mask": attention_mask}, **read_kwargs) as tracer:
                     states = []
                     for index in range(n_layers):
                         output = layers[index].output
                         hidden = output[0] if isinstance(output, tuple) else output
-                        states.append(hidden[:, -1, :].to(torch.float64).cpu())
-                    stacked = torch.stack(states)
-                    sum_with += stacked[:, :n_with].sum(dim=1)
-                    sum_without += stacked[:, n_with:].sum(dim=1)
+                        states.append(hidden[:, -1, :])
+                    stacked = torch.stack(states).to(torch.float64)  # [n_layers, B, H]
+                    parts.append(torch.stack([stacked[:, :n_with].sum(dim=1), stacked[:, n_with:].sum(dim=1)]))
                     if stop_early:
                         tracer.stop()  # skip the final norm and the full LM head (models without logits_to_keep)
-            sums = torch.stack([sum_with, sum_without]).save()
+            total = parts[0]
+            for part in parts[1:]:  # batch after batch, in order
+                total = total + part
+            sums = total.cpu().save()  # the one copy to the host
     return sums
 
 
