@@ -21,6 +21,7 @@ import torch
 
 from nsteer.fileio import atomic_write_bytes, parse_json
 from nsteer.model_cache import cache_root
+from nsteer.models import resolve_dtype
 
 RATES = "rates.json"
 MAX_RECORDS = 256  # kinds of runs remembered; the least recently updated are forgotten first
@@ -50,8 +51,6 @@ def rate_key(model_id: str, device: str, dtype: str, batch_size: int) -> RateKey
     if kind == "auto":
         kind = "cuda" if torch.cuda.is_available() else "cpu"
     if dtype == "auto" and (kind == "cpu" or torch.cuda.is_available()):  # what open_model picks on this machine
-        from nsteer.models import resolve_dtype
-
         dtype = str(resolve_dtype("auto", kind))
     return RateKey(model_id, kind, dtype.removeprefix("torch."), batch_size, torch.get_num_threads())
 
