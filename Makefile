@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.nsteer-installed
 
-.PHONY: demo test bench vectors docs clean
+.PHONY: demo test bench gpu-check gpu-wheels vectors docs clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,14 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/run.py
+
+# The GPU check (docs/performance.md): on a one-GPU machine whose python3 has torch and transformers, no .venv needed.
+# Its other packages come from .gpu-wheels/, which `make gpu-wheels` fills where PyPI is reachable.
+gpu-check:
+	bash scripts/gpu_check.sh
+
+gpu-wheels:
+	PIP="$(if $(wildcard $(BIN)/python),$(BIN)/python -m pip,python3 -m pip)" scripts/gpu_wheels.sh
 
 # The shipped vectors (docs/vectors.md): compute + search format, language, length and words on the embedded model,
 # CPU only; files already current are kept (FORCE=1 recomputes). To check bit for bit, build elsewhere and compare:

@@ -1,4 +1,4 @@
-"""benchmarks/run.py --quick runs end to end on a tiny model, prints every ratio and writes valid JSON.
+"""benchmarks/run.py --quick runs every section end to end on a tiny model, prints every ratio and writes valid JSON.
 
 No timing is asserted anywhere: the numbers depend on the machine and its load. Only that each measurement ran and
 produced a finite, positive figure, plus one correctness check (the nsteer edit and the forward-hook edit generate
@@ -20,31 +20,37 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "run.py"
 
 PRINTED = (
-    "steered / unsteered generation, batch 1",
-    "steered / unsteered generation, batch 8",
-    "nsteer edit / forward hook, batch 1",
-    "nsteer edit / forward hook, batch 8",
+    "steered / plain generate (unwrapped), batch 1, 1 thread(s)",
+    "steered / plain generate (unwrapped), batch 8, 2 thread(s)",
+    "nsteer steered / forward hook, batch 1, 1 thread(s)",
+    "nsteer steered / forward hook, batch 8, 2 thread(s)",
+    "(nsteer unsteered / plain, batch 1",
+    "(hook / plain, batch 8",
     "extraction / bare forward",
     "memory peak",
     "speed-up of extraction over one-prompt-at-a-time",
     "per-step overhead (",
-    "composed edits / unsteered generation (deep narrow model, CPU time): 0 edit(s)",
-    "eval throughput",
+    "edit cost per step with every row's own setting",
+    "eval throughput, generation + perplexity",
 )
 RATIOS = {
-    "steered_over_unsteered_batch_1",
-    "steered_over_unsteered_batch_8",
-    "nsteer_over_hook_batch_1",
-    "nsteer_over_hook_batch_8",
+    *(
+        f"{name}_batch_{size}_threads_{threads}"
+        for name in ("steered_over_plain", "nsteer_over_hook")
+        for size in (1, 8)
+        for threads in (1, 2)
+    ),
+    "edit_cost_rows_growth",
     "extraction_over_forward",
     "extraction_speedup_over_research",
     "memory_large_over_small",
 }
+VARIANTS = ("hf_plain", "hf_hook", "nsteer_steered", "nsteer_unsteered")
 
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict]:
-    """One ``--quick`` run on the tiny random model (CPU, one thread), in a subprocess."""
+    """One ``--quick`` run on the tiny random model (CPU, generation at 1 and 2 threads), in a subprocess."""
     out = tmp_path_factory.mktemp("bench") / "quick.json"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     command = [
@@ -56,7 +62,7 @@ def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict]:
         "--device",
         "cpu",
         "--threads",
-        "1",
+        "1,2",
         "--out",
         str(out),
     ]
@@ -78,7 +84,10 @@ def test_prints_every_ratio(quick_run: tuple[str, dict]) -> None:
 def test_json_has_every_ratio_and_the_machine(quick_run: tuple[str, dict]) -> None:
     _, report = quick_run
     assert set(report["ratios"]) == RATIOS
-    assert all(_positive(value) for value in report["ratios"].values()), report["ratios"]
+    assert all(isinstance(value, float) and math.isfinite(value) for value in report["ratios"].values()), report[
+        "ratios"
+    ]
+    assert all(_positive(value) for key, value in report["ratios"].items() if key != "edit_cost_rows_growth")
     meta = report["meta"]
     for key in (
         "nproc",
@@ -90,31 +99,34 @@ def test_json_has_every_ratio_and_the_machine(quick_run: tuple[str, dict]) -> No
         "load_start",
         "load_end",
         "command",
+        "dtype",
     ):
         assert key in meta, key
-    assert meta["torch_threads"] == 1
-    assert meta["quick"] is True
-    assert report["targets"]["steered_over_unsteered"] == 1.10
+    assert meta["torch_threads"] == [1, 2]
+    assert meta["quick"] is True and meta["dtype"] == "float32"
+    assert report["targets"]["steered_over_plain"] == 1.05 and report["targets"]["nsteer_over_hook"] == 1.03
 
 
 def test_json_sections_are_complete(quick_run: tuple[str, dict]) -> None:
     _, report = quick_run
-    for key in ("batch_1", "batch_8"):
-        entry = report["generation"][key]
-        for name in ("hf_unsteered", "nsteer_steered", "hook_steered"):
-            assert len(entry["times_s"][name]) >= 2 and all(_positive(t) for t in entry["times_s"][name])
-        assert entry["nsteer_edit_matches_hook"] is True  # same edit both ways: identical greedy tokens
+    assert set(report["generation"]) == {"threads_1", "threads_2"}
+    for by_batch in report["generation"].values():
+        assert set(by_batch) == {"batch_1", "batch_8"}
+        for entry in by_batch.values():
+            for name in VARIANTS:
+                samples = entry["wall_s"][name]
+                assert len(samples) >= 2 and all(_positive(t) for t in samples)
+            # Same edit both ways, and no edit both ways: identical greedy tokens.
+            assert entry["steered_matches_hook"] is True and entry["unsteered_matches_plain"] is True
     overhead = report["overhead"]
     assert set(overhead["composed_edits"]) == {"0", "1", "2", "4"}
-    assert set(overhead["cpu_ms_per_step"]) == {
-        "hf_unsteered",
-        "hook_edits_1",
-        *(f"nsteer_edits_{n}" for n in (0, 1, 2, 4)),
-    }
+    assert {"hf_plain", "hf_hook_1", *(f"nsteer_edits_{n}" for n in (0, 1, 2, 4))} <= set(overhead["cpu_ms_per_step"])
     assert all(_positive(value) for value in overhead["cpu_ms_per_step"].values())
-    assert all(math.isfinite(value) for value in overhead["extra_ms_per_step_over_hf"].values())
+    rows = overhead["distinct_rows"]
+    assert rows["slots_per_step"] == {"1": 1, "8": 1, "32": 1}  # one fused update, however many settings
+    assert set(rows["edit_cost_ms_per_step"]) == {"1", "8", "32"}
     assert _positive(overhead["expected_nsteer_over_hook_batch_1"]) and _positive(
-        overhead["expected_nsteer_over_hf_batch_8"]
+        overhead["expected_nsteer_over_plain_batch_8"]
     )
     extraction = report["extraction"]
     assert extraction["per_batch"]["samples"] == extraction["batches"] >= 1
@@ -125,4 +137,15 @@ def test_json_sections_are_complete(quick_run: tuple[str, dict]) -> None:
     assert all(_positive(run["torch_peak_mb"]) for run in memory["runs"].values())
     throughput = report["eval_throughput"]["by_batch_size"]
     assert set(throughput) == {"1", "4", "8", "16"}
-    assert all(_positive(row["answers_per_s"]) for row in throughput.values())
+    assert all(_positive(row["answers_per_s"]) and 0 < row["scoring_share"] < 1 for row in throughput.values())
+
+
+def test_rounds_rotate_so_every_variant_takes_every_slot() -> None:
+    """Over as many rounds as variants, each variant runs once in each position (none is always first)."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.harness import rotated
+
+    names = ["a", "b", "c", "d"]
+    orders = [rotated(names, index) for index in range(len(names))]
+    for slot in range(len(names)):
+        assert sorted(order[slot] for order in orders) == names
