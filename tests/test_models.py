@@ -230,3 +230,22 @@ def test_on_a_gpu_auto_opens_in_bfloat16_on_the_device(saved_llama):
     assert handle.dtype is expected
     assert all(parameter.device.type == "cuda" for parameter in handle.hf_model.parameters())
     assert handle.weights_fingerprint == open_model(str(saved_llama)).weights_fingerprint
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_on_a_gpu_nsteers_own_calls_run_float32_products_in_tf32_and_put_the_switch_back():
+    from nsteer.generate import GenerationConfig, generate_tokens
+
+    model = tiny_hf_model("llama").to("cuda")
+    handle = wrap_model(model, tiny_tokenizer(), model_id="tiny-llama-tf32")  # tf32=True, the default
+    seen = []
+    hook = model.register_forward_pre_hook(lambda module, args: seen.append(torch.backends.cuda.matmul.allow_tf32))
+    before = torch.backends.cuda.matmul.allow_tf32
+    try:
+        generate_tokens(handle, ["Hi"], config=GenerationConfig(max_new_tokens=3))
+        model(torch.tensor([[1, 2, 3]], device="cuda"))  # outside nsteer: the process's own setting
+    finally:
+        hook.remove()
+    assert seen[:-1] and all(seen[:-1]) and seen[-1] == before
+    assert torch.backends.cuda.matmul.allow_tf32 == before

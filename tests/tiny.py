@@ -116,4 +116,6 @@ def tiny_handle(
     from nsteer.models import wrap_model
 
     model = tiny_hf_model(family, seed=seed, dtype=dtype, **kwargs).to(device)
-    return wrap_model(model, tiny_tokenizer(), model_id=f"tiny-{family}-{seed}")
+    # Full float32 products on a GPU too: parity tests compare against references that run outside nsteer's calls,
+    # where torch's default (no TF32) holds; tests/test_models.py checks TF32 inside them.
+    return wrap_model(model, tiny_tokenizer(), model_id=f"tiny-{family}-{seed}", tf32=False)
