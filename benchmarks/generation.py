@@ -31,7 +31,7 @@ class GenerationSettings:
     batch_sizes: tuple[int, ...] = (1, 8)
     min_rounds: int = 4
     max_rounds: int = 12
-    budgets_s: tuple[float, ...] = (100.0, 140.0)  # per batch size: more rounds only while inside it
+    budgets_s: tuple[float, ...] = (150.0, 200.0)  # per batch size: more rounds only while inside it
 
 
 def bench_generation(

@@ -13,7 +13,9 @@
 #
 #     scripts/gpu_check.sh [--wheels FOLDER] [--out FOLDER]      (or: make gpu-check)
 #
-# --out also copies the JSON and the log there. PYTHON picks the interpreter (default python3).
+# --out also copies the JSON and the log there. PYTHON picks the interpreter (default python3). Each step has a time
+# limit, so the whole check ends within 8 minutes: TESTS_LIMIT (default 120 s) and BENCH_LIMIT (default 330 s); the
+# benchmark writes its JSON after each model, so a stopped run keeps what it measured ("complete": false).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 wheels=.gpu-wheels
@@ -26,6 +28,8 @@ while [ $# -gt 0 ]; do
     esac
 done
 python=${PYTHON:-python3}
+tests_limit=${TESTS_LIMIT:-120}
+bench_limit=${BENCH_LIMIT:-330}
 started=$(date +%s)
 log=$(mktemp -t nsteer-gpu-check.XXXXXX.log)
 exec > >(tee "$log") 2>&1
@@ -57,13 +61,13 @@ PY
 
 # 2. the CUDA-marked tests (the files that hold them: the rest of the suite needs the IFEval checkers' packages)
 files=$(grep -l "mark.cuda" tests/test_*.py | tr '\n' ' ')
-step "CUDA-marked tests: $files"
-"$python" -m pytest -q -p no:cacheprovider -m cuda $files
+step "CUDA-marked tests (at most $tests_limit s): $files"
+timeout -k 10 "$tests_limit" "$python" -m pytest -q -p no:cacheprovider -m cuda $files
 tests_status=$?
 
 # 3. the benchmark
-step "benchmark"
-"$python" benchmarks/gpu.py ${out:+--copy-to "$out"}
+step "benchmark (at most $bench_limit s)"
+timeout -k 10 "$bench_limit" "$python" benchmarks/gpu.py ${out:+--copy-to "$out"}
 bench_status=$?
 
 step "done: tests exit $tests_status, benchmark exit $bench_status"
