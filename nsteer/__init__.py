@@ -86,6 +86,7 @@ _EXPORTS = {
     "EvaluationError": "nsteer.errors",
     "FileError": "nsteer.errors",
     "RemoteError": "nsteer.errors",
+    "ArgumentError": "nsteer.errors",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -298,6 +298,8 @@ def generate(
     prompts = list(prompt or recipe.demo_prompts)
     if not prompts:
         raise NsteerError("No prompt given: pass --prompt TEXT, or list demo_prompts in the recipe.")
+    if any(not text.strip() for text in prompts):
+        raise NsteerError("A prompt is empty: every --prompt (and demo_prompts entry) needs some text to answer.")
     if not recipe.steer and not no_steer:
         raise NsteerError(f"{recipe_path} has no `steer` entries; add one, or pass --no-steer.")
     _check_no_wait(no_wait, remote, recipe)

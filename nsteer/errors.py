@@ -18,7 +18,7 @@ class RecipeError(NsteerError):
 
 
 class PromptDataError(NsteerError):
-    """A prompt or phrasing file is missing, empty or malformed."""
+    """A prompt, or a prompt or phrasing file, is missing, empty, malformed or too long for the model."""
 
 
 class ModelError(NsteerError):

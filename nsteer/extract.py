@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from nsteer.constants import __version__
-from nsteer.errors import NsteerError
+from nsteer.errors import NsteerError, PromptDataError
 from nsteer.models import ModelHandle, tf32_matmuls
 from nsteer.progress import ProgressCallback
 from nsteer.prompts import Instruction, PromptPair, prompt_set_hash
@@ -32,6 +32,73 @@ def chat_token_ids(tokenizer: Any, text: str) -> list[int]:
             encoded = encoded["input_ids"]
         return [int(token) for token in encoded]
     return [int(token) for token in tokenizer(text, add_special_tokens=True)["input_ids"]]
+
+
+def shown(text: str, width: int = 70) -> str:
+    """``text`` for a message: shortened in the middle when long, quoted, control characters escaped (repr)."""
+    if len(text) > width:
+        text = f"{text[: width * 2 // 3]} … {text[-(width // 3) :]}"
+    return repr(text)
+
+
+def context_problem(handle: ModelHandle, n_tokens: int, new_tokens: int = 0) -> str | None:
+    """Why ``n_tokens`` prompt tokens and ``new_tokens`` new ones overflow the model's context; None if they fit."""
+    limit = handle.context_length
+    if limit is None or n_tokens + new_tokens <= limit:
+        return None
+    length = f"is {n_tokens} tokens long (chat template included)"
+    if new_tokens:
+        length += f" and max_new_tokens is {new_tokens}: {n_tokens + new_tokens} positions"
+    return f"{length}, but {handle.model_id} handles at most {limit} positions"
+
+
+def fitted_token_ids(
+    handle: ModelHandle, text: str, *, new_tokens: int = 0, chat: bool = True, truncate: bool = False
+) -> list[int]:
+    """Token ids of prompt ``text`` (chat-templated unless ``chat`` is False), checked to fit the model's context
+    together with ``new_tokens`` generated tokens; a prompt that does not fit is refused with a message naming it.
+
+    With ``truncate`` the prompt's text instead loses its beginning until it fits: the end is kept, where a request
+    ends and nsteer appends an instruction. The chat template itself is never cut.
+    """
+    tokenizer = handle.tokenizer
+    encode = (
+        (lambda value: chat_token_ids(tokenizer, value)) if chat else (lambda value: raw_token_ids(tokenizer, value))
+    )
+    ids = encode(text)
+    if not ids:
+        raise PromptDataError(f"The prompt {shown(text)} has no tokens; give a non-empty prompt.")
+    limit = handle.context_length
+    if limit is not None and new_tokens >= limit:
+        raise PromptDataError(
+            f"max_new_tokens {new_tokens} leaves no room for a prompt: {handle.model_id} handles at most {limit} "
+            "positions (prompt and generated tokens together). Lower max_new_tokens."
+        )
+    problem = context_problem(handle, len(ids), new_tokens)
+    if problem is None:
+        return ids
+    if not truncate:
+        raise PromptDataError(
+            f"The prompt {shown(text)} {problem}. Shorten it, lower max_new_tokens, or let nsteer cut the prompt's "
+            "beginning (recipe: generation.truncate_prompts: true; SDK: GenerationConfig(truncate_prompts=True))."
+        )
+    words = raw_token_ids(tokenizer, text, special=False)
+    budget = limit - new_tokens
+    keep = budget - (len(ids) - len(words))  # what the template and special tokens take stays
+    while keep > 0:
+        ids = encode(tokenizer.decode(words[-keep:]))
+        if len(ids) <= budget:
+            return ids
+        keep -= len(ids) - budget  # decoding and re-encoding can merge tokens differently at the cut
+    raise PromptDataError(
+        f"The prompt {shown(text)} cannot be cut to fit: the chat template alone takes "
+        f"{len(encode(''))} of the {budget} positions max_new_tokens {new_tokens} leaves. Lower max_new_tokens."
+    )
+
+
+def raw_token_ids(tokenizer: Any, text: str, *, special: bool = True) -> list[int]:
+    """Token ids of ``text`` without a chat template (with the tokenizer's usual special tokens if ``special``)."""
+    return [int(token) for token in tokenizer(text, add_special_tokens=special)["input_ids"]]
 
 
 def chat_template_hash(tokenizer: Any) -> str:
@@ -110,7 +177,7 @@ def extraction_batches(
     """Chat-templated, left-padded batches of ``pairs``: each holds its with-instruction rows, then the without rows."""
     tokenizer = handle.tokenizer
     encoded = [
-        (chat_token_ids(tokenizer, pair.with_instruction), chat_token_ids(tokenizer, pair.without_instruction))
+        (_pair_ids(handle, pair.with_instruction, pair), _pair_ids(handle, pair.without_instruction, pair))
         for pair in pairs
     ]
     # Sorting by length keeps padding small; the sums do not depend on the order of the batches' contents.
@@ -123,6 +190,18 @@ def extraction_batches(
         input_ids, attention_mask = left_pad(sequences, tokenizer.pad_token_id)
         batches.append((input_ids, attention_mask, len(chunk)))
     return batches
+
+
+def _pair_ids(handle: ModelHandle, text: str, pair: PromptPair) -> list[int]:
+    """The chat-templated ids of one side of a pair, refused (naming the pair) when they overflow the context."""
+    ids = chat_token_ids(handle.tokenizer, text)
+    problem = context_problem(handle, len(ids))
+    if problem:
+        raise PromptDataError(
+            f"The prompt pair of base prompt {pair.base_id} {shown(pair.base)} and the phrasing "
+            f"{shown(pair.phrasing)}: the prompt {problem}. Shorten that base prompt or phrasing."
+        )
+    return ids
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -9,14 +10,20 @@ from dataclasses import dataclass
 import torch
 
 from nsteer.edits import Edit, Plan, compile_plan, validate_edits
-from nsteer.extract import chat_token_ids, left_pad
+from nsteer.errors import ArgumentError
+from nsteer.extract import fitted_token_ids, left_pad, shown
+from nsteer.limits import MAX_BATCH_SIZE, MAX_NEW_TOKENS
 from nsteer.models import ModelHandle, tf32_matmuls
 from nsteer.progress import ProgressCallback
 
 
 @dataclass(frozen=True)
 class GenerationConfig:
-    """How to decode: number of new tokens, greedy or sampled, batch size."""
+    """How to decode: number of new tokens, greedy or sampled, batch size, and what to do with over-long prompts.
+
+    ``truncate_prompts``: a prompt that does not fit the model's context with ``max_new_tokens`` loses the beginning
+    of its text until it fits (the end is kept); by default such a prompt is refused before anything is generated.
+    """
 
     max_new_tokens: int = 64
     do_sample: bool = False
@@ -24,6 +31,22 @@ class GenerationConfig:
     top_p: float = 1.0
     seed: int | None = None
     batch_size: int = 8
+    truncate_prompts: bool = False
+
+    def __post_init__(self) -> None:
+        _require_int("max_new_tokens", self.max_new_tokens, 1, MAX_NEW_TOKENS)
+        _require_int("batch_size", self.batch_size, 1, MAX_BATCH_SIZE)
+        if self.seed is not None:
+            _require_int("seed", self.seed, 0, 2**63 - 1)
+        for name in ("do_sample", "truncate_prompts"):
+            if not isinstance(getattr(self, name), bool):
+                raise ArgumentError(f"GenerationConfig.{name} must be True or False, got {getattr(self, name)!r}.")
+        if not _is_number(self.temperature) or not 0 < self.temperature < math.inf:
+            raise ArgumentError(
+                f"GenerationConfig.temperature must be a finite number above 0, got {self.temperature!r}."
+            )
+        if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
+            raise ArgumentError(f"GenerationConfig.top_p must be a number in (0, 1], got {self.top_p!r}.")
 
     def generate_kwargs(self, pad_token_id: int) -> dict:
         """Keyword arguments for Hugging Face ``generate``."""
@@ -37,6 +60,15 @@ class GenerationConfig:
         else:  # silence the sampling defaults some generation configs carry
             kwargs.update(temperature=None, top_p=None, top_k=None)
         return kwargs
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _require_int(name: str, value: object, low: int, high: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise ArgumentError(f"GenerationConfig.{name} must be a whole number from {low} to {high}, got {value!r}.")
 
 
 def steered_generate_batches(
@@ -124,12 +156,20 @@ def generation_batches(
     *,
     batch_size: int,
     chat: bool = True,
+    max_new_tokens: int = 0,
+    truncate: bool = False,
 ) -> list[GenerationBatch]:
-    """Tokenize ``prompts`` (chat-templated), sort them by length and cut them into left-padded batches with plans."""
+    """Tokenize ``prompts`` (chat-templated), sort them by length and cut them into left-padded batches with plans.
+
+    Every prompt is checked first to fit the model's context with ``max_new_tokens`` (or cut to fit with
+    ``truncate``), so an over-long prompt is refused before anything runs.
+    """
     for per_row in row_edits:
         validate_edits(per_row, n_layers=handle.n_layers, hidden_size=handle.hidden_size)
     tokenizer = handle.tokenizer
-    encoded = [chat_token_ids(tokenizer, p) if chat else tokenizer(p)["input_ids"] for p in prompts]
+    encoded = [
+        fitted_token_ids(handle, prompt, new_tokens=max_new_tokens, chat=chat, truncate=truncate) for prompt in prompts
+    ]
     order = sorted(range(len(encoded)), key=lambda i: (len(encoded[i]), i))
     batches = []
     for start in range(0, len(order), batch_size):
@@ -149,6 +189,39 @@ def store_new_tokens(
         results[row] = new[:cut]
 
 
+def check_prompts_fit(
+    handle: ModelHandle, prompts: Sequence[str], config: GenerationConfig = GenerationConfig(), *, chat: bool = True
+) -> None:
+    """Refuse, before anything is generated, a prompt that does not fit the model's context with the config's
+    ``max_new_tokens`` (unless ``truncate_prompts``); runs of many generations call this once with all their prompts."""
+    for prompt in dict.fromkeys(prompt_list(prompts)):
+        fitted_token_ids(handle, prompt, new_tokens=config.max_new_tokens, chat=chat, truncate=config.truncate_prompts)
+
+
+def prompt_list(prompts: object) -> list[str]:
+    """``prompts`` as a list of strings; a bare string (which would be read as one prompt per character) is refused."""
+    if isinstance(prompts, str):
+        raise ArgumentError(
+            f"prompts must be a list of strings, got the single string {shown(prompts)}: "
+            f"write [{shown(prompts)}] for one prompt."
+        )
+    if not isinstance(prompts, Sequence) or not all(isinstance(prompt, str) for prompt in prompts):
+        raise ArgumentError(f"prompts must be a list of strings, got {type(prompts).__name__}.")
+    blank = next((index for index, prompt in enumerate(prompts) if not prompt.strip()), None)
+    if blank is not None:
+        raise ArgumentError(f"prompt {blank} is empty: {shown(prompts[blank])} asks nothing; give a non-empty prompt.")
+    return list(prompts)
+
+
+def edit_list(edits: object, what: str = "edits") -> list[Edit]:
+    """``edits`` as a list of Edit; a single Edit or anything else is refused with what to write instead."""
+    if isinstance(edits, Edit):
+        raise ArgumentError(f"{what} must be a list of edits, got one Edit: write [edit].")
+    if not isinstance(edits, Sequence) or isinstance(edits, str) or not all(isinstance(e, Edit) for e in edits):
+        raise ArgumentError(f"{what} must be a list of Edit objects (see nsteer.edit_from_vector).")
+    return list(edits)
+
+
 def generate_tokens(
     handle: ModelHandle,
     prompts: Sequence[str],
@@ -164,11 +237,26 @@ def generate_tokens(
     ``edits`` apply to every prompt; ``row_edits`` (one list per prompt) steers each prompt differently.
     On NDIF several batches travel in one request (see ``ModelHandle.batches_per_request``).
     """
+    prompts, edits = prompt_list(prompts), edit_list(edits)
     if row_edits is None:
-        row_edits = [list(edits)] * len(prompts)
-    elif len(row_edits) != len(prompts):
-        raise ValueError(f"row_edits has {len(row_edits)} entries for {len(prompts)} prompts")
-    batches = generation_batches(handle, prompts, row_edits, batch_size=config.batch_size, chat=chat)
+        row_edits = [edits] * len(prompts)
+    else:
+        row_edits = [edit_list(row, "each entry of row_edits") for row in row_edits]
+        if len(row_edits) != len(prompts):
+            raise ArgumentError(
+                f"row_edits has {len(row_edits)} entries for {len(prompts)} prompts: give one per prompt."
+            )
+    if not isinstance(config, GenerationConfig):
+        raise ArgumentError(f"config must be a GenerationConfig, got {type(config).__name__}.")
+    batches = generation_batches(
+        handle,
+        prompts,
+        row_edits,
+        batch_size=config.batch_size,
+        chat=chat,
+        max_new_tokens=config.max_new_tokens,
+        truncate=config.truncate_prompts,
+    )
     eos = eos_ids(handle)
     results: list[list[int]] = [[] for _ in prompts]
     if config.seed is not None:

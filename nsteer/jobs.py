@@ -22,12 +22,20 @@ import torch
 from nnsight.intervention.backends.remote import RemoteError as NnsightRemoteError
 
 from nsteer.edits import Edit
-from nsteer.errors import NsteerError, RemoteError
+from nsteer.errors import ArgumentError, NsteerError, RemoteError
 from nsteer.execution.errors import DeadlinePassed, safe_cause, translate_error
 from nsteer.execution.ndif import NdifBackend, Submitted, ndif_host, require_api_key
 from nsteer.extract import MeanDifference, direction_statistics, mean_difference, vector_metadata
 from nsteer.fileio import atomic_write_bytes, expand_user
-from nsteer.generate import GenerationConfig, eos_ids, generation_batches, steered_generate_batches, store_new_tokens
+from nsteer.generate import (
+    GenerationConfig,
+    edit_list,
+    eos_ids,
+    generation_batches,
+    prompt_list,
+    steered_generate_batches,
+    store_new_tokens,
+)
 from nsteer.models import ModelHandle
 from nsteer.pipeline import vector_tasks
 from nsteer.prompts import Instruction, PromptPair
@@ -217,13 +225,22 @@ def submit_generation(
 ) -> RemoteJob:
     """Submit steered generation for ``prompts`` as one NDIF job; ``collect`` returns the answers."""
     config = config or GenerationConfig()
+    prompts = prompt_list(prompts)
     if row_edits is None:
-        row_edits = [list(edits)] * len(prompts)
+        row_edits = [edit_list(edits)] * len(prompts)
     elif len(row_edits) != len(prompts):
-        raise ValueError(f"row_edits has {len(row_edits)} entries for {len(prompts)} prompts")
+        raise ArgumentError(f"row_edits has {len(row_edits)} entries for {len(prompts)} prompts: give one per prompt.")
     if not prompts:
         raise NsteerError("No prompt to generate for.")
-    batches = generation_batches(handle, prompts, row_edits, batch_size=config.batch_size, chat=chat)
+    batches = generation_batches(
+        handle,
+        prompts,
+        row_edits,
+        batch_size=config.batch_size,
+        chat=chat,
+        max_new_tokens=config.max_new_tokens,
+        truncate=config.truncate_prompts,
+    )
     generate_kwargs = config.generate_kwargs(handle.tokenizer.pad_token_id)
     job_id = _submit(
         handle,

@@ -105,6 +105,11 @@ class ModelHandle:
         return next(self.hf_model.parameters()).device
 
     @property
+    def context_length(self) -> int | None:
+        """How many positions (prompt plus generated tokens) the model handles; None when it states no limit."""
+        return context_length(self.hf_model.config, self.tokenizer)
+
+    @property
     def dtype(self) -> torch.dtype:
         """The dtype of the model's first floating-point parameter."""
         for parameter in self.hf_model.parameters():
@@ -222,6 +227,29 @@ def hidden_size_of(config: Any) -> int:
     if text_config is not None:
         return hidden_size_of(text_config)
     raise ModelError(f"Cannot tell the hidden size of a {type(config).__name__}.")
+
+
+# Where configs state the positions a model was built for: learned position tables (GPT-2, OPT, GPT-J) fail past it,
+# rotary models (Llama, Mistral, Qwen2, Gemma, Phi-3 — whose value already includes its long-context scaling) go
+# silently wrong. MPT names it max_seq_len, a few remote-code models seq_length or n_ctx.
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "max_sequence_length", "seq_length", "n_ctx")
+# Tokenizers without a stated length report a huge sentinel (1e30); anything past this is no statement at all.
+LARGEST_PLAUSIBLE_CONTEXT = 1 << 24
+
+
+def context_length(config: Any, tokenizer: Any = None) -> int | None:
+    """The positions a model handles, from its config (authoritative: it sizes the position machinery); else from the
+    tokenizer's ``model_max_length`` when that is a real number; else None (no limit stated, e.g. ALiBi or state-space
+    models)."""
+    for source in (config, getattr(config, "text_config", None)):
+        for key in CONTEXT_KEYS:
+            value = getattr(source, key, None) if source is not None else None
+            if isinstance(value, int) and not isinstance(value, bool) and 0 < value <= LARGEST_PLAUSIBLE_CONTEXT:
+                return value
+    value = getattr(tokenizer, "model_max_length", None)
+    if isinstance(value, int) and not isinstance(value, bool) and 0 < value <= LARGEST_PLAUSIBLE_CONTEXT:
+        return value
+    return None
 
 
 def embedded_model_location() -> tuple[Path, str]:

@@ -26,13 +26,14 @@ from nsteer.errors import NsteerError, RecipeError
 from nsteer.evaluate.checkers import CheckSpec, validate_spec
 from nsteer.evaluate.custom_checks import function_check, regex_check
 from nsteer.fileio import MAX_RECIPE_BYTES, YAMLLimitError, input_path, is_file, parse_yaml, read_text, user_path
+from nsteer.limits import MAX_BATCH_SIZE, MAX_NEW_TOKENS
 from nsteer.prompts import builtin_instruction, load_base_prompts, load_phrasings
 
 
 class Strict(BaseModel):
-    """Base of every recipe section: unknown keys are errors, values are not coerced across types."""
+    """Base of every recipe section: unknown keys are errors, values keep their type, numbers are finite."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 class ModelSection(Strict):
@@ -208,7 +209,7 @@ class ExtractionSection(Strict):
     batch_size: int = Field(
         16,
         gt=0,
-        le=4096,
+        le=MAX_BATCH_SIZE,
         description="Prompts per forward pass; a pair is two prompts, so at least one pair (2 prompts) goes per pass.",
     )
 
@@ -216,12 +217,17 @@ class ExtractionSection(Strict):
 class GenerationSection(Strict):
     """How answers are decoded."""
 
-    max_new_tokens: int = Field(64, gt=0, le=8192, description="Tokens generated per answer (at most).")
-    batch_size: int = Field(8, gt=0, le=4096, description="Prompts per batched generation.")
+    max_new_tokens: int = Field(64, gt=0, le=MAX_NEW_TOKENS, description="Tokens generated per answer (at most).")
+    batch_size: int = Field(8, gt=0, le=MAX_BATCH_SIZE, description="Prompts per batched generation.")
     do_sample: bool = Field(False, description="Sample instead of greedy decoding.")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature (with do_sample).")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass (with do_sample).")
     seed: int | None = Field(None, ge=0, description="Seed for sampling, so sampled answers repeat.")
+    truncate_prompts: bool = Field(
+        False,
+        description="Cut the beginning of a prompt too long for the model's context with max_new_tokens "
+        "(its end is kept); by default such a prompt is refused before anything is generated.",
+    )
 
 
 class SearchWeights(Strict):
@@ -258,7 +264,9 @@ class SearchSection(Strict):
         "absent", description="Score with the instruction absent from the prompt, present, or both."
     )
     max_prompts: int | None = Field(32, gt=0, description="Validation prompts per instruction (per condition).")
-    max_new_tokens: int | None = Field(None, gt=0, description="Override generation.max_new_tokens for the sweep.")
+    max_new_tokens: int | None = Field(
+        None, gt=0, le=MAX_NEW_TOKENS, description="Override generation.max_new_tokens for the sweep."
+    )
     margin: float = Field(
         0.1, ge=0, le=1, description="Reject a setting whose degenerate share exceeds the baseline's by more."
     )
@@ -331,6 +339,14 @@ class Recipe(Strict):
     search: SearchSection = Field(SearchSection(), description="The layer / weight sweep of `nsteer search`.")
     evaluation: EvaluationSection = Field(EvaluationSection(), description="The 2x2 table of `nsteer eval`.")
     demo_prompts: list[str] = Field(default_factory=list, description="Prompts `nsteer generate --compare` shows.")
+
+    @field_validator("demo_prompts")
+    @classmethod
+    def _prompts_not_blank(cls, value: list[str]) -> list[str]:
+        """Demo prompts are not empty or blank."""
+        if any(not prompt.strip() for prompt in value):
+            raise ValueError("demo_prompts must not hold an empty prompt")
+        return value
 
     _source: Path | None = PrivateAttr(None)
     _lines: Mapping[tuple, int] = PrivateAttr(default_factory=dict)

@@ -474,6 +474,21 @@ ROWS: list[Row] = [
         ("the recipe file is larger than 1 MiB",),
     ),
     R(
+        "search-max-new-tokens-over-the-bound",
+        lambda e: ["compute", e.recipe("search: {max_new_tokens: 100000}\n" + MINIMAL)],
+        ("search.max_new_tokens", "less than or equal to 8192"),
+    ),
+    R(
+        "temperature-infinite",
+        lambda e: ["compute", e.recipe("generation: {temperature: .inf}\n" + MINIMAL)],
+        ("generation.temperature", "finite number"),
+    ),
+    R(
+        "demo-prompt-blank",
+        lambda e: ["compute", e.recipe("demo_prompts: [Hi, '  ']\n" + MINIMAL)],
+        ("field demo_prompts", "must not hold an empty prompt"),
+    ),
+    R(
         "builtin-prompt-set-unknown",
         lambda e: ["compute", e.recipe("prompts: {base: 'builtin:base-v9'}\n" + MINIMAL)],
         ("prompts.base", "Unknown built-in prompt set 'base-v9'"),
@@ -837,6 +852,12 @@ ROWS: list[Row] = [
         usage=True,
     ),
     R(
+        "max-new-tokens-over-the-bound-flag",
+        lambda e: ["generate", "x.yaml", "--max-new-tokens", "9000"],
+        ("Invalid value for '--max-new-tokens'", "less than or equal to 8192"),
+        usage=True,
+    ),
+    R(
         "limit-negative",
         lambda e: ["eval", "x.yaml", "--limit", "-4"],
         ("Invalid value for '--limit'", "greater than or equal to 1"),
@@ -863,6 +884,44 @@ ROWS: list[Row] = [
         "generate-no-prompt",
         lambda e: ["generate", e.recipe(MINIMAL + "steer:\n  - {instruction: lowercase, layer: 1}\n")],
         ("No prompt given", "--prompt"),
+    ),
+    R(
+        "generate-empty-prompt",
+        lambda e: ["generate", e.tiny_recipe(), "--no-steer", "-p", "Hi", "-p", ""],
+        ("A prompt is empty",),
+    ),
+    R(
+        "generate-prompt-beyond-the-context",
+        lambda e: ["generate", e.tiny_recipe(), "--no-steer", "-p", "Why is the sky blue? " * 100],
+        ("The prompt 'Why is the sky blue?", "…", "handles at most 256 positions", "truncate_prompts"),
+    ),
+    R(
+        "generate-new-tokens-beyond-the-context",
+        lambda e: ["generate", e.tiny_recipe(), "--no-steer", "-p", "Hi", "--max-new-tokens", "300"],
+        ("max_new_tokens 300 leaves no room for a prompt", "at most 256 positions"),
+    ),
+    R(
+        "eval-data-prompt-beyond-the-context",
+        lambda e: [
+            "eval",
+            e.tiny_recipe(steer="  []"),
+            "--data",
+            e.file("d.jsonl", ifeval_line(prompt="Write it in capitals. " * 100) + "\n"),
+        ],
+        ("The prompt 'Write it in capitals.", "handles at most 256 positions"),
+    ),
+    R(
+        "compute-base-prompt-beyond-the-context",
+        lambda e: [
+            e.file("base.jsonl", "".join(json.dumps({"text": f"Tell me more ({i}). " * 60}) + "\n" for i in range(6)))
+            and "compute",
+            e.recipe(
+                'model: {id: "@MODEL@"}\nprompts: {base: base.jsonl}\n'
+                "instructions:\n  shout: {phrasings: [Answer in capitals.], check: change_case:english_capital}\n"
+                'output: {dir: "@TMP@/out"}\n'
+            ),
+        ],
+        ("The prompt pair of base prompt p0000", "'Tell me more", "handles at most 256 positions", "Shorten that"),
     ),
     R(
         "generate-nothing-to-steer",

@@ -1,7 +1,7 @@
 """The layering holds: every nsteer module has a layer, imports only go down (function-level imports included), and
 no import cycle exists. A module added without a layer, an upward import or a cycle fails here, naming the import.
 
-Layers (docs and DESIGN §5): 0 errors, constants, files, records, prompts, checkers, quality, checkpoint; 1 the model
+Layers (docs and DESIGN §5): 0 errors, constants, limits, files, records, prompts, checkers, quality, checkpoint; 1 the model
 handle and the execution seam; 2 vectors, edits, extraction, generation; 3 the recipe and its pipeline; 4 evaluation
 and search; 5 NDIF jobs, llama.cpp interop, reports; 6 the CLI and the package's public face.
 
@@ -23,6 +23,7 @@ LAYERS: dict[str, int] = {
     "nsteer.errors": 0,
     "nsteer.progress": 0,
     "nsteer.fileio": 0,
+    "nsteer.limits": 0,
     "nsteer.text": 0,
     "nsteer.records": 0,
     "nsteer.prompts": 0,

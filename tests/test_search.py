@@ -229,7 +229,7 @@ def test_steer_entries_take_weights_on_the_vector_scale_and_scaled_targets(setup
     assert set_.target == pytest.approx(0.8 * float(vector.mean_projections[3]))
     with pytest.raises(RecipeError, match="target_scale applies to mode set only"):
         setup(steer=[{"instruction": "lowercase", "layer": 1, "mode": "add", "target_scale": 2.0}])
-    with pytest.raises(RecipeError, match=r"steer\[0\].weight.relative: relative must be a finite number"):
+    with pytest.raises(RecipeError, match=r"steer\[0\].weight.relative: Input should be a finite number"):
         setup(steer=[{"instruction": "lowercase", "layer": 1, "mode": "add", "weight": {"relative": math.inf}}])
 
 
@@ -371,7 +371,7 @@ def test_search_settings_errors(setup, handle, tmp_path) -> None:
     recipe = setup(steer=[{"instruction": "lowercase", "layer": 1}])
     with pytest.raises(RecipeError, match="no steer entry has `layer: auto`"):
         search_recipe(recipe, handle, generator=ByLayer({}), reference=None)
-    with pytest.raises(RecipeError, match=r"field search.weights: weights must be finite"):
+    with pytest.raises(RecipeError, match=r"field search.weights\[0\]: Input should be a finite number"):
         make_recipe(tmp_path, search={"weights": [float("nan")]})
     with pytest.raises(RecipeError, match=r"unknown key 'layer'. Allowed here: layers"):
         make_recipe(tmp_path, search={"layer": [1]})

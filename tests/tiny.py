@@ -43,8 +43,9 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     return fast
 
 
-def tiny_config(family: str, *, hidden: int = 64, layers: int = 4, vocab: int | None = None):
-    """A config for a tiny model of ``family`` (llama, gpt2, gemma2, qwen2, mistral, phi3, gpt_neox)."""
+def tiny_config(family: str, *, hidden: int = 64, layers: int = 4, vocab: int | None = None, positions: int = 256):
+    """A config for a tiny model of ``family`` (llama, gpt2, gemma2, qwen2, mistral, phi3, gpt_neox) with a context
+    of ``positions`` tokens."""
     from transformers import (
         Gemma2Config,
         GPT2Config,
@@ -60,14 +61,14 @@ def tiny_config(family: str, *, hidden: int = 64, layers: int = 4, vocab: int | 
     eos = tokenizer.eos_token_id
     common = dict(vocab_size=vocab, eos_token_id=eos, bos_token_id=tokenizer.bos_token_id, pad_token_id=eos)
     if family == "gpt2":
-        return GPT2Config(n_embd=hidden, n_layer=layers, n_head=4, n_positions=256, **common)
+        return GPT2Config(n_embd=hidden, n_layer=layers, n_head=4, n_positions=positions, **common)
     if family == "gpt_neox":
         return GPTNeoXConfig(
             hidden_size=hidden,
             num_hidden_layers=layers,
             num_attention_heads=4,
             intermediate_size=hidden * 2,
-            max_position_embeddings=256,
+            max_position_embeddings=positions,
             **common,
         )
     llama_like = dict(
@@ -76,7 +77,7 @@ def tiny_config(family: str, *, hidden: int = 64, layers: int = 4, vocab: int | 
         num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=256,
+        max_position_embeddings=positions,
         **common,
     )
     if family == "llama":

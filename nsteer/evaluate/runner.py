@@ -32,7 +32,7 @@ from nsteer.errors import EvaluationError
 from nsteer.evaluate.checkers import CheckResult, CheckSpec, check_all, count_sentences, count_words
 from nsteer.evaluate.checkpoint import append_checkpoint, cell_key, read_checkpoint
 from nsteer.evaluate.quality import degeneracy, perplexity
-from nsteer.generate import GenerationConfig, generate
+from nsteer.generate import GenerationConfig, check_prompts_fit, generate
 from nsteer.models import ModelHandle
 from nsteer.progress import ProgressCallback, ProgressFactory
 
@@ -209,6 +209,9 @@ def generate_units(
             bars.advance(unit.label, len(unit.rows))
         else:
             pending.append(index)
+    # Every prompt still to answer is checked against the model's context before the first call: an over-long one
+    # stops the run before it starts, not after hours of answers.
+    check_prompts_fit(handle, [row.prompt for index in pending for row in units[index].rows], config)
     size = len(pending) if per_call is None else per_call
     for start in range(0, len(pending), max(size, 1)):
         call = pending[start : start + size]
