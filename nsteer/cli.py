@@ -685,6 +685,17 @@ def search(
         output.line(f"{kind}: {path}")
 
 
+def _new_output(path: Path, *, force: bool, what: str) -> Path:
+    """Refuse to replace an existing file without --force (a computed vector is not silently overwritten), and an
+    output path that is a folder, before any work is done."""
+    from nsteer.fileio import check_output_path
+
+    check_output_path(path, what)
+    if path.exists() and not force:
+        raise NsteerError(f"{path} already exists; pass --force to replace it, or give another --out.")
+    return path
+
+
 def _check_no_wait(no_wait: bool, remote: bool, recipe: Any) -> None:
     """--no-wait submits NDIF jobs: refuse it for a local run before any model is opened."""
     if no_wait and not remote and recipe.model.backend != "ndif":
@@ -802,19 +813,20 @@ def export_vector(
     out: Path | None = typer.Option(
         None, "--out", metavar="FILE.gguf", help="The .gguf file to write; default: VECTOR with a .gguf suffix."
     ),
+    force: bool = typer.Option(False, "--force", help="Replace the output file if it exists."),
     as_json: bool = JSON,
 ) -> None:
     """Write a vector as a llama.cpp control vector (use with llama.cpp's --control-vector FILE.gguf)."""
-    from nsteer.interop import export_llama_cpp, parse_layers
+    from nsteer.interop import export_llama_cpp, export_weight_and_layers, parse_layers
     from nsteer.vectors import load_vector
 
     output = _output(as_json, False)
     if fmt != "llama-cpp":
         raise NsteerError(f"--format {fmt!r} is not supported; the only export format is llama-cpp.")
     vector = load_vector(vector_file)
-    path = export_llama_cpp(
-        vector, out or vector_file.with_suffix(".gguf"), layers=parse_layers(layers) if layers else None, weight=weight
-    )
+    chosen_layers, chosen_weight = export_weight_and_layers(vector, parse_layers(layers) if layers else None, weight)
+    target = _new_output(out or vector_file.with_suffix(".gguf"), force=force, what="control vector")
+    path = export_llama_cpp(vector, target, layers=chosen_layers, weight=chosen_weight)
     chosen = vector.metadata.chosen
     if weight is not None and chosen is not None and chosen.mode != "add":
         output.note(
@@ -841,6 +853,7 @@ def import_vector(
         metavar="NAME",
         help="Name of the instruction; default: from the file, else its file name.",
     ),
+    force: bool = typer.Option(False, "--force", help="Replace the --out file if it exists."),
     as_json: bool = JSON,
 ) -> None:
     """Read a llama.cpp control vector into an nsteer vector file (add / ablate only: it has no mean projections)."""
@@ -849,7 +862,8 @@ def import_vector(
     from nsteer.vectors import save_vector
 
     output = _output(as_json, False)
-    read_control_vector(gguf_file)  # refuse a bad file before opening any model
+    read_control_vector(gguf_file)  # refuse a bad file, or an output already there, before opening any model
+    _new_output(out, force=force, what="vector file")
     handle = None
     if model_id:
         output.note(f"Opening {model_id} ...")

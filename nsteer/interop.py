@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +38,8 @@ import torch
 from nsteer.constants import __version__
 from nsteer.edits import Edit
 from nsteer.errors import NsteerError, VectorFileError
-from nsteer.fileio import atomic_write, require_file
+from nsteer.fileio import atomic_write, parse_json, require_file
+from nsteer.limits import MAX_LAYERS, MAX_WIDTH
 from nsteer.models import ModelHandle
 from nsteer.searched import SearchedSetting
 from nsteer.vectors import SteeringVector, VectorMetadata
@@ -48,6 +50,8 @@ LAYER_COUNT_KEY = f"{ARCHITECTURE}.layer_count"
 NSTEER_KEY = "nsteer.source"  # JSON: where the vector came from, and how it was scaled
 DIRECTION_PREFIX = "direction."
 GGUF_MAGIC = b"GGUF"
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+LAYER_SUFFIX = re.compile(r"[1-9][0-9]{0,5}")  # direction.N: ASCII digits, no leading zero (one name per layer)
 
 
 @dataclass(frozen=True)
@@ -108,6 +112,10 @@ def export_weight_and_layers(
         weight = chosen.weight
     if not math.isfinite(weight) or weight == 0:
         raise NsteerError(f"--weight must be a finite, non-zero number, got {weight}.")
+    if abs(weight) > FLOAT32_MAX:  # weight x unit direction must stay finite in the file's float32
+        raise NsteerError(
+            f"--weight {weight:g} overflows float32, the type of llama.cpp control vectors (at most {FLOAT32_MAX:.4g})."
+        )
     n_layers = vector.metadata.n_layers
     for layer in layers:
         if layer == 0:
@@ -221,8 +229,12 @@ def read_control_vector(path: str | Path) -> ControlVectorFile:
         if not name.startswith(DIRECTION_PREFIX):
             continue
         suffix = name[len(DIRECTION_PREFIX) :]
-        if not suffix.isdigit() or int(suffix) == 0:
-            raise VectorFileError(f"{path}: tensor {name!r} is not direction.N with a layer N of 1 or more.")
+        if not LAYER_SUFFIX.fullmatch(suffix) or not 0 < int(suffix) < MAX_LAYERS:
+            raise VectorFileError(
+                f"{path}: tensor {name!r} is not direction.N with a layer N from 1 to {MAX_LAYERS - 1}."
+            )
+        if int(suffix) in directions:
+            raise VectorFileError(f"{path}: the file holds two tensors for layer {int(suffix)}.")
         if tensor_type != 0 or data is None:
             raise VectorFileError(
                 f"{path}: tensor {name!r} is not float32 (ggml type {tensor_type}); llama.cpp needs F32."
@@ -239,18 +251,94 @@ def read_control_vector(path: str | Path) -> ControlVectorFile:
     widths = {data.shape[0] for data in directions.values()}
     if len(widths) > 1:
         raise VectorFileError(f"{path}: the direction tensors have different widths {sorted(widths)}.")
-    nsteer: dict[str, Any] = {}
-    if source_text:
-        try:
-            nsteer = dict(json.loads(source_text))
-        except (json.JSONDecodeError, TypeError, ValueError):
-            raise VectorFileError(f"{path}: the {NSTEER_KEY} metadata is not valid JSON.") from None
+    nsteer = _source_record(source_text, path) if source_text is not None else {}
     hidden = widths.pop()
     if nsteer.get("hidden_size") not in (None, hidden):
         raise VectorFileError(f"{path}: its tensors have width {hidden} but its metadata says {nsteer['hidden_size']}.")
-    return ControlVectorFile(
-        path, directions, str(model_hint or ""), int(layer_count) if layer_count is not None else None, nsteer
-    )
+    beyond = [layer for layer in directions if layer >= nsteer.get("n_layers", MAX_LAYERS)]
+    if beyond:
+        raise VectorFileError(
+            f"{path}: it steers layer(s) {sorted(beyond)} but its metadata says the model has {nsteer['n_layers']} "
+            "layers; export it again."
+        )
+    if layer_count is not None and (not _is_int(layer_count) or not 0 <= layer_count < MAX_LAYERS):
+        raise VectorFileError(f"{path}: {LAYER_COUNT_KEY} is {shown_value(layer_count)}, not a layer count.")
+    if model_hint is not None and not isinstance(model_hint, str):
+        raise VectorFileError(f"{path}: {MODEL_HINT_KEY} is {shown_value(model_hint)}, not a model name.")
+    return ControlVectorFile(path, directions, model_hint or "", layer_count, nsteer)
+
+
+# The fields of the nsteer.source record an export writes, and what each must be on import; others are ignored.
+_SOURCE_FIELDS: dict[str, Any] = {
+    **{
+        name: str
+        for name in (
+            "format",
+            "nsteer_version",
+            "model_id",
+            "architecture",
+            "config_hash",
+            "weights_fingerprint",
+            "instruction_id",
+            "category",
+            "check_id",
+            "mode",
+            "positions",
+        )
+    },
+    "hidden_size": "width",
+    "n_layers": "depth",
+    "check_kwargs": dict,
+    "layers": "layers",
+    "weight": "number",
+}
+
+
+def _source_record(text: Any, path: Path) -> dict[str, Any]:
+    """The nsteer.source JSON of an exported file, every known field type-checked: it decides what gets allocated
+    (``n_layers`` x width floats), so a claim the file cannot back is refused, never trusted."""
+    try:
+        data = parse_json(text) if isinstance(text, str) else None
+    except ValueError:
+        data = None
+    if not isinstance(data, dict):
+        raise VectorFileError(f"{path}: the {NSTEER_KEY} metadata is not a JSON object; export the vector again.")
+    for name, kind in _SOURCE_FIELDS.items():
+        if name not in data:
+            continue
+        value = data[name]
+        valid = {
+            str: lambda v: isinstance(v, str) and len(v) <= 10_000,
+            dict: lambda v: isinstance(v, dict),
+            "width": lambda v: _is_int(v) and 0 < v <= MAX_WIDTH,
+            "depth": lambda v: _is_int(v) and 0 < v <= MAX_LAYERS,
+            "layers": lambda v: isinstance(v, list) and all(_is_int(i) and 0 <= i < MAX_LAYERS for i in v),
+            "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+        }[kind](value)
+        if not valid:
+            expected = {
+                str: "a string",
+                dict: "an object",
+                "width": f"a width from 1 to {MAX_WIDTH}",
+                "depth": f"a layer count from 1 to {MAX_LAYERS}",
+                "layers": "a list of layer numbers",
+                "number": "a finite number",
+            }[kind]
+            raise VectorFileError(
+                f"{path}: the {NSTEER_KEY} field {name} is {shown_value(value)}, not {expected}; "
+                "export the vector again."
+            )
+    return data
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def shown_value(value: Any) -> str:
+    """A value from a file for a message: its repr, cut short."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def import_llama_cpp(
@@ -318,6 +406,10 @@ def import_llama_cpp(
     for layer, data in control.directions.items():
         tensor = torch.from_numpy(data.astype(np.float64))
         norm = float(tensor.norm())
+        if norm > FLOAT32_MAX:  # every value finite, but the length is not: it cannot be stored or applied
+            raise VectorFileError(
+                f"{control.path}: direction.{layer} has length {norm:.3g}, beyond float32 ({FLOAT32_MAX:.3g})."
+            )
         if norm > 0:
             directions[layer] = (tensor / norm).to(torch.float32)
             norms[layer] = norm

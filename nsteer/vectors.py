@@ -155,8 +155,8 @@ def carry_choices(path: str | Path, vector: SteeringVector) -> SteeringVector:
         previous = load_vector(path)
     except NsteerError:  # no usable earlier file: nothing to keep
         return vector
-    if previous.instruction_id != vector.instruction_id:
-        return vector
+    if previous.instruction_id != vector.instruction_id or previous.metadata.imported_from:
+        return vector  # another instruction's file, or an import's setting (llama.cpp's scale, never searched)
     metadata = dataclasses.replace(
         vector.metadata, chosen=previous.metadata.chosen, chosen_for=previous.metadata.chosen_for
     )

@@ -206,7 +206,7 @@ def test_bad_files_are_clear_errors(tiny, tmp_path):
     half = write_foreign(tmp_path / "half.gguf", {"direction.1": np.ones(8, np.float16)})
     cases[half] = "not float32"
     zero = write_foreign(tmp_path / "zero.gguf", {"direction.0": np.ones(8, np.float32)})
-    cases[zero] = "layer N of 1 or more"
+    cases[zero] = "layer N from 1 to 1023"
     nothing = write_foreign(tmp_path / "nothing.gguf", {"other.1": np.ones(8, np.float32)})
     cases[nothing] = "no direction.N"
     cases[tmp_path / "missing.gguf"] = "not found"
