@@ -23,13 +23,15 @@ Extending an edit family means adding a per-row tensor to ``LayerPlan`` (and its
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from nsteer.constants import MODES, POSITIONS
-from nsteer.errors import NsteerError
+from nsteer.errors import ArgumentError, NsteerError
 from nsteer.vectors import SteeringVector
 
 PROMPT, GENERATED = 0, 1  # the two phases of a generation: the prefill (step 0) and each later step
@@ -52,11 +54,23 @@ class Edit:
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
-            raise NsteerError(f"Unknown edit mode '{self.mode}'; use one of {', '.join(MODES)}.")
+            raise ArgumentError(f"Unknown edit mode {self.mode!r}; use one of {', '.join(MODES)}.")
         if self.positions not in POSITIONS:
-            raise NsteerError(f"Unknown positions '{self.positions}'; use one of {', '.join(POSITIONS)}.")
+            raise ArgumentError(f"Unknown positions {self.positions!r}; use one of {', '.join(POSITIONS)}.")
+        if not isinstance(self.layer, numbers.Integral) or isinstance(self.layer, bool) or self.layer < 0:
+            raise ArgumentError(f"An edit's layer must be a layer number, 0 or more, got {self.layer!r}.")
+        for name in ("weight", "target"):
+            value = getattr(self, name)
+            if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value):
+                raise ArgumentError(f"An edit's {name} must be a finite number, got {value!r}.")
+            object.__setattr__(self, name, float(value))
+        object.__setattr__(self, "layer", int(self.layer))
+        if not isinstance(self.direction, torch.Tensor) or not self.direction.is_floating_point():
+            raise ArgumentError(f"An edit's direction must be a float tensor [H], got {type(self.direction).__name__}.")
         if self.direction.dim() != 1:
-            raise NsteerError(f"An edit's direction must be one vector [H], got shape {tuple(self.direction.shape)}.")
+            raise ArgumentError(f"An edit's direction must be one vector [H], got shape {tuple(self.direction.shape)}.")
+        if not torch.isfinite(self.direction).all():
+            raise ArgumentError(f"The direction of edit '{self.name}' holds NaN or infinite values.")
 
     def coefficients(self) -> tuple[float, float, float, float, float]:
         """``(t, a_prompt, b_prompt, a_generated, b_generated)`` of ``h <- h + (a (t - h.u) + b) u``."""
@@ -163,9 +177,16 @@ def relative_weight(vector: SteeringVector, layer: int, k: float) -> float:
     return float(k) * float(vector.norms[layer])
 
 
-def validate_edits(edits: Sequence[Edit], *, n_layers: int, hidden_size: int) -> None:
-    """Refuse edits whose layer or width does not fit the model."""
+def validate_edits(edits: Sequence[Edit], *, n_layers: int, hidden_size: int, dtype: torch.dtype | None = None) -> None:
+    """Refuse edits whose layer or width does not fit the model, or whose weight overflows the model's ``dtype``."""
+    largest = torch.finfo(dtype).max if dtype is not None and dtype.is_floating_point else None
     for edit in edits:
+        if largest is not None and max(abs(edit.weight), abs(edit.weight * edit.target)) > largest:
+            kind = str(dtype).removeprefix("torch.")
+            raise ArgumentError(
+                f"Edit '{edit.name}' has weight {edit.weight:g}: its change overflows the model's {kind} (largest "
+                f"{largest:.4g}) and would turn its activations into inf and NaN. Use a smaller weight."
+            )
         if not 0 <= edit.layer < n_layers:
             raise NsteerError(
                 f"Edit '{edit.name}' targets layer {edit.layer}; this model has layers 0..{n_layers - 1}."

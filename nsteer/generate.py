@@ -164,8 +164,9 @@ def generation_batches(
     Every prompt is checked first to fit the model's context with ``max_new_tokens`` (or cut to fit with
     ``truncate``), so an over-long prompt is refused before anything runs.
     """
+    dtype = handle.dtype
     for per_row in row_edits:
-        validate_edits(per_row, n_layers=handle.n_layers, hidden_size=handle.hidden_size)
+        validate_edits(per_row, n_layers=handle.n_layers, hidden_size=handle.hidden_size, dtype=dtype)
     tokenizer = handle.tokenizer
     encoded = [
         fitted_token_ids(handle, prompt, new_tokens=max_new_tokens, chat=chat, truncate=truncate) for prompt in prompts

@@ -26,7 +26,7 @@ from nsteer.errors import NsteerError, RecipeError
 from nsteer.evaluate.checkers import CheckSpec, validate_spec
 from nsteer.evaluate.custom_checks import function_check, regex_check
 from nsteer.fileio import MAX_RECIPE_BYTES, YAMLLimitError, input_path, is_file, parse_yaml, read_text, user_path
-from nsteer.limits import MAX_BATCH_SIZE, MAX_NEW_TOKENS
+from nsteer.limits import LARGEST_FINITE, MAX_BATCH_SIZE, MAX_NEW_TOKENS
 from nsteer.prompts import builtin_instruction, load_base_prompts, load_phrasings
 
 
@@ -362,6 +362,23 @@ class Recipe(Strict):
                     ("steer", index, "instruction"),
                     f"'{entry.instruction}' is not one of the recipe's instructions ({', '.join(self.instructions)}).",
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _weights_fit_the_dtype(self) -> Recipe:
+        """Absolute weights stay finite in the model's dtype (1e308 would turn float32 activations into inf)."""
+        largest = LARGEST_FINITE[self.model.dtype]
+        for index, entry in enumerate(self.steer):
+            if isinstance(entry.weight, float) and abs(entry.weight) > largest:
+                raise _FieldProblem(
+                    ("steer", index, "weight"),
+                    f"{entry.weight:g} overflows the model's {self.model.dtype} (largest {largest:.4g}).",
+                )
+        weights = self.search.weights if isinstance(self.search.weights, list) else []
+        if any(abs(weight) > largest for weight in weights):
+            raise _FieldProblem(
+                ("search", "weights"), f"a weight overflows the model's {self.model.dtype} (largest {largest:.4g})."
+            )
         return self
 
     @property

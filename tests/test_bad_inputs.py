@@ -172,6 +172,25 @@ def wrong_header_length(env: Env) -> str:
     return env.file("huge-header.safetensors", struct.pack("<Q", 10**15) + b"{}")
 
 
+def control_vector(env: Env, *, source: dict | None = None, layer: str = "1") -> str:
+    """A llama.cpp control vector for the tiny model's width, optionally with an nsteer.source record."""
+    import gguf
+    import numpy as np
+
+    path = env.tmp / "cv.gguf"
+    writer = gguf.GGUFWriter(str(path), "controlvector")
+    writer.add_string("controlvector.model_hint", "tiny")
+    writer.add_uint32("controlvector.layer_count", 1)
+    if source is not None:
+        writer.add_string("nsteer.source", json.dumps(source))
+    writer.add_tensor(f"direction.{layer}", np.ones(64, np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return str(path)
+
+
 def ifeval_line(**changes) -> str:
     record = {
         "key": 1,
@@ -303,6 +322,22 @@ ROWS: list[Row] = [
         "steer-weight-nan",
         lambda e: ["compute", e.recipe(MINIMAL + "steer:\n  - {instruction: lowercase, weight: .nan}\n")],
         ("steer[0].weight", "finite"),
+    ),
+    R(
+        "steer-weight-overflows-float32",
+        lambda e: [
+            "compute",
+            e.recipe(MINIMAL + "steer:\n  - {instruction: lowercase, mode: add, weight: 1.0e+308}\n"),
+        ],
+        ("steer[0].weight", "1e+308 overflows the model's float32"),
+    ),
+    R(
+        "steer-weight-overflows-float16",
+        lambda e: [
+            "compute",
+            e.recipe("model: {dtype: float16}\n" + MINIMAL + "steer:\n  - {instruction: lowercase, weight: 70000}\n"),
+        ],
+        ("steer[0].weight", "overflows the model's float16"),
     ),
     R(
         "steer-layer-negative",
@@ -789,6 +824,36 @@ ROWS: list[Row] = [
         "import-missing",
         lambda e: ["import", str(e.tmp / "cv.gguf"), "--out", str(e.tmp / "o.safetensors")],
         ("Control vector file not found",),
+    ),
+    R(
+        "export-weight-overflows-float32",
+        lambda e: ["export", e.vector(), "--layers", "1", "--weight", "1e39"],
+        ("--weight 1e+39 overflows float32",),
+    ),
+    R(
+        "import-claims-a-hundred-million-layers",
+        lambda e: ["import", control_vector(e, source={"n_layers": 10**8}), "--out", str(e.tmp / "o.safetensors")],
+        ("nsteer.source field n_layers is 100000000, not a layer count",),
+    ),
+    R(
+        "import-layer-name-with-5000-digits",
+        lambda e: ["import", control_vector(e, layer="9" * 5000), "--out", str(e.tmp / "o.safetensors")],
+        ("is not direction.N with a layer N from 1 to 1023",),
+    ),
+    R(
+        "import-out-exists",
+        lambda e: ["import", control_vector(e), "--out", e.vector("mine.safetensors")],
+        ("mine.safetensors already exists; pass --force",),
+    ),
+    R(
+        "import-out-a-folder",
+        lambda e: ["import", control_vector(e), "--out", str(e.tmp)],
+        ("is a folder; give the path of the vector file to write",),
+    ),
+    R(
+        "export-out-exists",
+        lambda e: ["export", e.vector(), "--layers", "1", "--weight", "2", "--out", e.file("cv.gguf", "mine")],
+        ("cv.gguf already exists; pass --force",),
     ),
     R(
         "vector-nan-in-a-recipe",
