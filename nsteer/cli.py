@@ -227,6 +227,7 @@ def compute(
         overrides.append(Override(("prompts", "seed"), seed, f"--seed {seed}"))
     recipe = _recipe(recipe_path, overrides)
     _check_no_wait(no_wait, remote, recipe)
+    _writable(recipe.output_dir)
     handle = _open(output, recipe, remote)
     run = _run(recipe, handle)
     output.line(_describe_run(run))
@@ -378,6 +379,7 @@ def inspect(
 
         labels = vector_labels(vectors, vector_files)
         if plot is not None:
+            _new_output(plot, force=True, what="plot")
             written = write_similarity_plot(vectors, vector_files, plot, layer=layer, centered=centered)
             output.note(f"plot: {written}")
         if len(vectors) > 1:
@@ -531,6 +533,7 @@ def evaluate(
     out_dir = out or recipe.output_dir / (
         "eval" if data is None and split == "test" else f"eval-{'data' if data else split}"
     )
+    _writable(out_dir)
     vectors = read_recipe_vectors(recipe) if recipe.steer else {}
     if data is None:
         for name in vectors_from_other_pairs(recipe, vectors):
@@ -629,7 +632,7 @@ def search(
     Before any work it prints the plan: settings x prompts = answers, and how long that takes at the rate recorded
     on this machine by earlier runs (or that none is recorded yet).
     """
-    from nsteer.pipeline import check_recipe_vectors, read_recipe_vectors
+    from nsteer.pipeline import check_recipe_vectors, read_recipe_vectors, steer_vector_path
     from nsteer.report import search_rows, write_search_report
     from nsteer.search import plan_estimate, plan_search, search_recipe
 
@@ -646,6 +649,8 @@ def search(
         for line in plan.lines():
             output.line(line)
         return
+    searched = [index for index, entry in enumerate(recipe.steer) if entry.layer == "auto"]
+    _writable(out_dir, *(steer_vector_path(recipe, index).parent for index in searched))  # winners go into vectors
     handle = _open(output, recipe, remote)
     check_recipe_vectors(recipe, vectors, handle, allow_transfer=allow_transfer or None)
     with output.progress() as bars:
@@ -687,13 +692,22 @@ def search(
 
 def _new_output(path: Path, *, force: bool, what: str) -> Path:
     """Refuse to replace an existing file without --force (a computed vector is not silently overwritten), and an
-    output path that is a folder, before any work is done."""
+    output path that is a folder or in a folder that cannot be written, before any work is done."""
     from nsteer.fileio import check_output_path
 
     check_output_path(path, what)
     if path.exists() and not force:
         raise NsteerError(f"{path} already exists; pass --force to replace it, or give another --out.")
+    _writable(path.parent)
     return path
+
+
+def _writable(*folders: Path) -> None:
+    """Prove each output folder takes a file before a model is opened (not after it has run for an hour)."""
+    from nsteer.fileio import writable_folder
+
+    for folder in dict.fromkeys(folders):
+        writable_folder(folder)
 
 
 def _check_no_wait(no_wait: bool, remote: bool, recipe: Any) -> None:
@@ -934,6 +948,7 @@ def _eval_composition(
     recipe = _recipe(recipe_path, overrides)
     _check_split(split)
     out_dir = out or recipe.output_dir / ("composition" if split == "test" else f"composition-{split}")
+    _writable(out_dir)
     vectors = read_recipe_vectors(recipe)
     handle = _open(output, recipe, False)
     check_recipe_vectors(recipe, vectors, handle, allow_transfer=allow_transfer or None)
@@ -1003,13 +1018,25 @@ def list_instructions(
     import json
 
     from nsteer.prompts import builtin_catalog
-    from nsteer.vectors import default_vectors_dir, listing_row, shipped_vectors
+    from nsteer.vectors import default_vectors_dir, listing_row, scan_vectors
 
     output = _output(as_json, as_jsonl)
     root = vectors_dir or default_vectors_dir()
     instructions = builtin_catalog()
-    rows = [listing_row(vector, root) for vector in shipped_vectors(root)] if vectors_dir or root.is_dir() else []
-    output.document({"command": "list", "instructions": instructions, "vectors_dir": str(root), "vectors": rows})
+    found, unreadable = scan_vectors(root) if vectors_dir or root.is_dir() else ([], [])
+    rows = [listing_row(vector, root) for vector in found]
+    for _, problem in unreadable:  # reported, and the readable files still listed
+        output.note(f"skipped: {problem}")
+    skipped = [{"file": str(path), "error": problem} for path, problem in unreadable]
+    output.document(
+        {
+            "command": "list",
+            "instructions": instructions,
+            "vectors_dir": str(root),
+            "vectors": rows,
+            "unreadable": skipped,
+        }
+    )
     output.records(
         [{"kind": "instruction", **row} for row in instructions] + [{"kind": "vector", **row} for row in rows]
     )

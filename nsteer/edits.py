@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from nsteer.constants import MODES, POSITIONS
-from nsteer.errors import ArgumentError, NsteerError
+from nsteer.errors import ArgumentError
 from nsteer.vectors import SteeringVector
 
 PROMPT, GENERATED = 0, 1  # the two phases of a generation: the prefill (step 0) and each later step
@@ -139,24 +139,24 @@ def edit_from_vector(
     chosen = vector.metadata.chosen
     layer = layer if layer is not None else (chosen.layer if chosen else None)
     if layer is None:
-        raise NsteerError(
+        raise ArgumentError(
             f"No layer given for '{vector.instruction_id}' and the vector has no searched layer. "
             "Give a layer or run `nsteer search` first."
         )
     n_layers = vector.directions.shape[0]
-    if not 0 <= layer < n_layers:
-        raise NsteerError(
+    if not isinstance(layer, numbers.Integral) or isinstance(layer, bool) or not 0 <= layer < n_layers:
+        raise ArgumentError(
             f"Layer {layer} is out of range for '{vector.instruction_id}': the model has layers 0..{n_layers - 1}."
         )
     mode = mode or (chosen.mode if chosen else "set")
     if mode == "set" and vector.metadata.imported_from:
-        raise NsteerError(
+        raise ArgumentError(
             f"'{vector.instruction_id}' was imported ({vector.metadata.imported_from}) "
             "and carries no mean projection z_l, so a `set` edit is undefined. "
             "Use mode add (weight = the file's scale at that layer, see `nsteer inspect`) or ablate."
         )
     if float(vector.norms[layer]) == 0.0 and vector.metadata.imported_from:
-        raise NsteerError(
+        raise ArgumentError(
             f"'{vector.instruction_id}' has no direction at layer {layer}; the imported file holds layers "
             f"{[i for i in range(n_layers) if float(vector.norms[i]) > 0]}."
         )
@@ -188,11 +188,11 @@ def validate_edits(edits: Sequence[Edit], *, n_layers: int, hidden_size: int, dt
                 f"{largest:.4g}) and would turn its activations into inf and NaN. Use a smaller weight."
             )
         if not 0 <= edit.layer < n_layers:
-            raise NsteerError(
+            raise ArgumentError(
                 f"Edit '{edit.name}' targets layer {edit.layer}; this model has layers 0..{n_layers - 1}."
             )
         if edit.direction.shape[0] != hidden_size:
-            raise NsteerError(
+            raise ArgumentError(
                 f"Edit '{edit.name}' has width {edit.direction.shape[0]} but the model's width is {hidden_size}."
             )
 

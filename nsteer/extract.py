@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from nsteer.constants import __version__
-from nsteer.errors import NsteerError, PromptDataError
+from nsteer.errors import ArgumentError, NsteerError, PromptDataError
 from nsteer.models import ModelHandle, tf32_matmuls
 from nsteer.progress import ProgressCallback
 from nsteer.prompts import Instruction, PromptPair, prompt_set_hash
@@ -227,7 +227,7 @@ def mean_difference(
 ) -> MeanDifference:
     """Stream the pairs through the model in batches and keep only running sums (memory independent of the count)."""
     if not pairs:
-        raise ValueError("mean_difference needs at least one prompt pair")
+        raise ArgumentError("mean_difference needs at least one prompt pair.")
     batches = extraction_batches(handle, pairs, batch_size=batch_size)
     sums = torch.zeros(2, handle.n_layers, handle.hidden_size, dtype=torch.float64)
     group = handle.batches_per_request("extraction")
@@ -260,6 +260,15 @@ def compute_vector(
     progress: ProgressCallback | None = None,
 ) -> SteeringVector:
     """Compute the steering vector of ``instruction`` from training ``pairs`` on ``handle``'s model."""
+    if not isinstance(instruction, Instruction):
+        raise ArgumentError(
+            f"instruction must be an Instruction (e.g. nsteer.builtin_instruction), got {instruction!r}."
+        )
+    if not isinstance(pairs, Sequence) or not all(isinstance(pair, PromptPair) for pair in pairs):
+        raise ArgumentError(
+            "pairs must be a list of PromptPair, e.g. nsteer.instruction_pairs(instruction).train "
+            f"(got {type(pairs).__name__})."
+        )
     if not pairs:
         raise NsteerError(f"No training pairs for '{instruction.id}': the train split is empty. Add base prompts.")
     statistics = mean_difference(handle, pairs, batch_size=batch_size, progress=progress)

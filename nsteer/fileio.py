@@ -327,6 +327,29 @@ def check_output_path(path: str | Path, what: str = "file") -> Path:
     return path
 
 
+def writable_folder(folder: str | Path, what: str = "output folder") -> Path:
+    """Create ``folder`` if needed and prove it takes a file, so an unwritable output is found before a model runs.
+
+    The proof is a real (at once removed) file: permission bits, read-only file systems, ACLs and quotas all answer.
+    """
+    folder = Path(folder)
+    kind = path_kind(folder)
+    if kind not in ("a folder", "nothing"):
+        raise FileError(f"The {what} {folder} is {kind}; give a folder (a file stands where a folder is needed).")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        descriptor, probe = tempfile.mkstemp(prefix=".nsteer-probe.", suffix=TEMP_SUFFIX, dir=folder)
+        os.close(descriptor)
+        os.unlink(probe)
+    except OSError as problem:
+        where = f" ({problem.filename})" if problem.filename and str(problem.filename) != str(folder) else ""
+        raise FileError(
+            f"The {what} {folder} cannot be written{where}: {problem.strerror or problem}. "
+            "Choose another folder, or fix its permissions."
+        ) from None
+    return folder
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Let ``write`` fill a temporary file beside ``path``, fsync it, and rename it onto ``path``.
 

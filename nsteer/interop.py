@@ -37,7 +37,7 @@ import torch
 
 from nsteer.constants import __version__
 from nsteer.edits import Edit
-from nsteer.errors import NsteerError, VectorFileError
+from nsteer.errors import ArgumentError, NsteerError, VectorFileError
 from nsteer.fileio import atomic_write, parse_json, require_file
 from nsteer.limits import MAX_LAYERS, MAX_WIDTH
 from nsteer.models import ModelHandle
@@ -80,11 +80,11 @@ def parse_layers(text: str) -> list[int]:
     try:
         layers = [int(part) for part in text.replace(" ", "").split(",") if part]
     except ValueError:
-        raise NsteerError(f"--layers {text!r} is not a comma-separated list of layer numbers (e.g. 8,10).") from None
+        raise ArgumentError(f"--layers {text!r} is not a comma-separated list of layer numbers (e.g. 8,10).") from None
     if not layers:
-        raise NsteerError("--layers is empty: give the layer numbers to export, e.g. --layers 8,10.")
+        raise ArgumentError("--layers is empty: give the layer numbers to export, e.g. --layers 8,10.")
     if len(set(layers)) != len(layers):
-        raise NsteerError(f"--layers {text!r} names a layer twice.")
+        raise ArgumentError(f"--layers {text!r} names a layer twice.")
     return sorted(layers)
 
 
@@ -95,13 +95,13 @@ def export_weight_and_layers(
     chosen = vector.metadata.chosen
     if layers is None:
         if chosen is None or chosen.layer is None:
-            raise NsteerError(
+            raise ArgumentError(
                 f"'{vector.instruction_id}' has no searched layer: pass --layers (e.g. --layers 8 or --layers 8,10)."
             )
         layers = [chosen.layer]
     if weight is None:
         if chosen is None or chosen.no_steering or chosen.mode != "add":
-            raise NsteerError(
+            raise ArgumentError(
                 "Give --weight: llama.cpp can only add a direction (h <- h + w*u), "
                 f"and '{vector.instruction_id}' has no "
                 f"searched add weight (its searched mode is {chosen.mode if chosen else 'none'!r}). "
@@ -111,20 +111,22 @@ def export_weight_and_layers(
             )
         weight = chosen.weight
     if not math.isfinite(weight) or weight == 0:
-        raise NsteerError(f"--weight must be a finite, non-zero number, got {weight}.")
+        raise ArgumentError(f"--weight must be a finite, non-zero number, got {weight}.")
     if abs(weight) > FLOAT32_MAX:  # weight x unit direction must stay finite in the file's float32
-        raise NsteerError(
+        raise ArgumentError(
             f"--weight {weight:g} overflows float32, the type of llama.cpp control vectors (at most {FLOAT32_MAX:.4g})."
         )
     n_layers = vector.metadata.n_layers
     for layer in layers:
         if layer == 0:
-            raise NsteerError(
+            raise ArgumentError(
                 "llama.cpp cannot steer layer 0: its control vectors start at block 1 (direction.1); "
                 "pick layers 1 or more."
             )
         if not 0 < layer < n_layers:
-            raise NsteerError(f"Layer {layer} is out of range: '{vector.instruction_id}' has layers 0..{n_layers - 1}.")
+            raise ArgumentError(
+                f"Layer {layer} is out of range: '{vector.instruction_id}' has layers 0..{n_layers - 1}."
+            )
     return sorted(layers), float(weight)
 
 

@@ -333,10 +333,25 @@ def default_vectors_dir() -> Path:
 
 def shipped_vectors(directory: str | Path | None = None) -> list[ShippedVector]:
     """Every vector file under ``directory`` (default: the shipped vectors), sorted by path; a bad file raises."""
+    found, unreadable = scan_vectors(directory)
+    if unreadable:
+        raise VectorFileError(unreadable[0][1])
+    return found
+
+
+def scan_vectors(directory: str | Path | None = None) -> tuple[list[ShippedVector], list[tuple[Path, str]]]:
+    """The readable vector files under ``directory`` (default: the shipped vectors), sorted by path, and apart from
+    them each file that could not be read with the reason: one bad file does not hide the others."""
     root = Path(directory) if directory is not None else default_vectors_dir()
     if not root.is_dir():
         raise VectorFileError(f"No vectors folder at {root}. Give one with --vectors DIR (or set {VECTORS_ENV}).")
-    return [ShippedVector(path, load_vector(path).metadata) for path in sorted(root.rglob("*.safetensors"))]
+    found, unreadable = [], []
+    for path in sorted(root.rglob("*.safetensors")):
+        try:
+            found.append(ShippedVector(path, load_vector(path).metadata))
+        except NsteerError as error:
+            unreadable.append((path, str(error)))
+    return found, unreadable
 
 
 def listing_row(vector: ShippedVector, root: str | Path | None = None) -> dict[str, Any]:

@@ -1078,12 +1078,37 @@ ROWS: list[Row] = [
     R(
         "output-dir-is-a-file",
         lambda e: ["compute", e.tiny_recipe(output=f"{{dir: {e.file('taken', 'a file')}}}")],
-        ("cannot read or write", "taken", "a file stands where a folder is needed"),
+        ("output folder", "taken is a file", "a file stands where a folder is needed"),
     ),
     R(
         "model-gguf-is-a-folder",
         lambda e: [(e.tmp / "m.gguf").mkdir() or "compute", e.tiny_recipe(model="{id: @TMP@/m.gguf}")],
         ("m.gguf is a folder, not a GGUF file",),
+    ),
+    R(
+        "output-dir-unwritable",
+        lambda e: ["compute", e.tiny_recipe(output="{dir: /proc/nsteer-cannot-write-here}")],
+        ("The output folder /proc/nsteer-cannot-write-here cannot be written",),
+    ),
+    R(
+        "eval-out-unwritable",
+        lambda e: ["eval", e.tiny_recipe(steer="  []"), "--out", "/proc/nsteer-cannot-write-here"],
+        ("The output folder /proc/nsteer-cannot-write-here cannot be written",),
+    ),
+    R(
+        "search-out-is-a-file",
+        lambda e: ["search", e.tiny_recipe(steer="  - {instruction: shout}"), "--out", e.file("taken", "x")],
+        ("taken is a file",),
+    ),
+    R(
+        "import-out-unwritable",
+        lambda e: ["import", control_vector(e), "--out", "/proc/nsteer-cannot-write-here/v.safetensors"],
+        ("cannot be written",),
+    ),
+    R(
+        "plot-into-a-folder",
+        lambda e: [(e.tmp / "p.png").mkdir() or "inspect", e.vector(), "--plot", str(e.tmp / "p.png")],
+        ("p.png is a folder; give the path of the plot to write",),
     ),
     R(
         "model-gguf-missing",

@@ -1,0 +1,92 @@
+"""Failures found early and kept small: unwritable outputs before the model runs, one bad vector file among many,
+SDK arguments that are errors of nsteer's own family (and ValueErrors), not tracebacks from deep inside."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from cli_runner import run_cli
+
+import nsteer.workflow
+from nsteer.errors import ArgumentError, NsteerError
+from nsteer.extract import compute_vector, mean_difference
+from nsteer.prompts import Instruction, PromptPair
+from nsteer.vectors import SteeringVector, VectorMetadata, save_vector, scan_vectors, shipped_vectors
+
+UNWRITABLE = "/proc/nsteer-cannot-write-here"  # no process can create a folder here, root included
+
+
+def vector_file(path: Path, instruction: str = "shout") -> Path:
+    metadata = VectorMetadata("0.1.0", "m", "c", "f", "LlamaForCausalLM", 8, 2, instruction)
+    directions = torch.nn.functional.normalize(torch.ones(2, 8), dim=-1)
+    return save_vector(SteeringVector(directions, torch.ones(2), torch.ones(2), metadata), path)
+
+
+def recipe(tmp_path: Path, output: str, layer: str = "1") -> Path:
+    path = tmp_path / "r.yaml"
+    path.write_text(
+        "instructions:\n  shout: {phrasings: [Answer in capitals.], check: change_case:english_capital}\n"
+        f"steer:\n  - {{instruction: shout, layer: {layer}}}\noutput: {{dir: {output}}}\n"
+    )
+    return path
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        lambda tmp: ["compute", str(recipe(tmp, UNWRITABLE))],
+        lambda tmp: ["eval", str(recipe(tmp, str(tmp / "out"))), "--out", UNWRITABLE],
+        lambda tmp: ["eval-composition", str(recipe(tmp, str(tmp / "out"))), "--out", UNWRITABLE],
+        lambda tmp: ["search", str(recipe(tmp, UNWRITABLE, layer="auto"))],
+    ],
+    ids=["compute", "eval", "eval-composition", "search"],
+)
+def test_an_unwritable_output_is_found_before_the_model_is_opened(tmp_path, monkeypatch, capsys, argv):
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the model was opened although the output cannot be written")
+
+    monkeypatch.setattr(nsteer.workflow, "open_recipe_model", must_not_run)
+    code, _, err = run_cli(monkeypatch, capsys, *argv(tmp_path))
+    message = " ".join(err.split())
+    assert code == 2 and f"The output folder {UNWRITABLE}" in message and "cannot be written" in message, message
+    assert "Opening" not in err
+
+
+def test_list_reports_a_bad_file_and_lists_the_others(tmp_path, monkeypatch, capsys):
+    folder = tmp_path / "vectors"
+    vector_file(folder / "a" / "shout.safetensors")
+    vector_file(folder / "b" / "whisper.safetensors", "whisper")
+    (folder / "b" / "broken.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}")
+    found, unreadable = scan_vectors(folder)
+    assert [item.metadata.instruction_id for item in found] == ["shout", "whisper"]
+    assert [path.name for path, _ in unreadable] == ["broken.safetensors"]
+    with pytest.raises(NsteerError, match="broken.safetensors"):
+        shipped_vectors(folder)  # the strict reader still refuses
+    code, out, err = run_cli(monkeypatch, capsys, "list", "--vectors", str(folder), "--json")
+    assert code == 0
+    listed = json.loads(out)
+    assert [row["instruction"] for row in listed["vectors"]] == ["shout", "whisper"]
+    assert [Path(row["file"]).name for row in listed["unreadable"]] == ["broken.safetensors"]
+    assert "skipped:" in err and "broken.safetensors" in err
+    code, out, err = run_cli(monkeypatch, capsys, "list", "--vectors", str(folder))
+    assert code == 0 and "whisper" in out and "shout" in out and "broken.safetensors" in " ".join(err.split())
+
+
+def test_compute_vector_arguments_are_checked(tiny):
+    handle = tiny("llama")
+    instruction = Instruction("shout", "format", "", "change_case:english_capital", {}, ("Use capitals.",))
+    pairs = [PromptPair("b", "Hi", "Use capitals.")]
+    cases = [
+        ({"instruction": "shout", "pairs": pairs}, "instruction must be an Instruction"),
+        ({"instruction": instruction, "pairs": "Hi"}, "pairs must be a list of PromptPair"),
+        ({"instruction": instruction, "pairs": [("Hi", "Use capitals.")]}, "pairs must be a list of PromptPair"),
+    ]
+    for arguments, fragment in cases:
+        with pytest.raises(ArgumentError, match=fragment) as raised:
+            compute_vector(handle, **arguments)
+        assert isinstance(raised.value, ValueError)
+    with pytest.raises(ArgumentError, match="at least one prompt pair"):
+        mean_difference(handle, [])
