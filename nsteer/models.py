@@ -38,6 +38,10 @@ KNOWN_LAYER_PATHS = (
     "model.language_model.layers",  # multimodal wrappers (Gemma-3, Llava)
 )
 
+# A layers_path is followed with getattr from the model: attribute names only, so it cannot reach interpreter
+# internals (``__class__.__init__.__globals__``) or private state.
+LAYERS_PATH = re.compile(r"[A-Za-z][A-Za-z0-9_]*(\.[A-Za-z0-9][A-Za-z0-9_]*)*")
+
 DTYPES = {
     "float32": torch.float32,
     "bfloat16": torch.bfloat16,
@@ -129,6 +133,11 @@ def resolve_path(root: Any, dotted: str) -> Any:
 def find_layers_path(hf_model: torch.nn.Module, override: str | None = None) -> str:
     """Return the dotted path of the decoder-block list: the override, a known path, or the longest ModuleList."""
     if override:
+        if not LAYERS_PATH.fullmatch(override) or "__" in override:
+            raise ModelError(
+                f"layers_path {override!r} is not a dotted path of attribute names (e.g. model.layers); "
+                "names start with a letter, and private or special attributes (_x, __x__) are not followed."
+            )
         try:
             module = resolve_path(hf_model, override)
         except AttributeError as error:

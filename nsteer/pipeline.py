@@ -6,7 +6,6 @@ The CLI and the SDK both call these functions; each step delegates to the stage 
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,7 @@ from nsteer.prompts import (
     prompt_set_hash,
     split_pairs,
 )
-from nsteer.recipe import Recipe, RelativeWeight
+from nsteer.recipe import Recipe, RelativeWeight, vector_file_name
 from nsteer.vectors import (
     SteeringVector,
     carry_choices,
@@ -107,8 +106,7 @@ def open_recipe_model(recipe: Recipe, *, remote: bool | None = None) -> ModelHan
 
 def vector_path(recipe: Recipe, name: str) -> Path:
     """Where ``compute`` writes the vector of instruction ``name``."""
-    safe = re.sub(r"[^A-Za-z0-9_.-]+", "-", name)
-    return recipe.output_dir / f"{safe}.safetensors"
+    return recipe.output_dir / vector_file_name(name)
 
 
 def _is_current(path: Path, handle: ModelHandle, instruction: Instruction, expected_hash: str) -> bool:

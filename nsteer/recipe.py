@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,7 +52,12 @@ class ModelSection(Strict):
     device: str = Field(
         "cpu", pattern=r"^(cpu|auto|cuda(:\d{1,4})?)$", description="cpu, cuda, cuda:N or auto (a GPU if there is one)."
     )
-    layers_path: str | None = Field(None, description="Dotted path of the decoder-block list, for unusual models.")
+    layers_path: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z][A-Za-z0-9_]*(\.[A-Za-z0-9][A-Za-z0-9_]*)*$",
+        max_length=200,
+        description="Dotted path of the decoder-block list, for unusual models (attribute names, e.g. model.layers).",
+    )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
     timeout: float = Field(900.0, gt=0, description="Seconds to wait for one NDIF request before giving up.")
 
@@ -365,6 +371,24 @@ class Recipe(Strict):
         return self
 
     @model_validator(mode="after")
+    def _one_file_per_instruction(self) -> Recipe:
+        """No two instructions share a vector file name ("a b" and "a-b" both write a-b.safetensors; case counts
+        as the same on some file systems), so one instruction's vector never replaces another's."""
+        seen: dict[str, str] = {}
+        for name in self.instructions:
+            if not name.strip():
+                raise _FieldProblem(("instructions",), "an instruction name is empty.")
+            file = vector_file_name(name).casefold()
+            if file in seen:
+                raise _FieldProblem(
+                    ("instructions", name),
+                    f"'{name}' and '{seen[file]}' would both write the vector file {vector_file_name(name)}: "
+                    "rename one of them.",
+                )
+            seen[file] = name
+        return self
+
+    @model_validator(mode="after")
     def _weights_fit_the_dtype(self) -> Recipe:
         """Absolute weights stay finite in the model's dtype (1e308 would turn float32 activations into inf)."""
         largest = LARGEST_FINITE[self.model.dtype]
@@ -438,6 +462,11 @@ class Recipe(Strict):
         ]
         if problems:
             raise RecipeError(*problems)
+
+
+def vector_file_name(instruction: str) -> str:
+    """The file name ``compute`` gives the vector of ``instruction`` in the output folder."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", instruction) + ".safetensors"
 
 
 class _FieldProblem(ValueError):

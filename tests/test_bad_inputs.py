@@ -299,6 +299,11 @@ ROWS: list[Row] = [
     ),
     R("device-unknown", lambda e: ["compute", e.recipe("model: {device: gpu}\n" + MINIMAL)], ("model.device", "'gpu'")),
     R(
+        "layers-path-into-interpreter-internals",
+        lambda e: ["compute", e.recipe("model: {layers_path: __class__.__init__.__globals__}\n" + MINIMAL)],
+        ("model.layers_path", "should match pattern"),
+    ),
+    R(
         "timeout-not-positive",
         lambda e: ["compute", e.recipe("model: {timeout: 0}\n" + MINIMAL)],
         ("model.timeout", "greater than 0"),
@@ -408,6 +413,16 @@ ROWS: list[Row] = [
         "search-weights-empty",
         lambda e: ["compute", e.recipe("search: {weights: []}\n" + MINIMAL)],
         ("search.weights", "at least 1"),
+    ),
+    R(
+        "instructions-sharing-a-vector-file",
+        lambda e: ["compute", e.recipe("instructions:\n  'my style': {}\n  my-style: {}\n")],
+        ("instructions.my-style", "'my-style' and 'my style' would both write the vector file my-style.safetensors"),
+    ),
+    R(
+        "instructions-differing-only-in-case",
+        lambda e: ["compute", e.recipe("instructions:\n  lowercase: {}\n  Lowercase: {}\n")],
+        ("would both write the vector file",),
     ),
     R(
         "unknown-builtin-instruction",

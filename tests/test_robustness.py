@@ -90,3 +90,14 @@ def test_compute_vector_arguments_are_checked(tiny):
         assert isinstance(raised.value, ValueError)
     with pytest.raises(ArgumentError, match="at least one prompt pair"):
         mean_difference(handle, [])
+
+
+@pytest.mark.parametrize("path", ["__class__", "model.__dict__", "_modules", "model._modules", "model..layers", "1x"])
+def test_layers_path_follows_attribute_names_only(tiny, path):
+    from nsteer.errors import ModelError
+    from nsteer.models import find_layers_path
+
+    module = tiny("llama").hf_model
+    with pytest.raises(ModelError, match="not a dotted path of attribute names"):
+        find_layers_path(module, path)
+    assert find_layers_path(module, "model.layers") == "model.layers"
