@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from nsteer.constants import MODES, POSITIONS
-from nsteer.errors import ArgumentError
+from nsteer.errors import ArgumentError, require
 from nsteer.vectors import SteeringVector
 
 PROMPT, GENERATED = 0, 1  # the two phases of a generation: the prefill (step 0) and each later step
@@ -136,6 +136,7 @@ def edit_from_vector(
     ``weight`` is absolute (see :func:`relative_weight` for one on the vector's scale); ``target_scale`` k makes a
     ``set`` edit's target k × z_l.
     """
+    require(vector, SteeringVector, "vector", "Load one with nsteer.load_vector or compute one.")
     chosen = vector.metadata.chosen
     layer = layer if layer is not None else (chosen.layer if chosen else None)
     if layer is None:

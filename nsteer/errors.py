@@ -43,3 +43,16 @@ class FileError(NsteerError):
 
 class ArgumentError(NsteerError, ValueError):
     """An SDK function got an argument it cannot use (also a ValueError, for callers that catch those)."""
+
+
+def require(value: object, kind: type | tuple[type, ...], name: str, hint: str = "") -> None:
+    """Refuse an SDK argument of the wrong type with an ArgumentError naming it, not an AttributeError deep inside.
+
+    ``bool`` does not pass for ``int`` (``True`` is no layer, seed or count).
+    """
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds):
+        return
+    expected = " or ".join(item.__name__ for item in kinds)
+    shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+    raise ArgumentError(f"{name} must be {expected}, got {type(value).__name__} {shown}.{' ' + hint if hint else ''}")

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from nsteer.constants import __version__
-from nsteer.errors import ArgumentError, NsteerError, PromptDataError
+from nsteer.errors import ArgumentError, NsteerError, PromptDataError, require
 from nsteer.models import ModelHandle, tf32_matmuls
 from nsteer.progress import ProgressCallback
 from nsteer.prompts import Instruction, PromptPair, prompt_set_hash
@@ -260,6 +260,7 @@ def compute_vector(
     progress: ProgressCallback | None = None,
 ) -> SteeringVector:
     """Compute the steering vector of ``instruction`` from training ``pairs`` on ``handle``'s model."""
+    require(handle, ModelHandle, "handle", "Open one with nsteer.open_model.")
     if not isinstance(instruction, Instruction):
         raise ArgumentError(
             f"instruction must be an Instruction (e.g. nsteer.builtin_instruction), got {instruction!r}."

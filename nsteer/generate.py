@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from nsteer.edits import Edit, Plan, compile_plan, validate_edits
-from nsteer.errors import ArgumentError
+from nsteer.errors import ArgumentError, require
 from nsteer.extract import fitted_token_ids, left_pad, shown
 from nsteer.limits import MAX_BATCH_SIZE, MAX_NEW_TOKENS
 from nsteer.models import ModelHandle, tf32_matmuls
@@ -238,6 +238,7 @@ def generate_tokens(
     ``edits`` apply to every prompt; ``row_edits`` (one list per prompt) steers each prompt differently.
     On NDIF several batches travel in one request (see ``ModelHandle.batches_per_request``).
     """
+    require(handle, ModelHandle, "handle", "Open one with nsteer.open_model.")
     prompts, edits = prompt_list(prompts), edit_list(edits)
     if row_edits is None:
         row_edits = [edits] * len(prompts)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -37,7 +38,7 @@ import torch
 
 from nsteer.constants import __version__
 from nsteer.edits import Edit
-from nsteer.errors import ArgumentError, NsteerError, VectorFileError
+from nsteer.errors import ArgumentError, NsteerError, VectorFileError, require
 from nsteer.fileio import atomic_write, parse_json, require_file
 from nsteer.limits import MAX_LAYERS, MAX_WIDTH
 from nsteer.models import ModelHandle
@@ -143,6 +144,7 @@ def export_llama_cpp(
     """
     import gguf
 
+    require(vector, SteeringVector, "vector", "Load one with nsteer.load_vector.")
     layers, weight = export_weight_and_layers(vector, layers, weight)
     meta = vector.metadata
     source = {
@@ -191,6 +193,7 @@ def read_control_vector(path: str | Path) -> ControlVectorFile:
     """Read and validate a llama.cpp control-vector GGUF; every defect is a VectorFileError that names it."""
     import gguf
 
+    require(path, (str, os.PathLike), "path")
     path = require_file(path, "control vector file", VectorFileError)
     with path.open("rb") as stream:
         magic = stream.read(4)

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from nsteer.constants import EMBEDDED_ID
-from nsteer.errors import ModelError, RemoteError
+from nsteer.errors import ArgumentError, ModelError, RemoteError, require
 from nsteer.execution.backend import LOCAL, Execution
 from nsteer.execution.errors import STATUS_URL
 from nsteer.execution.ndif import DEFAULT_TIMEOUT, require_api_key
@@ -501,6 +501,9 @@ def open_model(
     or auto, checked before any weights load. ``tf32`` lets float32 matmuls on CUDA use TF32 inside nsteer's calls.
     ``remote=True`` names a model hosted on NDIF by its Hub id; ``timeout`` bounds each remote request (seconds).
     """
+    require(
+        model_id, str, "model_id", "Give a model id: embedded:smollm2-135m-instruct, a folder, a .gguf or a Hub id."
+    )
     if dtype not in DTYPE_CHOICES:
         raise ModelError(f"dtype '{dtype}' is not supported; use one of {', '.join(DTYPE_CHOICES)}.")
     if remote:
@@ -565,6 +568,10 @@ def wrap_model(
     """Wrap an already-loaded Hugging Face causal LM (and its tokenizer) as a local ModelHandle."""
     from nnsight import TransformersModel
 
+    require(hf_model, torch.nn.Module, "hf_model", "Give a loaded Hugging Face causal LM.")
+    if tokenizer is None or not callable(tokenizer):
+        raise ArgumentError("tokenizer must be the model's Hugging Face tokenizer.")
+    require(model_id, str, "model_id")
     return make_handle(
         TransformersModel(hf_model, tokenizer=tokenizer),
         hf_model,

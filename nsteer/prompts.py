@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from nsteer.errors import PromptDataError
+from nsteer.errors import ArgumentError, PromptDataError, require
 from nsteer.evaluate.check_spec import CheckSpec
 from nsteer.evaluate.custom_checks import CustomCheck
 from nsteer.fileio import (
@@ -144,6 +144,7 @@ def _record_text(record: Any, path: Path, index: int, where: str) -> tuple[str, 
 
 def load_base_prompts(source: str, base_dir: Path | None = None) -> tuple[BasePrompt, ...]:
     """Load base prompts from ``builtin:base-v1`` or a JSONL / JSON / YAML file."""
+    require(source, str, "source", "Give builtin:base-v1 or the path of a prompt file.")
     name = builtin_name(source)
     if name is not None:
         if name not in BUILTIN_BASE_SETS:
@@ -256,6 +257,7 @@ def builtin_words() -> tuple[str, ...]:
 
 def builtin_instruction(name: str) -> Instruction:
     """One built-in instruction by id (``lowercase``, ``length_0``, ``include:ocean``, ``exclude:ocean`` ...)."""
+    require(name, str, "name", "Give an instruction id such as lowercase (see nsteer list).")
     if name.startswith(("include:", "exclude:")):
         kind, word = name.split(":", 1)
         if not word.strip():
@@ -328,8 +330,25 @@ def instruction_pairs(
     base_dir: Path | None = None,
 ) -> Split:
     """Seeded train / validation / test pairs of ``instruction`` over a base prompt set (default 0.6 / 0.2 / 0.2)."""
+    require(instruction, Instruction, "instruction", "Get one from nsteer.builtin_instruction.")
+    require(seed, int, "seed")
+    if seed < 0:
+        raise ArgumentError(f"seed must be 0 or more, got {seed}.")
     fractions = fractions or {"train": 0.6, "validation": 0.2, "test": 0.2}
+    _check_fractions(fractions)
     return split_pairs(load_base_prompts(base, base_dir), instruction.phrasings, fractions, seed)
+
+
+def _check_fractions(fractions: Mapping[str, float]) -> None:
+    """Split fractions name known splits, are finite and non-negative, give train a share and sum to at most 1."""
+    unknown = sorted(set(fractions) - set(SPLIT_NAMES))
+    if unknown:
+        raise ArgumentError(f"Unknown split(s) {', '.join(map(repr, unknown))}; use {', '.join(SPLIT_NAMES)}.")
+    for name, value in fractions.items():
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= 1:
+            raise ArgumentError(f"The {name} fraction must be a number from 0 to 1, got {value!r}.")
+    if fractions.get("train", 0) <= 0 or sum(fractions.values()) > 1 + 1e-9:
+        raise ArgumentError("The train fraction must be positive and the fractions must sum to at most 1.")
 
 
 def builtin_catalog() -> list[dict[str, Any]]:

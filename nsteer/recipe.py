@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from pydantic import (
 )
 
 from nsteer.constants import EMBEDDED_ID
-from nsteer.errors import NsteerError, RecipeError
+from nsteer.errors import NsteerError, RecipeError, require
 from nsteer.evaluate.checkers import CheckSpec, validate_spec
 from nsteer.evaluate.custom_checks import function_check, regex_check
 from nsteer.fileio import MAX_RECIPE_BYTES, YAMLLimitError, input_path, is_file, parse_yaml, read_text, user_path
@@ -723,6 +724,7 @@ def _set(data: dict, location: tuple, value: Any) -> None:
 
 def load_recipe(path: str | Path) -> Recipe:
     """Load and validate a YAML recipe file."""
+    require(path, (str, os.PathLike), "path", "Give the path of a .yaml recipe.")
     path = Path(path)
     hint = "Give the path to a .yaml recipe (see recipes/)."
     text = read_text(path, "recipe file", RecipeError, limit=MAX_RECIPE_BYTES, hint=hint)

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from nsteer.errors import NsteerError, VectorFileError
+from nsteer.errors import NsteerError, VectorFileError, require
 from nsteer.fileio import atomic_write_bytes, require_file
 from nsteer.models import FINGERPRINT_PREFIX, ModelHandle, float32_weights_fingerprint
 from nsteer.records import read_record, record_dict
@@ -167,6 +167,7 @@ def save_vector(vector: SteeringVector, path: str | Path) -> Path:
     """Write ``vector`` to a safetensors file atomically and return its path."""
     from safetensors.torch import save
 
+    require(vector, SteeringVector, "vector")
     tensors = {
         "directions": vector.directions.detach().to("cpu", torch.float32).contiguous(),
         "mean_projections": vector.mean_projections.detach().to("cpu", torch.float32).contiguous(),
@@ -194,6 +195,7 @@ def load_vector(path: str | Path) -> SteeringVector:
     """Read and validate a vector file; every defect gets a VectorFileError that names it."""
     from safetensors import safe_open
 
+    require(path, (str, os.PathLike), "path")
     path = require_file(path, "vector file", VectorFileError, "Compute one with `nsteer compute RECIPE`.")
     try:
         with safe_open(str(path), framework="pt") as stream:
@@ -264,6 +266,8 @@ def same_model(metadata: VectorMetadata, handle: ModelHandle) -> bool:
 
 def check_compatible(vector: SteeringVector, handle: ModelHandle, *, allow_transfer: bool = False) -> None:
     """Refuse a vector made for another model: shape always, identity unless ``allow_transfer``."""
+    require(vector, SteeringVector, "vector", "Load one with nsteer.load_vector.")
+    require(handle, ModelHandle, "handle", "Open one with nsteer.open_model.")
     meta = vector.metadata
     if meta.hidden_size != handle.hidden_size or meta.n_layers != handle.n_layers:
         raise VectorFileError(

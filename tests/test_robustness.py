@@ -4,12 +4,14 @@ SDK arguments that are errors of nsteer's own family (and ValueErrors), not trac
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 import torch
 from cli_runner import run_cli
 
+import nsteer
 import nsteer.workflow
 from nsteer.errors import ArgumentError, NsteerError
 from nsteer.extract import compute_vector, mean_difference
@@ -101,3 +103,49 @@ def test_layers_path_follows_attribute_names_only(tiny, path):
     with pytest.raises(ModelError, match="not a dotted path of attribute names"):
         find_layers_path(module, path)
     assert find_layers_path(module, "model.layers") == "model.layers"
+
+
+SDK_MISUSE = {
+    "open_model(None)": (lambda h: nsteer.open_model(None), "model_id must be str"),
+    "builtin_instruction(5)": (lambda h: nsteer.builtin_instruction(5), "name must be str"),
+    "instruction_pairs(a name)": (lambda h: nsteer.instruction_pairs("lowercase"), "instruction must be Instruction"),
+    "instruction_pairs(seed=-1)": (
+        lambda h: nsteer.instruction_pairs(nsteer.builtin_instruction("lowercase"), seed=-1),
+        "seed must be 0 or more",
+    ),
+    "instruction_pairs(no train share)": (
+        lambda h: nsteer.instruction_pairs(nsteer.builtin_instruction("lowercase"), fractions={"train": 0}),
+        "train fraction must be positive",  # a ZeroDivisionError before
+    ),
+    "instruction_pairs(unknown split)": (
+        lambda h: nsteer.instruction_pairs(nsteer.builtin_instruction("lowercase"), fractions={"tran": 1}),
+        "Unknown split(s) 'tran'",
+    ),
+    "load_base_prompts(5)": (lambda h: nsteer.load_base_prompts(5), "source must be str"),
+    "load_vector(5)": (lambda h: nsteer.load_vector(5), "path must be str or PathLike"),
+    "save_vector(a string)": (lambda h: nsteer.save_vector("x", "x.safetensors"), "vector must be SteeringVector"),
+    "edit_from_vector(a path)": (lambda h: nsteer.edit_from_vector("v.safetensors", layer=1), "vector must be"),
+    "check_compatible(a path)": (lambda h: nsteer.check_compatible("v.safetensors", h), "vector must be"),
+    "load_recipe(None)": (lambda h: nsteer.load_recipe(None), "path must be str or PathLike"),
+    "wrap_model(None)": (lambda h: nsteer.wrap_model(None, None, model_id="x"), "hf_model must be Module"),
+    "generate(no handle)": (lambda h: nsteer.generate(None, ["hi"]), "handle must be ModelHandle"),
+    "compute_vector(no handle)": (
+        lambda h: nsteer.compute_vector(None, nsteer.builtin_instruction("lowercase"), []),
+        "handle must be ModelHandle",
+    ),
+    "export_llama_cpp(a path)": (
+        lambda h: nsteer.export_llama_cpp("v.safetensors", "a.gguf", layers=[1], weight=1.0),
+        "vector must be SteeringVector",
+    ),
+    "import_llama_cpp(5)": (lambda h: nsteer.import_llama_cpp(5), "path must be str or PathLike"),
+}
+
+
+@pytest.mark.parametrize("case", list(SDK_MISUSE), ids=list(SDK_MISUSE))
+def test_sdk_misuse_is_an_argument_error_that_names_the_argument(tiny, tmp_path, monkeypatch, case):
+    """Each of these was an AttributeError, TypeError or ZeroDivisionError from deep inside."""
+    monkeypatch.chdir(tmp_path)
+    call, fragment = SDK_MISUSE[case]
+    with pytest.raises(ArgumentError, match=re.escape(fragment)) as raised:
+        call(tiny("llama"))
+    assert isinstance(raised.value, ValueError) and isinstance(raised.value, NsteerError)
