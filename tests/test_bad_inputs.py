@@ -933,9 +933,8 @@ ROWS: list[Row] = [
     ),
     R(
         "max-new-tokens-over-the-bound-flag",
-        lambda e: ["generate", "x.yaml", "--max-new-tokens", "9000"],
-        ("Invalid value for '--max-new-tokens'", "less than or equal to 8192"),
-        usage=True,
+        lambda e: ["generate", e.tiny_recipe(), "--no-steer", "-p", "Hi", "--max-new-tokens", "9000"],
+        ("--max-new-tokens 9000", "less than or equal to 8192"),
     ),
     R(
         "limit-negative",

@@ -249,7 +249,7 @@ def test_overrides_are_refused_by_the_recipe_rules(monkeypatch, capsys, recipe):
     assert code == 2
     assert "--dtype float64: Input should be 'auto', 'float32'" in err
     assert "--layer nobody=1: no steer entry steers 'nobody'" in err
-    assert "--weight nan: weight must be a finite number" in err
+    assert "--weight nan: Input should be a finite number" in err
 
 
 def test_inspect_eval_and_list_json_shapes(monkeypatch, capsys, tmp_path, recipe):

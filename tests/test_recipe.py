@@ -554,7 +554,7 @@ def test_overrides_replace_fields_and_keep_the_rest(tmp_path):
             "--x: Input should be 'auto', 'float32', 'bfloat16' or 'float16' (got 'float64').",
         ),
         ((("model", "device"), "mps"), "--x: String should match pattern"),
-        ((("steer", None, "weight"), float("nan")), "--x: weight must be a finite number."),
+        ((("steer", None, "weight"), float("nan")), "--x: Input should be a finite number (got nan)"),
         ((("steer", None, "layer"), -1), "--x: layer must be 0 or more (or auto)."),
         ((("steer", None, "layer"), "top"), "--x: Input should be a valid integer"),
         ((("steer", None, "mode"), "push"), "--x: Input should be 'set', 'add' or 'ablate' (got 'push')."),
