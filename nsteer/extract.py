@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -245,6 +246,13 @@ def direction_statistics(statistics: MeanDifference) -> tuple[torch.Tensor, torc
     """Unit directions ``û_l`` [L, H], mean projections ``z_l`` [L] and raw norms ``‖u_l‖`` [L], all fp32."""
     difference = statistics.difference
     norms = difference.norm(dim=-1)
+    broken = [layer for layer, norm in enumerate(norms.tolist()) if not 0 < norm < math.inf]
+    if broken or not torch.isfinite(statistics.mean_with).all():
+        # Identical activations (or non-finite ones) give no direction; saving one would steer with garbage.
+        raise NsteerError(
+            f"No direction can be computed at layer(s) {broken[:10] or 'all'}: the prompts with and without the "
+            "instruction gave identical or non-finite activations there. Check the phrasings and the model."
+        )
     directions = difference / norms.clamp_min(1e-12)[:, None]
     mean_projections = (statistics.mean_with * directions).sum(dim=-1)
     return directions.to(torch.float32), mean_projections.to(torch.float32), norms.to(torch.float32)

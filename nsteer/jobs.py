@@ -40,7 +40,7 @@ from nsteer.models import ModelHandle
 from nsteer.pipeline import vector_tasks
 from nsteer.prompts import Instruction, PromptPair
 from nsteer.recipe import Recipe
-from nsteer.vectors import SteeringVector, VectorMetadata, carry_choices, save_vector
+from nsteer.vectors import SteeringVector, VectorMetadata, replace_vector
 
 
 @dataclass(frozen=True)
@@ -312,9 +312,7 @@ def _finish_vector(job: RemoteJob, result: Mapping[str, Any]) -> CollectedJob:
     directions, mean_projections, norms = direction_statistics(statistics)
     metadata = VectorMetadata.from_json(payload["metadata"], path)
     vector = SteeringVector(directions, mean_projections, norms, metadata)
-    if payload.get("keep_choice", True) and path.exists():  # keep the searched settings, as `nsteer compute` does
-        vector = carry_choices(path, vector)
-    save_vector(vector, path)
+    replace_vector(path, vector, keep_choices=payload.get("keep_choice", True))  # as `nsteer compute` does
     return CollectedJob(job, done=True, status="COMPLETED", paths={metadata.instruction_id: path})
 
 

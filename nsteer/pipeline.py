@@ -28,14 +28,7 @@ from nsteer.prompts import (
     split_pairs,
 )
 from nsteer.recipe import Recipe, RelativeWeight, vector_file_name
-from nsteer.vectors import (
-    SteeringVector,
-    carry_choices,
-    check_compatible,
-    load_vector,
-    same_model,
-    save_vector,
-)
+from nsteer.vectors import SteeringVector, check_compatible, load_vector, replace_vector, same_model
 
 
 def resolve_instruction(recipe: Recipe, name: str) -> Instruction:
@@ -149,7 +142,7 @@ def vector_tasks(recipe: Recipe, handle: ModelHandle, *, force: bool = False) ->
             and (
                 _is_current(path, handle, instruction, prompt_set_hash(pairs))
                 # `transfer: true`: a vector copied from another model is kept (docs/transfer.md)
-                or (recipe.transfer and _is_transferred(path, handle))
+                or (recipe.transfer and _is_transferred(path, handle, instruction.id))
             )
         )
         tasks.append(VectorTask(name, instruction, pairs, path, keep))
@@ -190,19 +183,18 @@ def compute_task(
         seed=recipe.prompts.seed,
         progress=progress(task.name) if progress else None,
     )
-    if task.path.exists() and not force:
-        vector = carry_choices(task.path, vector)
-    return save_vector(vector, task.path)
+    return replace_vector(task.path, vector, keep_choices=not force)
 
 
-def _is_transferred(path: Path, handle: ModelHandle) -> bool:
-    """Whether ``path`` holds a readable vector from another model of ``handle``'s shape (one put there to transfer)."""
+def _is_transferred(path: Path, handle: ModelHandle, instruction: str) -> bool:
+    """Whether ``path`` holds a readable vector of ``instruction`` from another model of ``handle``'s shape (one put
+    there to transfer)."""
     try:
         meta = load_vector(path).metadata
     except NsteerError:
         return False
     same_shape = meta.hidden_size == handle.hidden_size and meta.n_layers == handle.n_layers
-    return same_shape and not same_model(meta, handle)
+    return same_shape and not same_model(meta, handle) and meta.instruction_id == instruction
 
 
 def borrows_vector(recipe: Recipe, name: str) -> bool:
@@ -245,7 +237,20 @@ def read_recipe_vectors(recipe: Recipe) -> dict[str, SteeringVector]:
         if not path.exists():
             missing.append(f"No vector for '{entry.instruction}' at {path}.")
             continue
-        vectors[key] = load_vector(path)
+        vector = load_vector(path)
+        expected = None if entry.vector and entry.vector not in recipe.instructions else key
+        if expected is not None and vector.instruction_id != expected:
+            # A file renamed or copied onto another instruction's name would steer that instruction with the wrong
+            # direction; a `vector:` path is how a recipe borrows another instruction's vector on purpose.
+            raise RecipeError(
+                recipe.problem(
+                    ("steer", index, "vector" if entry.vector else "instruction"),
+                    f"{path} holds the vector of '{vector.instruction_id}', not of '{expected}' (renamed or copied "
+                    f"over another file?). Recompute it with `nsteer compute`, or to steer '{entry.instruction}' with "
+                    f"it on purpose, name the file in this entry: vector: {path}.",
+                )
+            )
+        vectors[key] = vector
     if missing:
         missing.append(f"Run `nsteer compute {recipe._source or 'RECIPE'}` first.")
         raise RecipeError(*missing)

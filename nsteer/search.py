@@ -43,7 +43,7 @@ from nsteer.progress import ProgressFactory
 from nsteer.recipe import Recipe, RelativeWeight, SearchWeights
 from nsteer.searched import SearchedSetting
 from nsteer.throughput import handle_rate_key, rate_key, read_rate, timed
-from nsteer.vectors import SteeringVector, save_vector
+from nsteer.vectors import SteeringVector, record_choice
 
 CHECKPOINT_NAME = "cells.jsonl"
 
@@ -498,7 +498,6 @@ def search_recipe(
     checkpoint = out_dir / CHECKPOINT_NAME
     rule = guard_rule(settings.margin, settings.min_perplexity_ratio)
     sweeps = []
-    written: dict[Path, SteeringVector] = {}
     for index in entries:
         entry = recipe.steer[index]
         vector = vectors[entry.vector or entry.instruction]
@@ -540,11 +539,9 @@ def search_recipe(
             rule=rule,
         )
         if write:
-            # Build on what this run already wrote: another entry may have recorded its own setting in the same file.
-            written[files[index]] = written.get(files[index], vector).with_choice(
-                searched_setting(sweep, layers), entry.instruction
-            )
-            save_vector(written[files[index]], paths[index])
+            # Only into the vector searched: re-read under a lock, refused if recomputed or replaced meanwhile, and
+            # what other entries (or other searches) recorded in the same file is kept.
+            record_choice(paths[index], vector, searched_setting(sweep, layers), entry.instruction)
         sweeps.append(sweep)
     return SearchResult(
         model_id=handle.model_id,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -14,7 +15,7 @@ from typing import Any
 import torch
 
 from nsteer.errors import NsteerError, VectorFileError, require
-from nsteer.fileio import atomic_write_bytes, require_file
+from nsteer.fileio import atomic_write_bytes, folder_lock, parse_json, require_file
 from nsteer.models import FINGERPRINT_PREFIX, ModelHandle, float32_weights_fingerprint
 from nsteer.records import read_record, record_dict
 from nsteer.searched import (
@@ -33,6 +34,7 @@ FORMAT = f"{FORMAT_NAME}/{FORMAT_VERSION}"
 # metadata field needs none when its default is what older files mean; otherwise bump FORMAT_VERSION and add one.
 UPGRADES: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {}
 TENSOR_NAMES = ("directions", "mean_projections", "norms")
+UNIT_TOLERANCE = 1e-2  # a stored direction may be off unit length by rounding (bfloat16: ~1e-3), not more
 
 
 @dataclass(frozen=True)
@@ -80,8 +82,8 @@ class VectorMetadata:
         """Parse the header JSON of a format ``version`` file: missing fields are refused, every field is
         type-checked, unknown ones ignored."""
         try:
-            data = json.loads(text)
-        except json.JSONDecodeError as error:
+            data = parse_json(text)
+        except ValueError as error:
             raise VectorFileError(f"{path}: the nsteer metadata is not valid JSON ({error.msg}).") from None
         if not isinstance(data, dict):
             raise VectorFileError(f"{path}: the nsteer metadata is not a JSON object; recompute the vector.")
@@ -163,11 +165,63 @@ def carry_choices(path: str | Path, vector: SteeringVector) -> SteeringVector:
     return dataclasses.replace(vector, metadata=metadata)
 
 
+def identity(vector: SteeringVector) -> str:
+    """What makes a vector file the same vector: its tensors and its metadata other than the searched settings."""
+    digest = hashlib.sha256()
+    for name in TENSOR_NAMES:
+        digest.update(getattr(vector, name).detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    bare = dataclasses.replace(vector.metadata, chosen=None, chosen_for={})
+    digest.update(bare.to_json().encode())
+    return digest.hexdigest()
+
+
+def replace_vector(path: str | Path, vector: SteeringVector, *, keep_choices: bool = True) -> Path:
+    """Save a freshly computed ``vector`` over ``path``, keeping (``keep_choices``) the searched settings the file
+    holds at the moment of writing: read and write happen under the folder's lock, so a search that records its
+    setting meanwhile is kept rather than overwritten with what the file held when the computation started."""
+    path = Path(path)
+    with folder_lock(path):
+        if keep_choices and path.exists():
+            vector = carry_choices(path, vector)
+        return save_vector(vector, path)
+
+
+def record_choice(
+    path: str | Path, searched: SteeringVector, chosen: Any, instruction: str | None = None
+) -> SteeringVector:
+    """Write the setting ``chosen`` for ``instruction`` into the vector file at ``path``, provided it still holds the
+    vector ``searched`` was run on; a file recomputed or replaced meanwhile is refused, never silently reverted.
+
+    Settings other searches recorded meanwhile (for other instructions borrowing the vector) are kept: the file is read
+    again under the folder's lock and only this one setting changes.
+    """
+    path = Path(path)
+    with folder_lock(path):
+        try:
+            current = load_vector(path)
+        except NsteerError as error:
+            raise VectorFileError(
+                f"{path} can no longer be read ({error}), so the searched setting was not written. "
+                "Rerun `nsteer search` once the file is back."
+            ) from None
+        if identity(current) != identity(searched):
+            raise VectorFileError(
+                f"{path} changed while the search ran (recomputed or replaced), so the setting searched on the "
+                "earlier vector was not written into it. Rerun `nsteer search` to search the vector the file holds now."
+            )
+        updated = current.with_choice(chosen, instruction)
+        save_vector(updated, path)
+        return updated
+
+
 def save_vector(vector: SteeringVector, path: str | Path) -> Path:
     """Write ``vector`` to a safetensors file atomically and return its path."""
     from safetensors.torch import save
 
     require(vector, SteeringVector, "vector")
+    problem = tensor_problem(*(getattr(vector, name).detach().to("cpu", torch.float32) for name in TENSOR_NAMES))
+    if problem:  # a broken computation (or an NDIF result) never becomes a file later runs take as current
+        raise VectorFileError(f"The vector '{vector.instruction_id}' cannot be saved: {problem}.")
     tensors = {
         "directions": vector.directions.detach().to("cpu", torch.float32).contiguous(),
         "mean_projections": vector.mean_projections.detach().to("cpu", torch.float32).contiguous(),
@@ -222,9 +276,9 @@ def load_vector(path: str | Path) -> SteeringVector:
             f"{path}: tensor shapes {tuple(directions.shape)}, {tuple(mean_projections.shape)}, {tuple(norms.shape)} "
             f"do not match the metadata ({metadata.n_layers} layers, width {metadata.hidden_size})."
         )
-    for name, tensor in tensors.items():
-        if not torch.isfinite(tensor).all():
-            raise VectorFileError(f"{path}: the tensor '{name}' holds NaN or infinite values; recompute the vector.")
+    problem = tensor_problem(directions, mean_projections, norms)
+    if problem:
+        raise VectorFileError(f"{path}: {problem}; recompute the vector (or copy it again).")
     return SteeringVector(directions, mean_projections, norms, metadata)
 
 
@@ -254,6 +308,35 @@ def weights_match(metadata: VectorMetadata, handle: ModelHandle) -> bool | None:
         return stored == handle.weights_fingerprint
     legacy = float32_weights_fingerprint(handle.hf_model)
     return stored == legacy if legacy else None
+
+
+def tensor_problem(directions: torch.Tensor, mean_projections: torch.Tensor, norms: torch.Tensor) -> str | None:
+    """What is wrong with a vector's tensors, or None: float32, finite, each direction a unit row (or a zero row, for a
+    layer an imported file does not steer) whose norm is positive exactly when the row is not zero."""
+    tensors = {"directions": directions, "mean_projections": mean_projections, "norms": norms}
+    for name, tensor in tensors.items():
+        if tensor.dtype != torch.float32:
+            return f"the tensor '{name}' is {str(tensor.dtype).removeprefix('torch.')}, not float32"
+        if not torch.isfinite(tensor).all():
+            return f"the tensor '{name}' holds NaN or infinite values"
+    if (norms < 0).any():
+        return f"the norms of layer(s) {_layers(norms < 0)} are negative"
+    lengths = directions.double().norm(dim=-1)
+    zero = lengths == 0
+    if ((lengths - 1).abs() > UNIT_TOLERANCE)[~zero].any():
+        return (
+            f"the directions of layer(s) {_layers(~zero & ((lengths - 1).abs() > UNIT_TOLERANCE))} are not unit length"
+        )
+    if (zero != (norms == 0)).any():
+        return f"layer(s) {_layers(zero != (norms == 0))} have a zero direction with a non-zero norm, or the reverse"
+    if bool(zero.all()):
+        return "every direction is zero, so it steers nothing"
+    return None
+
+
+def _layers(mask: torch.Tensor) -> list[int]:
+    found = [int(index) for index in mask.nonzero().flatten().tolist()]
+    return found[:10] + (["..."] if len(found) > 10 else [])
 
 
 def same_model(metadata: VectorMetadata, handle: ModelHandle) -> bool:

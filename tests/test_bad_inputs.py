@@ -119,15 +119,20 @@ output: {output}
             architecture=handle.architecture,
             hidden_size=width,
             n_layers=n_layers,
-            instruction_id="shout",
+            **{"instruction_id": "shout", **meta},
             category="format",
             n_pairs=4,
             chosen=chosen,
-            **meta,
         )
         directions = torch.nn.functional.normalize(torch.randn(n_layers, width), dim=-1)
-        if nan:
+        if nan:  # save_vector refuses to write it: write the file as a broken tool would
             directions[1, 3] = float("nan")
+            tensors = {
+                "directions": directions,
+                "mean_projections": torch.ones(n_layers),
+                "norms": torch.ones(n_layers),
+            }
+            return self.raw_safetensors(name, tensors, {"format": FORMAT, "nsteer": metadata.to_json()})
         vector = SteeringVector(directions, torch.ones(n_layers), torch.ones(n_layers), metadata)
         return str(save_vector(vector, self.tmp / name))
 
@@ -808,6 +813,28 @@ ROWS: list[Row] = [
             "Hi",
         ],
         ("width 32", "width 64", "same width and depth"),
+    ),
+    R(
+        "vector-renamed-for-another-instruction",
+        lambda e: [
+            e.vector("out/shout.safetensors", instruction_id="whisper") and "generate",
+            e.tiny_recipe(),
+            "-p",
+            "Hi",
+        ],
+        ("shout.safetensors holds the vector of 'whisper', not of 'shout'", "vector:"),
+    ),
+    R(
+        "vector-raw-mean-difference-not-unit",
+        lambda e: [
+            "inspect",
+            e.raw_safetensors(
+                "m.safetensors",
+                {**good_tensors(), "directions": 40.0 * good_tensors()["directions"]},
+                {"format": FORMAT, "nsteer": good_metadata_json()},
+            ),
+        ],
+        ("directions of layer(s) [0, 1, 2, 3] are not unit length",),
     ),
     R(
         "vector-auto-layer-unsearched",

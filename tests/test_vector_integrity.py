@@ -198,3 +198,211 @@ def test_output_that_is_a_folder_is_named_before_any_work(tiny, tmp_path, monkey
     message = " ".join(err.split())
     assert code == 2 and "folder is a folder; give the path of the vector file to write" in message
     assert ".nsteer-tmp" not in message and list((tmp_path / "folder").iterdir()) == []
+
+
+# --- a running search and a recompute of the same file ---------------------------------------------------------
+
+
+def search_setup(tiny, tmp_path):
+    from nsteer.recipe import recipe_from_dict
+    from nsteer.workflow import compute_recipe_vectors, vector_path
+
+    handle = tiny("llama")
+    recipe = recipe_from_dict(
+        {
+            "name": "race",
+            "prompts": {"max_pairs": 4},
+            "instructions": {"lowercase": {}},
+            "steer": [{"instruction": "lowercase", "layer": "auto", "mode": "set"}],
+            "search": {"layers": [1, 2], "max_prompts": 2},
+            "generation": {"max_new_tokens": 4, "batch_size": 4},
+            "output": {"dir": str(tmp_path / "out")},
+        }
+    )
+    compute_recipe_vectors(recipe, handle)
+    return handle, recipe, vector_path(recipe, "lowercase")
+
+
+def recomputed(vector: SteeringVector, seed: int = 1) -> SteeringVector:
+    """The same instruction's vector computed again (other pairs, say): other tensors, no searched setting."""
+    generator = torch.Generator().manual_seed(seed)
+    directions = torch.nn.functional.normalize(torch.randn(vector.directions.shape, generator=generator), dim=-1)
+    return SteeringVector(directions, vector.mean_projections + 1, vector.norms, vector.metadata)
+
+
+def test_a_search_never_reverts_a_vector_recomputed_while_it_ran(tiny, tmp_path):
+    from nsteer.search import search_recipe
+    from nsteer.vectors import replace_vector
+
+    handle, recipe, path = search_setup(tiny, tmp_path)
+    original = load_vector(path)
+    calls = []
+
+    def generator(h, prompts, *, row_edits, config, progress=None):
+        if not calls:  # a `nsteer compute --force` finishes while the sweep runs
+            replace_vector(path, recomputed(original), keep_choices=False)
+        calls.append(1)
+        return ["this is a lowercase answer."] * len(prompts)
+
+    newer = path.read_bytes()
+    with pytest.raises(VectorFileError, match="changed while the search ran .* was not written"):
+        search_recipe(recipe, handle, generator=generator, reference=None)
+    assert path.read_bytes() != newer  # (the recompute did happen)
+    after = load_vector(path)
+    assert torch.equal(after.directions, recomputed(original).directions)  # the recomputed vector stays
+    assert after.metadata.chosen is None  # and carries no setting searched on the old one
+
+
+def test_a_recompute_keeps_a_setting_recorded_while_it_ran(tiny, tmp_path):
+    from nsteer.vectors import record_choice, replace_vector
+
+    handle, recipe, path = search_setup(tiny, tmp_path)
+    original = load_vector(path)
+    fresh = recomputed(original)  # compute started from the file as it was, and is about to write
+    setting = {"layer": 2, "mode": "set", "weight": 1.0, "positions": "all"}
+    record_choice(path, original, setting)  # a search finishes first
+    replace_vector(path, fresh)
+    after = load_vector(path)
+    assert torch.equal(after.directions, fresh.directions) and after.metadata.chosen["layer"] == 2
+
+
+def test_two_searches_of_one_file_for_different_instructions_both_land(tiny, tmp_path):
+    from nsteer.vectors import record_choice
+
+    handle, recipe, path = search_setup(tiny, tmp_path)
+    loaded_by_first = load_vector(path)
+    loaded_by_second = load_vector(path)
+    record_choice(path, loaded_by_first, {"layer": 1, "mode": "set", "weight": 1.0, "positions": "all"})
+    record_choice(
+        path, loaded_by_second, {"layer": 2, "mode": "add", "weight": -3.0, "positions": "all"}, "exclude:lower"
+    )
+    after = load_vector(path)
+    assert after.metadata.chosen["layer"] == 1 and after.choice("exclude:lower")["weight"] == -3.0
+
+
+def test_writers_of_one_folder_take_turns(tmp_path):
+    """While one process holds the folder's lock (reading and writing a vector), another waits."""
+    import threading
+    import time
+
+    from nsteer.fileio import folder_lock
+    from nsteer.vectors import replace_vector
+
+    path = tmp_path / "v.safetensors"
+    vector = make_vector(types_handle())
+    done = threading.Event()
+    with folder_lock(path):
+        worker = threading.Thread(target=lambda: (replace_vector(path, vector), done.set()))
+        worker.start()
+        time.sleep(0.3)
+        assert not done.is_set() and not path.exists()  # blocked behind the lock
+    worker.join(timeout=30)
+    assert done.is_set() and load_vector(path).instruction_id == "length_0"
+
+
+def types_handle():
+    import types
+
+    return types.SimpleNamespace(
+        model_id="m",
+        config_hash="c",
+        weights_fingerprint="f",
+        architecture="LlamaForCausalLM",
+        hidden_size=8,
+        n_layers=3,
+    )
+
+
+# --- a vector file renamed or copied onto another instruction ---------------------------------------------------
+
+
+def test_a_renamed_vector_is_not_used_for_another_instruction(tiny, tmp_path):
+    from nsteer.errors import RecipeError
+    from nsteer.recipe import recipe_from_dict
+    from nsteer.workflow import read_recipe_vectors
+
+    handle = tiny("llama")
+    folder = tmp_path / "out"
+    save_vector(make_vector(handle, instruction="lowercase"), folder / "uppercase.safetensors")
+
+    def recipe(steer):
+        data = {
+            "instructions": {"uppercase": {}, "lowercase": {}},
+            "steer": [steer],
+            "output": {"dir": str(folder)},
+        }
+        return recipe_from_dict(data)
+
+    with pytest.raises(RecipeError, match="holds the vector of 'lowercase', not of 'uppercase'"):
+        read_recipe_vectors(recipe({"instruction": "uppercase", "layer": 1}))
+    with pytest.raises(RecipeError, match="holds the vector of 'lowercase', not of 'uppercase'"):
+        read_recipe_vectors(recipe({"instruction": "lowercase", "layer": 1, "vector": "uppercase"}))
+    named = recipe({"instruction": "uppercase", "layer": 1, "vector": str(folder / "uppercase.safetensors")})
+    (vector,) = read_recipe_vectors(named).values()  # borrowed on purpose: named as a file in the entry
+    assert vector.instruction_id == "lowercase"
+
+
+# --- tensors that are not a vector ------------------------------------------------------------------------------
+
+
+def raw_file(tmp_path: Path, handle, **tensors) -> Path:
+    from safetensors.torch import save_file
+
+    from nsteer.vectors import FORMAT
+
+    good = make_vector(handle)
+    data = {"directions": good.directions, "mean_projections": good.mean_projections, "norms": good.norms, **tensors}
+    path = tmp_path / "v.safetensors"
+    save_file(data, str(path), metadata={"format": FORMAT, "nsteer": good.metadata.to_json()})
+    return path
+
+
+@pytest.mark.parametrize(
+    ("change", "fragment"),
+    [
+        (lambda d: {"directions": d.to(torch.float64)}, "'directions' is float64, not float32"),
+        (lambda d: {"norms": torch.ones(d.shape[0], dtype=torch.int32)}, "'norms' is int32"),
+        (lambda d: {"directions": d * 36.0}, "are not unit length"),  # the raw mean difference, not û
+        (lambda d: {"norms": -torch.ones(d.shape[0])}, "are negative"),
+        (lambda d: {"directions": torch.cat([torch.zeros(1, d.shape[1]), d[1:]])}, "zero direction with a non-zero"),
+        (lambda d: {"directions": torch.zeros_like(d), "norms": torch.zeros(d.shape[0])}, "every direction is zero"),
+    ],
+)
+def test_tensors_that_are_not_a_vector_are_refused_on_load(tiny, tmp_path, change, fragment):
+    handle = tiny("llama")
+    path = raw_file(tmp_path, handle, **change(make_vector(handle).directions))
+    with pytest.raises(VectorFileError, match=re.escape(fragment)):
+        load_vector(path)
+
+
+def test_a_zero_or_non_finite_vector_is_never_saved(tiny, tmp_path):
+    import dataclasses
+
+    from nsteer.extract import MeanDifference, direction_statistics
+
+    handle = tiny("llama")
+    vector = make_vector(handle)
+    nan = vector.directions.clone()
+    nan[0, 0] = float("nan")
+    for broken in (
+        dataclasses.replace(vector, directions=nan),
+        dataclasses.replace(vector, directions=torch.zeros_like(nan), norms=torch.zeros(handle.n_layers)),
+    ):
+        with pytest.raises(VectorFileError, match="cannot be saved"):
+            save_vector(broken, tmp_path / "v.safetensors")
+    assert not (tmp_path / "v.safetensors").exists()
+    same = torch.ones(handle.n_layers, handle.hidden_size, dtype=torch.float64)
+    with pytest.raises(NsteerError, match=r"No direction can be computed at layer\(s\) \[0, 1, 2, 3\]"):
+        direction_statistics(MeanDifference(same, same.clone(), 4))  # e.g. an all-zero result in place of sums
+
+
+def test_metadata_nested_too_deeply_is_a_vector_file_error(tiny, tmp_path):
+    from safetensors.torch import save_file
+
+    from nsteer.vectors import FORMAT
+
+    good = make_vector(tiny("llama"))
+    tensors = {"directions": good.directions, "mean_projections": good.mean_projections, "norms": good.norms}
+    save_file(tensors, str(tmp_path / "v.safetensors"), metadata={"format": FORMAT, "nsteer": "[" * 50_000})
+    with pytest.raises(VectorFileError, match="not valid JSON .*nested too deeply"):
+        load_vector(tmp_path / "v.safetensors")

@@ -17,7 +17,9 @@ See NOTES.md for the protocol.
   ``stop()``.
 * Failures on demand (``fail(...)``): ``"auth"``, ``"offline"``, ``"hang"``,
   ``"stall"``, ``"exec_error"``, ``"drop"`` (``phase=`` ``"post"``, ``"ws"``,
-  ``"poll"``, ``"download"``), ``"http"``.
+  ``"poll"``, ``"download"``), ``"http"``, and ``"result"``: a hostile server
+  that answers every job with ``payload`` (raw bytes, compressed as the request
+  asked) instead of what the job computed.
 """
 
 from __future__ import annotations
@@ -104,12 +106,14 @@ class Failure:
     models: tuple = ()
     #: "hang" / "stall": how long to hold before giving up (None: the job deadline).
     hold_s: float | None = None
+    #: "result": the bytes every job's result is replaced with (what a hostile server sends).
+    payload: bytes = b""
     #: Set when this failure is replaced (``fail``/``reset``) or the server stops:
     #: whatever it holds lets go at once.
     released: threading.Event = field(default_factory=threading.Event, repr=False)
 
 
-KINDS = {"auth", "offline", "hang", "stall", "exec_error", "drop", "http"}
+KINDS = {"auth", "offline", "hang", "stall", "exec_error", "drop", "http", "result"}
 
 
 @dataclass
@@ -477,6 +481,12 @@ class MockNDIF:
             job.done.set()
             return
 
+        if failure.kind == "result":  # the job ran; the answer sent is someone else's bytes
+            payload = failure.payload
+            if job.compress:
+                import zstandard
+
+                payload = zstandard.ZstdCompressor(level=6).compress(payload)
         job.result = payload
         session = self._sessions.get(job.session_id) if job.session_id else None
         if session is not None and len(payload) <= self.inline_limit:
