@@ -1138,7 +1138,12 @@ ROWS: list[Row] = [
     ),
     R(
         "search-out-is-a-file",
-        lambda e: ["search", e.tiny_recipe(steer="  - {instruction: shout}"), "--out", e.file("taken", "x")],
+        lambda e: [
+            "search",
+            e.tiny_recipe(steer=f"  - {{instruction: shout, vector: {e.vector()}}}"),
+            "--out",
+            e.file("taken", "x"),
+        ],
         ("taken is a file",),
     ),
     R(

@@ -42,7 +42,12 @@ def recipe(tmp_path: Path, output: str, layer: str = "1") -> Path:
         lambda tmp: ["compute", str(recipe(tmp, UNWRITABLE))],
         lambda tmp: ["eval", str(recipe(tmp, str(tmp / "out"))), "--out", UNWRITABLE],
         lambda tmp: ["eval-composition", str(recipe(tmp, str(tmp / "out"))), "--out", UNWRITABLE],
-        lambda tmp: ["search", str(recipe(tmp, UNWRITABLE, layer="auto"))],
+        lambda tmp: [
+            vector_file(tmp / "out" / "shout.safetensors") and "search",
+            str(recipe(tmp, str(tmp / "out"), layer="auto")),
+            "--out",
+            UNWRITABLE,
+        ],
     ],
     ids=["compute", "eval", "eval-composition", "search"],
 )

@@ -550,7 +550,7 @@ def test_command_line_bounds_override_the_recipe(planned, monkeypatch, capsys) -
         ("--layers", "1,99", "layer 99 is out of range"),
         ("--layers", "", "--layers : layers must be a non-empty list"),
         ("--weights", "relative:", "--weights relative:"),
-        ("--weights", "1,nan", "weights must be finite numbers"),
+        ("--weights", "1,nan", "Input should be a finite number (got nan)"),
         ("--modes", "set,sideways", "--modes set,sideways"),
         ("--limit", "0", "--limit 0"),
         ("--max-new-tokens", "-3", "--max-new-tokens -3"),
