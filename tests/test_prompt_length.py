@@ -211,3 +211,29 @@ def test_generate_refuses_a_bare_string_and_empty_prompts(small):
         generate(small, ["Hi", "Ho"], row_edits=[[]])
     with pytest.raises(ArgumentError, match="config must be a GenerationConfig"):
         generate(small, ["Hi"], config={"max_new_tokens": 4})
+
+
+def test_perplexity_under_a_reference_with_a_shorter_context(tiny):
+    """A reference model with fewer positions than prompt + answer scores the answer after the prompt's end that fits
+    (GPT-2 failed with an IndexError after every answer was generated); an answer longer than its whole context is
+    NaN, like an empty one."""
+    import math
+
+    import torch.nn.functional as F
+
+    from nsteer.evaluate.quality import _prompt_ids, perplexity
+
+    reference = tiny("gpt2", positions=POSITIONS)
+    model, tokenizer = reference.hf_model, reference.tokenizer
+    prompt = WORDS * 3
+    answer = "the sky is blue because of scattering"
+    prompt_ids, answer_ids = _prompt_ids(tokenizer, prompt), tokenizer(answer, add_special_tokens=False)["input_ids"]
+    assert len(prompt_ids) + len(answer_ids) > POSITIONS
+    kept = prompt_ids[-(POSITIONS - len(answer_ids)) :] + answer_ids  # the reference computation, by hand
+    with torch.no_grad():
+        logits = model(torch.tensor([kept])).logits[0].float()
+    nll = F.cross_entropy(logits[-len(answer_ids) - 1 : -1], torch.tensor(answer_ids))
+    (value,) = perplexity(model, tokenizer, [prompt], [answer])
+    assert value == pytest.approx(math.exp(float(nll)), rel=1e-4)
+    (too_long,) = perplexity(model, tokenizer, ["Hi"], [WORDS * 10])
+    assert math.isnan(too_long)

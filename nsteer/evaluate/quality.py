@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from nsteer.errors import EvaluationError
+from nsteer.limits import context_length
 
 # Scripts written without spaces (kana, CJK ideographs, CJK punctuation, full-width forms): each character is a token,
 # so loops in Japanese or Chinese are seen at all; everything else is split on whitespace.
@@ -311,6 +312,14 @@ def perplexity(
         (_prompt_ids(tokenizer, p), list(tokenizer(a, add_special_tokens=False)["input_ids"]))
         for p, a in zip(prompts, answers, strict=True)
     ]
+    # The reference model may have a shorter context than the model that answered: keep the end of the prompt that
+    # fits before the answer; an answer longer than the whole context cannot be scored (NaN, like an empty one).
+    limit = context_length(getattr(model, "config", None), tokenizer)
+    if limit is not None:
+        rows = [
+            (prompt[-(limit - len(answer)) :], answer) if len(answer) < limit else (prompt, [])
+            for prompt, answer in rows
+        ]
     results = [math.nan] * len(rows)
     # Similar lengths share a batch, so little compute goes to padding.
     order = sorted(
