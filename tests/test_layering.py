@@ -1,9 +1,9 @@
 """The layering holds: every nsteer module has a layer, imports only go down (function-level imports included), and
 no import cycle exists. A module added without a layer, an upward import or a cycle fails here, naming the import.
 
-Layers (docs and DESIGN §5): 0 errors, constants, limits, files, records, prompts, checkers, quality, checkpoint; 1 the model
-handle and the execution seam; 2 vectors, edits, extraction, generation; 3 the recipe and its pipeline; 4 evaluation
-and search; 5 NDIF jobs, llama.cpp interop, reports; 6 the CLI and the package's public face.
+Layers (docs and DESIGN §5): 0 errors, constants, limits, files, records, prompts, checkers, quality, checkpoint;
+1 the model handle and the execution seam; 2 vectors, edits, extraction, generation; 3 the recipe and its pipeline;
+4 evaluation and search; 5 NDIF jobs, llama.cpp interop, reports; 6 the CLI and the package's public face.
 
 Only the CLI imports nsteer modules inside functions (each command loads what it needs, after nnsight was imported
 with a clean argv); elsewhere a function-level import is only for a heavy third-party package.

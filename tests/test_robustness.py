@@ -12,7 +12,7 @@ import torch
 from cli_runner import run_cli
 
 import nsteer
-import nsteer.workflow
+import nsteer.pipeline
 from nsteer.errors import ArgumentError, NsteerError
 from nsteer.extract import compute_vector, mean_difference
 from nsteer.prompts import Instruction, PromptPair
@@ -55,7 +55,7 @@ def test_an_unwritable_output_is_found_before_the_model_is_opened(tmp_path, monk
     def must_not_run(*args, **kwargs):
         raise AssertionError("the model was opened although the output cannot be written")
 
-    monkeypatch.setattr(nsteer.workflow, "open_recipe_model", must_not_run)
+    monkeypatch.setattr(nsteer.pipeline, "open_recipe_model", must_not_run)
     code, _, err = run_cli(monkeypatch, capsys, *argv(tmp_path))
     message = " ".join(err.split())
     assert code == 2 and f"The output folder {UNWRITABLE}" in message and "cannot be written" in message, message

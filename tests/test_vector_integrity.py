@@ -21,6 +21,7 @@ from cli_runner import run_cli
 from nsteer.errors import NsteerError, VectorFileError
 from nsteer.interop import export_llama_cpp, import_llama_cpp, read_control_vector
 from nsteer.limits import MAX_LAYERS
+from nsteer.searched import SearchedSetting
 from nsteer.vectors import SteeringVector, VectorMetadata, carry_choices, load_vector, save_vector
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -156,7 +157,7 @@ def test_an_imported_setting_never_survives_a_recompute(tiny, tmp_path):
     target = save_vector(imported, tmp_path / "length_0.safetensors")
     recomputed = make_vector(handle)  # what `nsteer compute` would write for the same instruction
     assert carry_choices(target, recomputed).metadata.chosen is None
-    searched = {"layer": 2, "mode": "add", "weight": 3.0, "positions": "all"}
+    searched = SearchedSetting(layer=2, mode="add", weight=3.0)
     save_vector(make_vector(handle, chosen=searched), target)  # a searched, computed vector: its setting is kept
     assert carry_choices(target, recomputed).metadata.chosen is not None
 
@@ -204,8 +205,8 @@ def test_output_that_is_a_folder_is_named_before_any_work(tiny, tmp_path, monkey
 
 
 def search_setup(tiny, tmp_path):
+    from nsteer.pipeline import compute_recipe_vectors, vector_path
     from nsteer.recipe import recipe_from_dict
-    from nsteer.workflow import compute_recipe_vectors, vector_path
 
     handle = tiny("llama")
     recipe = recipe_from_dict(
@@ -259,11 +260,10 @@ def test_a_recompute_keeps_a_setting_recorded_while_it_ran(tiny, tmp_path):
     handle, recipe, path = search_setup(tiny, tmp_path)
     original = load_vector(path)
     fresh = recomputed(original)  # compute started from the file as it was, and is about to write
-    setting = {"layer": 2, "mode": "set", "weight": 1.0, "positions": "all"}
-    record_choice(path, original, setting)  # a search finishes first
+    record_choice(path, original, SearchedSetting(layer=2))  # a search finishes first
     replace_vector(path, fresh)
     after = load_vector(path)
-    assert torch.equal(after.directions, fresh.directions) and after.metadata.chosen["layer"] == 2
+    assert torch.equal(after.directions, fresh.directions) and after.metadata.chosen.layer == 2
 
 
 def test_two_searches_of_one_file_for_different_instructions_both_land(tiny, tmp_path):
@@ -272,12 +272,10 @@ def test_two_searches_of_one_file_for_different_instructions_both_land(tiny, tmp
     handle, recipe, path = search_setup(tiny, tmp_path)
     loaded_by_first = load_vector(path)
     loaded_by_second = load_vector(path)
-    record_choice(path, loaded_by_first, {"layer": 1, "mode": "set", "weight": 1.0, "positions": "all"})
-    record_choice(
-        path, loaded_by_second, {"layer": 2, "mode": "add", "weight": -3.0, "positions": "all"}, "exclude:lower"
-    )
+    record_choice(path, loaded_by_first, SearchedSetting(layer=1))
+    record_choice(path, loaded_by_second, SearchedSetting(layer=2, mode="add", weight=-3.0), "exclude:lower")
     after = load_vector(path)
-    assert after.metadata.chosen["layer"] == 1 and after.choice("exclude:lower")["weight"] == -3.0
+    assert after.metadata.chosen.layer == 1 and after.choice("exclude:lower").weight == -3.0
 
 
 def test_writers_of_one_folder_take_turns(tmp_path):
@@ -318,8 +316,8 @@ def types_handle():
 
 def test_a_renamed_vector_is_not_used_for_another_instruction(tiny, tmp_path):
     from nsteer.errors import RecipeError
+    from nsteer.pipeline import read_recipe_vectors
     from nsteer.recipe import recipe_from_dict
-    from nsteer.workflow import read_recipe_vectors
 
     handle = tiny("llama")
     folder = tmp_path / "out"
