@@ -763,12 +763,12 @@ def collect(
 ) -> None:
     """Fetch NDIF jobs submitted with --no-wait: write their vector files, or print their answers."""
     from nsteer.jobs import collect as collect_job
-    from nsteer.jobs import pending_jobs
+    from nsteer.jobs import pending_job_ids
 
     output = _output(as_json, as_jsonl)
     ids = list(job_ids or [])
     if all_jobs:
-        ids += [job.id for job in pending_jobs() if job.id not in ids]
+        ids += [job_id for job_id in pending_job_ids() if job_id not in ids]  # a bad record is reported, not fatal
     if not ids:
         raise NsteerError("No job to collect: give the JOB ids that --no-wait printed, or --all for every pending one.")
     failed = []

@@ -13,6 +13,7 @@ import torch
 
 from nsteer.constants import __version__
 from nsteer.errors import ArgumentError, NsteerError, PromptDataError, require
+from nsteer.execution.results import expect_tensor
 from nsteer.models import ModelHandle, tf32_matmuls
 from nsteer.progress import ProgressCallback
 from nsteer.prompts import Instruction, PromptPair, prompt_set_hash
@@ -149,8 +150,9 @@ def last_token_sums(handle: ModelHandle, batches: Sequence[ExtractionBatch]) -> 
     only tensors, ints and the model's own modules: it runs on NDIF unchanged (``nsteer.jobs.collect`` reads
     the saved name ``sums``).
     """
-    model, layers, n_layers = handle.model, handle.layers, handle.n_layers
+    model, layers, n_layers, hidden_size = handle.model, handle.layers, handle.n_layers, handle.hidden_size
     read_kwargs, stop_early = read_pass_kwargs(handle)  # no KV cache; LM head on the last position only
+    sums = None  # stays None if a remote result does not carry it (checked below)
     with torch.inference_mode(), tf32_matmuls(handle):
         with model.session(**handle.trace_kwargs()):
             parts = []  # per batch [2, n_layers, H] float64, kept on the model's device: no host sync per layer
@@ -169,7 +171,7 @@ def last_token_sums(handle: ModelHandle, batches: Sequence[ExtractionBatch]) -> 
             for part in parts[1:]:  # batch after batch, in order
                 total = total + part
             sums = total.cpu().save()  # the one copy to the host
-    return sums
+    return expect_tensor(sums, "sums", dtype=torch.float64, shape=(2, n_layers, hidden_size))
 
 
 def extraction_batches(

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 import torch
 
 from nsteer.edits import Edit, Plan, compile_plan, validate_edits
-from nsteer.errors import ArgumentError, require
+from nsteer.errors import ArgumentError, RemoteError, require
+from nsteer.execution.results import expect_list, expect_tensor
 from nsteer.extract import fitted_token_ids, left_pad, shown
 from nsteer.limits import MAX_BATCH_SIZE, MAX_NEW_TOKENS
 from nsteer.models import ModelHandle, tf32_matmuls
@@ -89,6 +90,7 @@ def steered_generate_batches(
     payloads = [
         (input_ids, attention_mask, [layer.payload() for layer in plan]) for input_ids, attention_mask, plan in batches
     ]
+    outputs = None  # stays None if a remote result does not carry it (checked below)
     with torch.inference_mode(), tf32_matmuls(handle), warnings.catch_warnings():
         # An open-ended step loop ends when generation does; nnsight warns about that by design.
         warnings.filterwarnings("ignore", message=".*was never reached.*")
@@ -124,7 +126,25 @@ def steered_generate_batches(
                     with tracer.invoke():
                         outputs.append(tracer.result.cpu())
             outputs.save()
-    return outputs
+    # On NDIF the saved value is what the server sent: token ids of each batch, its prompt columns first.
+    vocabulary = vocab_size(handle)
+    checked = expect_list(outputs, "outputs", len(batches))
+    for (input_ids, _, _), tokens in zip(batches, checked):
+        expect_tensor(
+            tokens, "outputs", dtype=torch.long, shape=(input_ids.shape[0], None), value_range=(0, vocabulary)
+        )
+        if tokens.shape[1] < input_ids.shape[1]:
+            raise RemoteError(
+                f"The result 'outputs' is shorter than its prompts ({tokens.shape[1]} < "
+                f"{input_ids.shape[1]} columns): it is not what generation returns; nothing was used."
+            )
+    return checked
+
+
+def vocab_size(handle: ModelHandle) -> int:
+    """How many token ids the model can produce: its embedding rows (config) or its tokenizer's, the larger."""
+    config_size = getattr(getattr(handle.hf_model, "config", None), "vocab_size", None)
+    return max(len(handle.tokenizer), config_size if isinstance(config_size, int) else 0)
 
 
 def eos_ids(handle: ModelHandle) -> set[int]:

@@ -25,8 +25,9 @@ from nsteer.edits import Edit
 from nsteer.errors import ArgumentError, NsteerError, RemoteError
 from nsteer.execution.errors import DeadlinePassed, safe_cause, translate_error
 from nsteer.execution.ndif import NdifBackend, Submitted, ndif_host, require_api_key
+from nsteer.execution.results import expect_list, expect_tensor
 from nsteer.extract import MeanDifference, direction_statistics, mean_difference, vector_metadata
-from nsteer.fileio import atomic_write_bytes, expand_user
+from nsteer.fileio import MAX_DATA_BYTES, atomic_write_bytes, expand_user, parse_json, path_kind, read_text
 from nsteer.generate import (
     GenerationConfig,
     edit_list,
@@ -40,7 +41,7 @@ from nsteer.models import ModelHandle
 from nsteer.pipeline import vector_tasks
 from nsteer.prompts import Instruction, PromptPair
 from nsteer.recipe import Recipe
-from nsteer.vectors import SteeringVector, VectorMetadata, replace_vector
+from nsteer.vectors import SteeringVector, VectorMetadata, load_vector, replace_vector
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,22 @@ class CollectedJob:
     tokens: list[list[int]] | None = None
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_batch(item: Any, n_prompts: int) -> bool:
+    """A generation batch of a job record: its rows (prompt indexes) and the width of its left-padded prompts."""
+    return (
+        isinstance(item, dict)
+        and isinstance(item.get("rows"), list)
+        and bool(item["rows"])
+        and all(_is_int(row) and 0 <= row < n_prompts for row in item["rows"])
+        and _is_int(item.get("width"))
+        and item["width"] > 0
+    )
+
+
 def jobs_dir() -> Path:
     """Where job records live: ``$NSTEER_JOBS_DIR``, else ``$XDG_STATE_HOME/nsteer/jobs`` (``~/.local/state/...``)."""
     explicit = os.environ.get("NSTEER_JOBS_DIR")
@@ -109,25 +126,92 @@ def _write_job(job: RemoteJob, *, done: bool = False) -> Path:
 
 
 def load_job(job_id: str) -> RemoteJob:
-    """The record of a job submitted from this machine (pending or already collected)."""
+    """The record of a job submitted from this machine (pending or already collected), every field checked."""
     for done in (False, True):
         path = _job_file(job_id, done=done)
-        if path.is_file():
-            data = json.loads(path.read_text(encoding="utf-8"))
-            return RemoteJob(**data)
+        if path_kind(path) != "nothing":
+            return _read_job(path, job_id)
     raise RemoteError(
         f"No record of job {job_id} in {jobs_dir()}. Jobs are collected on the machine (and with the "
         "NSTEER_JOBS_DIR) they were submitted from; `nsteer collect --all` lists and collects the pending ones."
     )
 
 
-def pending_jobs() -> list[RemoteJob]:
-    """Jobs submitted from here and not collected yet, oldest first."""
+def pending_job_ids() -> list[str]:
+    """The ids of every job record not collected yet, oldest first: a record that cannot be read is still listed
+    (last), so collecting it reports what is wrong with it instead of hiding it or stopping the others."""
     directory = jobs_dir()
     if not directory.is_dir():
         return []
-    jobs = [RemoteJob(**json.loads(path.read_text(encoding="utf-8"))) for path in directory.glob("*.json")]
-    return sorted(jobs, key=lambda job: job.created)
+    found: list[tuple[float, str]] = []
+    for path in directory.glob("*.json"):
+        try:
+            found.append((_read_job(path, path.stem).created, path.stem))
+        except NsteerError:
+            found.append((float("inf"), path.stem))
+    return [job_id for _, job_id in sorted(found)]
+
+
+def pending_jobs() -> list[RemoteJob]:
+    """Jobs submitted from here and not collected yet, oldest first (records that cannot be read are left out:
+    :func:`pending_job_ids` lists them too)."""
+    jobs = []
+    for job_id in pending_job_ids():
+        try:
+            jobs.append(load_job(job_id))
+        except NsteerError:
+            continue
+    return jobs
+
+
+# Each field of a job record and what it must be; records are data, written by nsteer but read back from disk.
+_RECORD_FIELDS: dict[str, tuple[type, ...]] = {
+    "id": (str,),
+    "kind": (str,),
+    "model_id": (str,),
+    "model_key": (str,),
+    "host": (str,),
+    "revision": (str, type(None)),
+    "created": (int, float),
+    "payload": (dict,),
+}
+JOB_KINDS = ("vector", "generation")
+
+
+def _read_job(path: Path, job_id: str) -> RemoteJob:
+    """The job record at ``path``, or a RemoteError naming the record and what is wrong with it."""
+    text = read_text(path, "job record", RemoteError, limit=MAX_DATA_BYTES)
+    damaged = f"The job record {path} is damaged"
+    remedy = "delete it and submit the job again."
+    try:
+        data = parse_json(text)
+    except ValueError as error:
+        raise RemoteError(f"{damaged} (not valid JSON: {error.msg}); {remedy}") from None
+    if not isinstance(data, dict):
+        raise RemoteError(f"{damaged} (it is not a JSON object); {remedy}")
+    missing = sorted(set(_RECORD_FIELDS) - {"revision"} - set(data))
+    unknown = sorted(set(data) - set(_RECORD_FIELDS))
+    if missing or unknown:
+        problem = f"lacks {', '.join(missing)}" if missing else f"has unknown field(s) {', '.join(unknown[:5])}"
+        raise RemoteError(f"{damaged} or was not written by this nsteer (it {problem}); {remedy}")
+    for name, kinds in _RECORD_FIELDS.items():
+        value = data.get(name)
+        if not isinstance(value, kinds) or isinstance(value, bool):
+            raise RemoteError(f"{damaged}: its field {name} is {_shown(value)}; {remedy}")
+    if data["id"] != job_id:
+        raise RemoteError(f"{damaged}: it is named {job_id} but holds job {_shown(data['id'])}; {remedy}")
+    if data["kind"] not in JOB_KINDS:
+        raise RemoteError(
+            f"Job {job_id} has an unknown kind {_shown(data['kind'])} in its record; it was not made by this nsteer."
+        )
+    if not data["host"].startswith(("https://", "http://")):
+        raise RemoteError(f"{damaged}: its host {_shown(data['host'])} is not an http(s) url; {remedy}")
+    return RemoteJob(**data)
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _submit(handle: ModelHandle, run: Callable[[ModelHandle], Any]) -> str:
@@ -267,6 +351,15 @@ def collect(job_id: str, *, wait: float = 0.0) -> CollectedJob:
     """
     job = load_job(job_id)
     key = require_api_key()
+    configured = ndif_host()
+    if job.host.rstrip("/") != configured.rstrip("/"):
+        # The record names the host to ask (and to send the API key to): only the one nsteer is configured for.
+        raise RemoteError(
+            f"Job {job.id} was submitted to {job.host}, but requests now go to {configured} (NDIF_HOST, "
+            "nnsight.CONFIG.API.HOST). The API key is sent only to the configured host, so the job was not fetched: "
+            f"if {job.host} is NDIF and you sent the job there, collect it with NDIF_HOST={job.host}; otherwise "
+            "submit it again."
+        )
     backend = NdifBackend(
         None,
         model_id=job.model_id,
@@ -282,6 +375,8 @@ def collect(job_id: str, *, wait: float = 0.0) -> CollectedJob:
     except DeadlinePassed:
         status = backend.status.value if backend.status is not None else None
         return CollectedJob(job, done=False, status=status or "no status yet: queued, or unknown to NDIF (expired)")
+    except RemoteError:  # nsteer's own verdict on what came back: the job stays pending
+        raise
     except Exception as error:
         translated = translate_error(error, backend=backend)
         if isinstance(error, NnsightRemoteError):  # the job itself failed: it will not finish, stop listing it
@@ -303,27 +398,54 @@ def _finish(job: RemoteJob, result: Mapping[str, Any]) -> CollectedJob:
     raise RemoteError(f"Job {job.id} has an unknown kind '{job.kind}' in its record; it was not made by this nsteer.")
 
 
+def _payload(job: RemoteJob, name: str, kinds: type | tuple[type, ...], check: Callable[[Any], bool] = bool) -> Any:
+    """Field ``name`` of the job's payload, of type ``kinds`` and passing ``check``; else a RemoteError."""
+    value = job.payload.get(name)
+    if not isinstance(value, kinds) or (isinstance(value, bool) and kinds is not bool) or not check(value):
+        raise RemoteError(
+            f"The record of job {job.id} is damaged: its payload field {name} is {_shown(value)}. "
+            "Delete the record and submit the job again."
+        )
+    return value
+
+
 def _finish_vector(job: RemoteJob, result: Mapping[str, Any]) -> CollectedJob:
-    payload = job.payload
-    path = Path(payload["path"])
-    sums = result["sums"].to(torch.float64)
-    count = int(payload["n_pairs"])
+    path = Path(_payload(job, "path", str, lambda text: Path(text).is_absolute() and text.endswith(".safetensors")))
+    count = _payload(job, "n_pairs", int, lambda number: number > 0)
+    keep = _payload(job, "keep_choice", bool, lambda flag: True)
+    metadata = VectorMetadata.from_json(_payload(job, "metadata", str), path)
+    if path_kind(path) != "nothing":  # never replace what is not a vector file (the record names the path)
+        try:
+            load_vector(path)
+        except NsteerError as error:
+            raise RemoteError(
+                f"Job {job.id} finished, but {path} holds something other than a readable vector ({error}); "
+                "nsteer does not replace it. Move it away and collect again."
+            ) from None
+    sums = expect_tensor(
+        result.get("sums"), "sums", dtype=torch.float64, shape=(2, metadata.n_layers, metadata.hidden_size)
+    )
     statistics = MeanDifference(sums[0] / count, sums[1] / count, count)
-    directions, mean_projections, norms = direction_statistics(statistics)
-    metadata = VectorMetadata.from_json(payload["metadata"], path)
+    directions, mean_projections, norms = direction_statistics(statistics)  # refuses zero or non-finite layers
     vector = SteeringVector(directions, mean_projections, norms, metadata)
-    replace_vector(path, vector, keep_choices=payload.get("keep_choice", True))  # as `nsteer compute` does
+    replace_vector(path, vector, keep_choices=keep)  # as `nsteer compute` does
     return CollectedJob(job, done=True, status="COMPLETED", paths={metadata.instruction_id: path})
 
 
 def _finish_generation(job: RemoteJob, result: Mapping[str, Any]) -> CollectedJob:
     from transformers import AutoTokenizer
 
-    payload = job.payload
-    prompts = payload["prompts"]
-    eos = set(payload["eos"])
+    prompts = _payload(job, "prompts", list, lambda items: bool(items) and all(isinstance(p, str) for p in items))
+    eos = set(_payload(job, "eos", list, lambda items: all(_is_int(token) for token in items)))
+    batches = _payload(job, "batches", list, lambda items: all(_is_batch(item, len(prompts)) for item in items))
+    outputs = expect_list(result.get("outputs"), "outputs", len(batches))
     tokens: list[list[int]] = [[] for _ in prompts]
-    for batch, output in zip(payload["batches"], result["outputs"]):
+    for batch, output in zip(batches, outputs):
+        output = expect_tensor(
+            output, "outputs", dtype=torch.long, shape=(len(batch["rows"]), None), value_range=(0, 1 << 31)
+        )
+        if output.shape[1] < batch["width"]:
+            raise RemoteError(f"The result 'outputs' of job {job.id} is shorter than its prompts; nothing was used.")
         store_new_tokens(tokens, batch["rows"], batch["width"], output, eos)
     try:
         tokenizer = AutoTokenizer.from_pretrained(job.model_id, **({"revision": job.revision} if job.revision else {}))
@@ -331,5 +453,11 @@ def _finish_generation(job: RemoteJob, result: Mapping[str, Any]) -> CollectedJo
         raise RemoteError(
             f"Job {job.id} finished, but the tokenizer of {job.model_id} could not be loaded to decode it ({error})."
         ) from None
+    vocabulary = len(tokenizer)
+    if any(token >= vocabulary for ids in tokens for token in ids):
+        raise RemoteError(
+            f"The result of job {job.id} holds token ids beyond the {vocabulary} of {job.model_id}'s tokenizer: "
+            "it is not this model's output; nothing was used."
+        )
     answers = [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in tokens]
     return CollectedJob(job, done=True, status="COMPLETED", answers=answers, tokens=tokens)

@@ -510,6 +510,19 @@ def open_remote_model(
     if timeout <= 0:
         raise RemoteError(f"The NDIF timeout must be a positive number of seconds, got {timeout!r}.")
     require_api_key()
+    try:
+        # Without a network the Hub is retried for minutes; a Hub that cannot be reached (and a model that is not
+        # cached) is said at once, in the words an unreachable NDIF host gets.
+        hub_access(hub_id, revision)
+    except ModelError:
+        from huggingface_hub import constants
+
+        raise RemoteError(
+            f"Could not reach the Hugging Face Hub at {constants.ENDPOINT} to read the config and tokenizer of "
+            f"'{hub_id}' (the weights stay on NDIF, but nsteer needs these two files here), and they are not in the "
+            "local cache. Check your network connection (and HF_ENDPOINT or a proxy setting if you use one); "
+            f"{STATUS_URL} shows whether NDIF is up."
+        ) from None
     from nnsight import TransformersModel
 
     # task= avoids asking the Hub for the pipeline tag; tokenizer= is required by nnsight 0.8.1 with transformers 5

@@ -196,6 +196,21 @@ def control_vector(env: Env, *, source: dict | None = None, layer: str = "1") ->
     return str(path)
 
 
+def job_record(job_id: str, **changes) -> str:
+    """A well-formed NDIF job record (as `--no-wait` writes one), with ``changes``."""
+    record = {
+        "id": job_id,
+        "kind": "vector",
+        "model_id": "org/model",
+        "model_key": "nnsight.modeling.transformers.TransformersModel:{}",
+        "host": "https://api.ndif.us",
+        "revision": None,
+        "created": 1.0,
+        "payload": {},
+    }
+    return json.dumps({**record, **changes})
+
+
 def ifeval_line(**changes) -> str:
     record = {
         "key": 1,
@@ -1191,6 +1206,18 @@ ROWS: list[Row] = [
         lambda e: ["collect", "no-such-job"],
         ("could not be collected", "no-such-job"),
         env={"NSTEER_JOBS_DIR": "jobs"},
+    ),
+    R(
+        "collect-a-damaged-job-record",
+        lambda e: [e.file("jobs/j1.json", '{"id": "j1", "kind": "vec') and "collect", "j1"],
+        ("j1.json is damaged (not valid JSON", "could not be collected"),
+        env={"NSTEER_JOBS_DIR": "jobs"},
+    ),
+    R(
+        "collect-a-job-record-naming-another-host",
+        lambda e: [e.file("jobs/j2.json", job_record("j2", host="http://collector.invalid")) and "collect", "j2"],
+        ("was submitted to http://collector.invalid", "The API key is sent only to the configured host"),
+        env={"NSTEER_JOBS_DIR": "jobs", "NDIF_API_KEY": "k-123456"},
     ),
     R(
         "ndif-without-an-api-key",

@@ -69,3 +69,20 @@ def test_a_local_model_folder_is_never_probed(monkeypatch, online_mode_without_n
     (tmp_path / "config.json").write_text("{}")
     nsteer.models._load_local(str(tmp_path), None, "cpu", None)
     assert calls and online_mode_without_network == []
+
+
+def test_a_remote_model_without_network_says_it_cannot_reach_the_hub(monkeypatch, online_mode_without_network):
+    """Opening an NDIF model reads its config and tokenizer from the Hub: with no network that was minutes of
+    retries and a traceback (or a message about file permissions); now it is the "cannot reach" of an NDIF host."""
+    from nnsight import CONFIG
+
+    from nsteer.errors import RemoteError
+
+    monkeypatch.setattr(CONFIG.API, "APIKEY", "a-key")
+    started = time.monotonic()
+    with pytest.raises(RemoteError) as error:
+        nsteer.models.open_model("some-org/some-model", remote=True)
+    assert time.monotonic() - started < 10  # a bound on a hang, not a speed test
+    message = " ".join(str(error.value).split())
+    assert "Could not reach the Hugging Face Hub at https://huggingface.co" in message
+    assert "'some-org/some-model'" in message and "not in the local cache" in message and "network" in message

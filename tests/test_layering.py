@@ -43,6 +43,7 @@ LAYERS: dict[str, int] = {
     "nsteer.execution.errors": 1,
     "nsteer.execution.ndif": 1,
     "nsteer.execution.backend": 1,
+    "nsteer.execution.results": 1,
     "nsteer.searched": 2,
     "nsteer.vectors": 2,
     "nsteer.edits": 2,

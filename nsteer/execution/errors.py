@@ -45,6 +45,8 @@ def translate_error(error: BaseException, *, backend: Any) -> RemoteError:
         import websocket
     except ImportError:  # pragma: no cover - websocket-client ships with nnsight
         websocket = None
+    if isinstance(error, RemoteError):  # nsteer's own verdict (a refused result): already says what to do
+        return error
     model, host, job = backend.model_id, backend.host, backend.job_id
     timeout = backend.timeout
     job_text = f" (job {job})" if job else ""

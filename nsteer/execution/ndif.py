@@ -63,16 +63,62 @@ def ndif_host() -> str:
     return CONFIG.API.HOST
 
 
+#: The most bytes a (decompressed) NDIF result may hold: nsteer's results are per-layer sums, token ids or read-out
+#: states, far smaller; a compressed stream that claims more is refused before it is expanded.
+MAX_RESULT_BYTES = 4 << 30
+
+
 def load_result(content: bytes, *, compressed: bool) -> Any:
     """The saved values of a finished NDIF request, from the bytes NDIF sent back (zstd-compressed when the request
-    was). Every result, downloaded or sent inline, passes through here."""
+    was), loaded as data only. Every result, downloaded or sent inline, passes through here.
+
+    nnsight itself unpickles results with ``weights_only=False``, so whoever answers at the NDIF host could run code
+    in this process. Here the result is read by torch's weights-only unpickler, which builds tensors, numbers,
+    strings and containers and nothing else; anything more is refused. What the values must be (type, shape, dtype,
+    finite) is checked where they are used (:mod:`nsteer.execution.results`).
+    """
     import torch
 
     if compressed:
-        import zstandard
+        content = _decompress(content)
+    if len(content) > MAX_RESULT_BYTES:
+        raise RemoteError(_not_data(f"it is larger than {MAX_RESULT_BYTES >> 30} GiB"))
+    try:
+        value = torch.load(io.BytesIO(content), map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - UnpicklingError, RuntimeError, EOFError ...: all mean "not data"
+        reason = " ".join(str(error).split())
+        reason = reason.split(". ")[0] if "Weights only load failed" not in reason else "it asks to run code"
+        raise RemoteError(_not_data(reason[:200])) from None
+    if not isinstance(value, dict) or not all(isinstance(key, str) for key in value):
+        raise RemoteError(_not_data(f"it is a {type(value).__name__}, not the mapping of saved names nnsight sends"))
+    return value
 
-        content = zstandard.ZstdDecompressor().decompress(content)
-    return torch.load(io.BytesIO(content), map_location="cpu", weights_only=False)
+
+def _decompress(content: bytes) -> bytes:
+    """The zstd-decompressed ``content``, read in chunks and stopped past :data:`MAX_RESULT_BYTES` (a few bytes
+    of a compressed stream can expand to gigabytes)."""
+    import zstandard
+
+    chunks, size = [], 0
+    try:
+        with zstandard.ZstdDecompressor().stream_reader(io.BytesIO(content)) as reader:
+            while chunk := reader.read(1 << 24):
+                size += len(chunk)
+                if size > MAX_RESULT_BYTES:
+                    raise RemoteError(_not_data(f"it expands to more than {MAX_RESULT_BYTES >> 30} GiB"))
+                chunks.append(chunk)
+    except zstandard.ZstdError as error:
+        raise RemoteError(_not_data(f"it is not a zstd stream ({error})")) from None
+    return b"".join(chunks)
+
+
+def _not_data(reason: str) -> str:
+    host = ndif_host()
+    return (
+        f"The result NDIF sent back was refused: {reason}. nsteer reads results as data only (tensors, numbers, "
+        f"lists, mappings). Requests go to {host}: if that is not NDIF (NDIF_HOST, nnsight.CONFIG.API.HOST), correct "
+        "it; if it is, run again and report the job if it repeats."
+    )
 
 
 class Submitted(Exception):
@@ -148,7 +194,7 @@ class NdifBackend(RemoteBackend):
             if self.submit_only:
                 raise Submitted(self.job_id)
             result = self.wait(deadline)
-        except Submitted:
+        except (Submitted, RemoteError):  # posted as a job; or nsteer's own verdict on the result
             raise
         except Exception as error:
             raise translate_error(error, backend=self) from safe_cause(error, self.api_key)
