@@ -11,6 +11,7 @@ MAX_LAYERS = 1024  # decoder blocks a vector may describe (released models have 
 MAX_WIDTH = 1 << 16  # residual-stream width a vector may describe (released models: at most ~16k)
 # The largest finite value of each model dtype (torch.finfo(dtype).max): a weight past it turns the stream into inf/NaN.
 LARGEST_FINITE = {"float32": 3.4028234663852886e38, "bfloat16": 3.3895313892515355e38, "float16": 65504.0}
+LARGEST_FINITE["auto"] = min(LARGEST_FINITE["float32"], LARGEST_FINITE["bfloat16"])  # auto opens one of these two
 
 
 # Where configs state the positions a model was built for: learned position tables (GPT-2, OPT, GPT-J) fail past it,

@@ -393,16 +393,17 @@ class Recipe(Strict):
     def _weights_fit_the_dtype(self) -> Recipe:
         """Absolute weights stay finite in the model's dtype (1e308 would turn float32 activations into inf)."""
         largest = LARGEST_FINITE[self.model.dtype]
+        named = self.model.dtype if self.model.dtype != "auto" else "dtype (auto opens bfloat16 or float32)"
         for index, entry in enumerate(self.steer):
             if isinstance(entry.weight, float) and abs(entry.weight) > largest:
                 raise _FieldProblem(
                     ("steer", index, "weight"),
-                    f"{entry.weight:g} overflows the model's {self.model.dtype} (largest {largest:.4g}).",
+                    f"{entry.weight:g} overflows the model's {named} (largest {largest:.4g}).",
                 )
         weights = self.search.weights if isinstance(self.search.weights, list) else []
         if any(abs(weight) > largest for weight in weights):
             raise _FieldProblem(
-                ("search", "weights"), f"a weight overflows the model's {self.model.dtype} (largest {largest:.4g})."
+                ("search", "weights"), f"a weight overflows the model's {named} (largest {largest:.4g})."
             )
         return self
 

@@ -349,12 +349,12 @@ ROWS: list[Row] = [
         ("steer[0].weight", "finite"),
     ),
     R(
-        "steer-weight-overflows-float32",
+        "steer-weight-overflows-auto",
         lambda e: [
             "compute",
             e.recipe(MINIMAL + "steer:\n  - {instruction: lowercase, mode: add, weight: 1.0e+308}\n"),
         ],
-        ("steer[0].weight", "1e+308 overflows the model's float32"),
+        ("steer[0].weight", "1e+308 overflows the model's dtype (auto opens bfloat16 or float32)"),
     ),
     R(
         "steer-weight-overflows-float16",
