@@ -12,6 +12,7 @@ from __future__ import annotations
 import http.server
 import io
 import json
+import random
 import threading
 from pathlib import Path
 
@@ -146,6 +147,25 @@ def test_a_compressed_result_that_expands_past_the_bound_is_refused(monkeypatch)
     with pytest.raises(RemoteError, match="not a zstd stream"):
         ndif.load_result(b"not zstd at all", compressed=True)
     assert ndif.load_result(saved({"sums": torch.ones(2)}), compressed=False)["sums"].tolist() == [1.0, 1.0]
+
+
+def test_a_download_past_the_bound_is_stopped_before_it_is_read_whole(mock_ndif, tmp_path, jobs_dir, monkeypatch):
+    monkeypatch.setattr(ndif, "MAX_RESULT_BYTES", 1 << 20)
+    unpickled = []
+    monkeypatch.setattr(ndif, "load_result", lambda content, compressed: unpickled.append(len(content)))
+    # random bytes stay 8 MiB when the mock compresses them; a collected job's result is always a download URL
+    mock_ndif.fail("result", payload=random.Random(0).randbytes(8 << 20))
+    job, path = submit(tmp_path)
+    with pytest.raises(RemoteError, match="it is larger than 1 MiB"):
+        jobs.collect(job.id, wait=30)
+    assert unpickled == [] and not path.exists()
+
+
+@pytest.mark.parametrize("address", ["file:///etc/passwd", "ftp://example.org/result", 42])
+def test_a_result_address_that_is_not_http_is_refused(address):
+    backend = object.__new__(ndif.NdifBackend)  # only download_result runs: no request, no model
+    with pytest.raises(RemoteError, match="download address is not an http"):
+        ndif.NdifBackend.download_result(backend, address)
 
 
 # --------------------------------------------------------------------------------------------------- job records

@@ -21,7 +21,7 @@ from nnsight.intervention.backends.remote import RemoteBackend
 
 from nsteer.errors import RemoteError
 from nsteer.execution.errors import KEY_URL, DeadlinePassed, safe_cause, translate_error
-from nsteer.execution.nnsight_private import bounded_read_timeout, push_result, request_env
+from nsteer.execution.nnsight_private import bounded_read_timeout, push_result, read_timeout, request_env
 
 _log = logging.getLogger(__name__)
 
@@ -63,9 +63,14 @@ def ndif_host() -> str:
     return CONFIG.API.HOST
 
 
-#: The most bytes a (decompressed) NDIF result may hold: nsteer's results are per-layer sums, token ids or read-out
-#: states, far smaller; a compressed stream that claims more is refused before it is expanded.
+#: The most bytes an NDIF result may hold, downloaded or decompressed: nsteer's results are per-layer sums and token
+#: ids, far smaller; a download or a compressed stream that goes past it is stopped there.
 MAX_RESULT_BYTES = 4 << 30
+_CONNECT_S = 10.0  # seconds to connect for a result download (nnsight's own value)
+
+
+def _size(limit: int) -> str:
+    return f"{limit >> 30} GiB" if limit >= 1 << 30 else f"{limit >> 20} MiB"
 
 
 def load_result(content: bytes, *, compressed: bool) -> Any:
@@ -82,7 +87,7 @@ def load_result(content: bytes, *, compressed: bool) -> Any:
     if compressed:
         content = _decompress(content)
     if len(content) > MAX_RESULT_BYTES:
-        raise RemoteError(_not_data(f"it is larger than {MAX_RESULT_BYTES >> 30} GiB"))
+        raise RemoteError(_not_data(f"it is larger than {_size(MAX_RESULT_BYTES)}"))
     try:
         value = torch.load(io.BytesIO(content), map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - UnpicklingError, RuntimeError, EOFError ...: all mean "not data"
@@ -105,7 +110,7 @@ def _decompress(content: bytes) -> bytes:
             while chunk := reader.read(1 << 24):
                 size += len(chunk)
                 if size > MAX_RESULT_BYTES:
-                    raise RemoteError(_not_data(f"it expands to more than {MAX_RESULT_BYTES >> 30} GiB"))
+                    raise RemoteError(_not_data(f"it expands to more than {_size(MAX_RESULT_BYTES)}"))
                 chunks.append(chunk)
     except zstandard.ZstdError as error:
         raise RemoteError(_not_data(f"it is not a zstd stream ({error})")) from None
@@ -216,8 +221,26 @@ class NdifBackend(RemoteBackend):
             interval = min(interval * _POLL_GROWTH, _POLL_MAX_S)
 
     def download_result(self, url: Any) -> Any:
+        """The result COMPLETED carried: its bytes inline, or a URL to fetch, read in chunks and given up past
+        :data:`MAX_RESULT_BYTES` (nnsight's own download buffers whatever the server streams). No key is sent."""
         self.phase = "downloading the result"
-        return super().download_result(url)
+        if isinstance(url, (bytes, bytearray)):
+            return self.finalize(bytes(url))
+        if not url:
+            return None
+        if not isinstance(url, str) or not url.lower().startswith(("https://", "http://")):
+            raise RemoteError(_not_data("its download address is not an http(s) URL"))
+        import httpx
+
+        buffer = io.BytesIO()
+        with httpx.Client(timeout=httpx.Timeout(_CONNECT_S, read=read_timeout())) as client:
+            with client.stream("GET", url) as response:
+                response.raise_for_status()
+                for chunk in response.iter_bytes(chunk_size=1 << 20):
+                    if buffer.tell() + len(chunk) > MAX_RESULT_BYTES:
+                        raise RemoteError(_not_data(f"it is larger than {_size(MAX_RESULT_BYTES)}"))
+                    buffer.write(chunk)
+        return self.finalize(buffer.getvalue())
 
     def finalize(self, content: bytes) -> Any:
         """Every result's bytes, downloaded or sent back inline, are loaded by :func:`load_result`."""

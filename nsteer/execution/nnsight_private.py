@@ -56,6 +56,13 @@ def bounded_read_timeout(deadline: float) -> Iterator[None]:
         remote_module._READ_TIMEOUT = original
 
 
+def read_timeout() -> float:
+    """nnsight's current HTTP read timeout in seconds (``_READ_TIMEOUT``; bounded by :func:`bounded_read_timeout`)."""
+    import nnsight.intervention.backends.remote as remote_module
+
+    return float(remote_module._READ_TIMEOUT)
+
+
 def missing_names() -> list[str]:
     """The names of :data:`NNSIGHT_NAMES` the installed nnsight lacks (empty when all are there)."""
     missing = []

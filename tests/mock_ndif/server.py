@@ -520,7 +520,10 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Connection", "close")
         self.end_headers()
-        self.wfile.write(body)
+        try:
+            self.wfile.write(body)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client stopped reading (a download nsteer gave up on): nothing to answer
         self.close_connection = True
 
     def _json(self, status: int, payload: Any) -> None:
