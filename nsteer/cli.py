@@ -46,6 +46,7 @@ def _options(
 
 # ------------------------------------------------------------------------------------------------ shared options
 
+CHECKPOINT = "cells.jsonl"  # finished cells of eval and composition runs, in their output folder
 RECIPE = typer.Argument(..., metavar="RECIPE", help="The recipe YAML file.")
 JSON = typer.Option(False, "--json", help="Print the result as one JSON document (shapes: docs/cli.md).")
 JSONL = typer.Option(False, "--jsonl", help="Print the result as JSON lines, one record per line (docs/cli.md).")
@@ -505,7 +506,7 @@ def evaluate(
     from nsteer.evaluate.table import CELLS, evaluate_recipe
     from nsteer.pipeline import check_recipe_vectors, read_recipe_vectors, vectors_from_other_pairs
     from nsteer.recipe import Override
-    from nsteer.report import CELL_HEADERS, write_eval_report
+    from nsteer.report import CELL_HEADERS, EVAL_REPORT_FILES, write_eval_report
 
     overrides = [
         *_model_overrides(model, device, dtype),
@@ -533,7 +534,7 @@ def evaluate(
     out_dir = out or recipe.output_dir / (
         "eval" if data is None and split == "test" else f"eval-{'data' if data else split}"
     )
-    _writable(out_dir)
+    _writable(out_dir, files=(CHECKPOINT, *EVAL_REPORT_FILES))
     vectors = read_recipe_vectors(recipe) if recipe.steer else {}
     if data is None:
         for name in vectors_from_other_pairs(recipe, vectors):
@@ -552,7 +553,7 @@ def evaluate(
             split=split,
             limit=limit,
             data=data,
-            checkpoint=out_dir / "cells.jsonl",
+            checkpoint=out_dir / CHECKPOINT,
             progress=bars,
         )
     paths = write_eval_report(result, out_dir)
@@ -633,8 +634,8 @@ def search(
     on this machine by earlier runs (or that none is recorded yet).
     """
     from nsteer.pipeline import check_recipe_vectors, read_recipe_vectors, steer_vector_path
-    from nsteer.report import search_rows, write_search_report
-    from nsteer.search import plan_estimate, plan_search, search_recipe
+    from nsteer.report import SEARCH_REPORT_FILES, search_rows, write_search_report
+    from nsteer.search import CHECKPOINT_NAME, plan_estimate, plan_search, search_recipe
 
     output = _output(as_json, as_jsonl)
     recipe = _recipe(recipe_path, _search_overrides(limit, layers, weights, modes, max_new_tokens))
@@ -650,7 +651,11 @@ def search(
             output.line(line)
         return
     searched = [index for index, entry in enumerate(recipe.steer) if entry.layer == "auto"]
-    _writable(out_dir, *(steer_vector_path(recipe, index).parent for index in searched))  # winners go into vectors
+    _writable(  # the winners go into the vector files
+        out_dir,
+        *(steer_vector_path(recipe, index).parent for index in searched),
+        files=(CHECKPOINT_NAME, *SEARCH_REPORT_FILES),
+    )
     handle = _open(output, recipe, remote)
     check_recipe_vectors(recipe, vectors, handle, allow_transfer=allow_transfer or None)
     with output.progress() as bars:
@@ -702,12 +707,15 @@ def _new_output(path: Path, *, force: bool, what: str) -> Path:
     return path
 
 
-def _writable(*folders: Path) -> None:
-    """Prove each output folder takes a file before a model is opened (not after it has run for an hour)."""
-    from nsteer.fileio import writable_folder
+def _writable(*folders: Path, files: Sequence[str] = ()) -> None:
+    """Prove each output folder takes a file before a model is opened (not after it has run for an hour), and that
+    ``files`` (names in the first folder) are files or absent: a folder or a pipe there would fail the last write."""
+    from nsteer.fileio import check_output_path, writable_folder
 
     for folder in dict.fromkeys(folders):
         writable_folder(folder)
+    for name in files:
+        check_output_path(folders[0] / name)
 
 
 def _check_no_wait(no_wait: bool, remote: bool, recipe: Any) -> None:
@@ -942,13 +950,17 @@ def _eval_composition(
     allow_transfer: bool,
     output: Output,
 ) -> None:
-    from nsteer.evaluate.composition import evaluate_recipe_composition, write_composition_report
+    from nsteer.evaluate.composition import (
+        COMPOSITION_REPORT_FILES,
+        evaluate_recipe_composition,
+        write_composition_report,
+    )
     from nsteer.pipeline import check_recipe_vectors, read_recipe_vectors
 
     recipe = _recipe(recipe_path, overrides)
     _check_split(split)
     out_dir = out or recipe.output_dir / ("composition" if split == "test" else f"composition-{split}")
-    _writable(out_dir)
+    _writable(out_dir, files=(CHECKPOINT, *COMPOSITION_REPORT_FILES))
     vectors = read_recipe_vectors(recipe)
     handle = _open(output, recipe, False)
     check_recipe_vectors(recipe, vectors, handle, allow_transfer=allow_transfer or None)
@@ -959,7 +971,7 @@ def _eval_composition(
             vectors=vectors,
             split=split,
             limit=limit,
-            checkpoint=out_dir / "cells.jsonl",
+            checkpoint=out_dir / CHECKPOINT,
             progress=bars,
         )
     paths = write_composition_report(result, out_dir)

@@ -254,13 +254,18 @@ def sweep_png(result: SearchResult) -> bytes:
     return _png(figure)
 
 
+#: The files each report writes into its folder (the CLI checks them before a model runs).
+EVAL_REPORT_FILES = ("eval.json", "eval.md", "eval-cells.png")
+SEARCH_REPORT_FILES = ("search.json", "search.md", "search-layers.png")
+
+
 def write_eval_report(result: EvaluationResult, out_dir: str | Path) -> dict[str, Path]:
     """Write ``eval.json``, ``eval.md`` and ``eval-cells.png`` to ``out_dir``; returns their paths by kind."""
     out_dir = Path(out_dir)
     return {
-        "json": write_json(out_dir / "eval.json", result.to_dict()),
-        "markdown": write_text(out_dir / "eval.md", eval_markdown(result)),
-        "png": _write_bytes(out_dir / "eval-cells.png", eval_bars_png(result)),
+        "json": write_json(out_dir / EVAL_REPORT_FILES[0], result.to_dict()),
+        "markdown": write_text(out_dir / EVAL_REPORT_FILES[1], eval_markdown(result)),
+        "png": _write_bytes(out_dir / EVAL_REPORT_FILES[2], eval_bars_png(result)),
     }
 
 
@@ -339,9 +344,9 @@ def write_search_report(result: SearchResult, out_dir: str | Path) -> dict[str, 
     """Write ``search.json``, ``search.md`` and ``search-layers.png`` to ``out_dir``; returns their paths by kind."""
     out_dir = Path(out_dir)
     return {
-        "json": write_json(out_dir / "search.json", search_dict(result)),
-        "markdown": write_text(out_dir / "search.md", search_markdown(result)),
-        "png": _write_bytes(out_dir / "search-layers.png", sweep_png(result)),
+        "json": write_json(out_dir / SEARCH_REPORT_FILES[0], search_dict(result)),
+        "markdown": write_text(out_dir / SEARCH_REPORT_FILES[1], search_markdown(result)),
+        "png": _write_bytes(out_dir / SEARCH_REPORT_FILES[2], sweep_png(result)),
     }
 
 

@@ -4,6 +4,7 @@ SDK arguments that are errors of nsteer's own family (and ValueErrors), not trac
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -12,8 +13,10 @@ import torch
 from cli_runner import run_cli
 
 import nsteer
+import nsteer.evaluate.checkpoint as checkpoint_module
 import nsteer.pipeline
-from nsteer.errors import ArgumentError, NsteerError
+from nsteer.errors import ArgumentError, FileError, NsteerError
+from nsteer.evaluate.checkpoint import append_checkpoint, read_checkpoint
 from nsteer.extract import compute_vector, mean_difference
 from nsteer.prompts import Instruction, PromptPair
 from nsteer.vectors import SteeringVector, VectorMetadata, save_vector, scan_vectors, shipped_vectors
@@ -60,6 +63,60 @@ def test_an_unwritable_output_is_found_before_the_model_is_opened(tmp_path, monk
     message = " ".join(err.split())
     assert code == 2 and f"The output folder {UNWRITABLE}" in message and "cannot be written" in message, message
     assert "Opening" not in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "blocked"),
+    [
+        (lambda tmp: ["eval", str(recipe(tmp, str(tmp / "o"))), "--out", str(tmp / "rep")], "eval.json"),
+        (lambda tmp: ["eval", str(recipe(tmp, str(tmp / "o"))), "--out", str(tmp / "rep")], "cells.jsonl"),
+        (
+            lambda tmp: ["eval-composition", str(recipe(tmp, str(tmp / "o"))), "--out", str(tmp / "rep")],
+            "composition.md",
+        ),
+        (
+            lambda tmp: [
+                vector_file(tmp / "o" / "shout.safetensors") and "search",
+                str(recipe(tmp, str(tmp / "o"), layer="auto")),
+                "--out",
+                str(tmp / "rep"),
+            ],
+            "search-layers.png",
+        ),
+    ],
+    ids=["eval-report", "eval-checkpoint", "composition-report", "search-report"],
+)
+def test_a_folder_where_a_report_or_checkpoint_goes_is_found_before_the_model_is_opened(
+    tmp_path, monkeypatch, capsys, argv, blocked
+):
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the model was opened although a report cannot be written")
+
+    monkeypatch.setattr(nsteer.pipeline, "open_recipe_model", must_not_run)
+    command = argv(tmp_path)
+    (tmp_path / "rep" / blocked).mkdir(parents=True)
+    code, _, err = run_cli(monkeypatch, capsys, *command)
+    message = " ".join(err.split())
+    assert code == 2 and f"{blocked} is a folder" in message, message
+
+
+def test_a_checkpoint_that_is_not_a_file_is_refused_without_blocking(tmp_path):
+    (tmp_path / "folder.jsonl").mkdir()
+    with pytest.raises(FileError, match="is a folder, not a file"):
+        read_checkpoint(tmp_path / "folder.jsonl")
+    os.mkfifo(tmp_path / "pipe.jsonl")  # opening it to read would wait for a writer forever
+    with pytest.raises(FileError, match="is a named pipe"):
+        read_checkpoint(tmp_path / "pipe.jsonl")
+
+
+def test_an_over_long_checkpoint_line_is_skipped_and_the_records_after_it_are_read(tmp_path, monkeypatch):
+    monkeypatch.setattr(checkpoint_module, "MAX_RECORD_BYTES", 64)
+    path = tmp_path / "cells.jsonl"
+    append_checkpoint(path, {"key": "before", "answers": ["a"]})
+    with path.open("ab") as stream:
+        stream.write(b'{"key": "huge", "answers": ["' + b"x" * 1000 + b'"]}\n')
+    append_checkpoint(path, {"key": "after", "answers": ["b"]})
+    assert sorted(read_checkpoint(path)) == ["after", "before"]
 
 
 def test_list_reports_a_bad_file_and_lists_the_others(tmp_path, monkeypatch, capsys):

@@ -14,8 +14,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from nsteer.errors import EvaluationError
-from nsteer.fileio import parse_json
+from nsteer.errors import EvaluationError, FileError
+from nsteer.fileio import parse_json, path_kind
+
+# One finished cell's line: its answers (a unit's rows x up to 8192 tokens each) stay far below this.
+MAX_RECORD_BYTES = 256 << 20
 
 
 def cell_key(**parts: Any) -> str:
@@ -27,11 +30,18 @@ def cell_key(**parts: Any) -> str:
 def read_checkpoint(path: Path) -> dict[str, dict[str, Any]]:
     """The finished cells in ``path`` by key (empty when the file does not exist); broken lines are skipped."""
     path = Path(path)
-    if not path.exists():
+    kind = path_kind(path)
+    if kind == "nothing":
         return {}
+    if kind != "a file":  # a folder would fail with a traceback, a pipe would block forever
+        raise FileError(f"The checkpoint {path} is {kind}, not a file: move it away, or give another output folder.")
     finished: dict[str, dict[str, Any]] = {}
     with path.open("rb") as stream:
-        for line in stream:
+        while line := stream.readline(MAX_RECORD_BYTES + 1):
+            if len(line) > MAX_RECORD_BYTES:  # not a record nsteer wrote: skip the rest of it, keep reading
+                while line and not line.endswith(b"\n"):
+                    line = stream.readline(MAX_RECORD_BYTES)
+                continue
             if not line.endswith(b"\n"):
                 break  # a partial last line from an interrupted write
             try:

@@ -312,12 +312,16 @@ def composition_markdown(result: CompositionResult) -> str:
     return "\n".join(lines) + "\n"
 
 
+#: The files the composition report writes into its folder (the CLI checks them before a model runs).
+COMPOSITION_REPORT_FILES = ("composition.json", "composition.md")
+
+
 def write_composition_report(result: CompositionResult, out_dir: str | Path) -> dict[str, Path]:
     """Write ``composition.json`` (every answer) and ``composition.md`` into ``out_dir``."""
     out_dir = Path(out_dir)
     return {
-        "json": write_json(out_dir / "composition.json", result.to_dict()),
-        "markdown": write_text(out_dir / "composition.md", composition_markdown(result)),
+        "json": write_json(out_dir / COMPOSITION_REPORT_FILES[0], result.to_dict()),
+        "markdown": write_text(out_dir / COMPOSITION_REPORT_FILES[1], composition_markdown(result)),
     }
 
 
