@@ -254,28 +254,27 @@ def load_vector(path: str | Path) -> SteeringVector:
     try:
         with safe_open(str(path), framework="pt") as stream:
             header = stream.metadata() or {}
-            names = set(stream.keys())
-            tensors = {name: stream.get_tensor(name) for name in TENSOR_NAMES if name in names}
+            # Shapes first: a tensor is read into memory only once its shape matches the validated metadata.
+            shapes = {name: tuple(stream.get_slice(name).get_shape()) for name in stream.keys()}
+            metadata = VectorMetadata.from_json(header.get("nsteer", ""), path, _format_version(header, path))
+            missing = [name for name in TENSOR_NAMES if name not in shapes]
+            if missing:
+                raise VectorFileError(f"{path} lacks the tensor(s) {', '.join(missing)}.")
+            expected = (metadata.n_layers, metadata.hidden_size)
+            found = [shapes[name] for name in TENSOR_NAMES]
+            if found != [expected, expected[:1], expected[:1]]:
+                raise VectorFileError(
+                    f"{path}: tensor shapes {', '.join(str(shape) for shape in found)} do not match the metadata "
+                    f"({metadata.n_layers} layers, width {metadata.hidden_size})."
+                )
+            directions, mean_projections, norms = (stream.get_tensor(name) for name in TENSOR_NAMES)
+    except VectorFileError:
+        raise
     except Exception as error:  # safetensors raises its own error type or OSError for a broken header
         raise VectorFileError(
             f"{path} is not a readable safetensors vector file (truncated or another format: {error}). "
             "Recompute it with `nsteer compute`, or copy it again."
         ) from None
-    metadata = VectorMetadata.from_json(header.get("nsteer", ""), path, _format_version(header, path))
-    missing = [name for name in TENSOR_NAMES if name not in tensors]
-    if missing:
-        raise VectorFileError(f"{path} lacks the tensor(s) {', '.join(missing)}.")
-    directions, mean_projections, norms = (tensors[name] for name in TENSOR_NAMES)
-    expected = (metadata.n_layers, metadata.hidden_size)
-    if (
-        tuple(directions.shape) != expected
-        or tuple(mean_projections.shape) != expected[:1]
-        or tuple(norms.shape) != expected[:1]
-    ):
-        raise VectorFileError(
-            f"{path}: tensor shapes {tuple(directions.shape)}, {tuple(mean_projections.shape)}, {tuple(norms.shape)} "
-            f"do not match the metadata ({metadata.n_layers} layers, width {metadata.hidden_size})."
-        )
     problem = tensor_problem(directions, mean_projections, norms)
     if problem:
         raise VectorFileError(f"{path}: {problem}; recompute the vector (or copy it again).")

@@ -86,6 +86,52 @@ def test_a_claimed_layer_count_the_file_cannot_back_is_refused_before_allocation
     assert peak < 10 * 2**20  # nothing near the claim was ever allocated
 
 
+def test_a_tensor_larger_than_its_metadata_is_refused_before_it_is_read(tmp_path, monkeypatch):
+    """A vector file whose directions are [4096, 4096] (64 MiB) while its metadata says 2 layers of width 8: the
+    shapes are compared from the header, and no tensor is read into memory."""
+    import safetensors
+    from safetensors.torch import save_file
+
+    metadata = VectorMetadata("0.1.0", "m", "c", "f", "LlamaForCausalLM", 8, 2, "shout")
+    good = save_vector(
+        SteeringVector(torch.nn.functional.normalize(torch.ones(2, 8), dim=-1), torch.ones(2), torch.ones(2), metadata),
+        tmp_path / "good.safetensors",
+    )
+    with safetensors.safe_open(str(good), framework="pt") as stream:
+        header = stream.metadata()
+    path = tmp_path / "big.safetensors"
+    save_file(
+        {"directions": torch.zeros(4096, 4096), "mean_projections": torch.ones(2), "norms": torch.ones(2)},
+        str(path),
+        metadata=header,
+    )
+    real_open, read = safetensors.safe_open, []
+
+    class Recording:
+        def __init__(self, *args, **kwargs):
+            self.inner = real_open(*args, **kwargs)
+
+        def __enter__(self):
+            self.stream = self.inner.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.inner.__exit__(*exc)
+
+        def get_tensor(self, name):
+            read.append(name)
+            return self.stream.get_tensor(name)
+
+        def __getattr__(self, name):
+            return getattr(self.stream, name)
+
+    monkeypatch.setattr(safetensors, "safe_open", Recording)
+    with pytest.raises(VectorFileError, match=r"tensor shapes \(4096, 4096\), \(2,\), \(2,\) do not match"):
+        load_vector(path)
+    assert read == []
+    assert load_vector(good).metadata.instruction_id == "shout" and read == ["directions", "mean_projections", "norms"]
+
+
 @pytest.mark.parametrize(
     ("source", "fragment"),
     [
