@@ -456,6 +456,8 @@ def _describe_setting(chosen: SearchedSetting | None) -> str:
         if chosen.weight_relative is not None:
             text += f" ({chosen.weight_relative:g} x the layer's norm)"
         text += f", {chosen.positions} positions"
+        if chosen.options_label:
+            text += f", {chosen.options_label}"
         if chosen.layers is not None:
             text += f" (file steers layers {list(chosen.layers)})"
     if chosen.score is not None and chosen.baseline_score is not None:

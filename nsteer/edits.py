@@ -5,12 +5,21 @@ layer are applied one after another in the order given (the recipe's order), eac
 previous one left it, so their effects add and a later ``set`` sees what an earlier ``add`` did.
 
 One formula covers every mode: ``h <- h + (a (t - h.u) + b) u`` with ``set``: a = w, t = z; ``add``: a = 0, b = w;
-``ablate``: a = w, t = 0 (zeros elsewhere). The plan holds, per layer, a ``LayerPlan`` of per-row tensors:
+``ablate``: a = w, t = 0 (zeros elsewhere). Three optional modifiers act on that change ``d = a (t - h.u) + b``:
+
+- a gate (threshold g on a direction v): at the prefill, a row whose last prompt token has ``h.v >= g`` (before this
+  edit) is left unedited for the whole generation: one decision per row, made inside the trace;
+- a clamp (bound c): ``d <- min(d, max(c - h.u, 0))``: the edit never lifts the projection above c;
+- skip-first: each row's first token (the attention sink: its states are orders of magnitude larger) is left alone.
+
+The plan holds, per layer, a ``LayerPlan`` of per-row tensors:
 
 - ``directions [K, H]``: the distinct unit directions used at the layer (float32);
 - ``index [S, B]``: which of them row ``b``'s ``s``-th edit at this layer uses;
 - ``target [S, B]`` (t), and ``scale [2, S, B]`` (a) and ``shift [2, S, B]`` (b) for the prompt (the prefill,
-  step 0) and for generated tokens (later steps): positions ``prompt`` / ``generated`` zero one of the two.
+  step 0) and for generated tokens (later steps): positions ``prompt`` / ``generated`` zero one of the two;
+- ``gate_index [S, B]`` (into directions) and ``gate [S, B]`` (g, +inf: no gate), ``bound [S, B]`` (c, +inf: no
+  clamp) and ``skip_first [S, B]`` (1: leave the row's first token alone).
 
 Slot ``s`` holds every row's ``s``-th edit at the layer, so one fused update per slot steers all rows, each with its
 own direction, mode, weight and positions, and a row with fewer edits there gets a = b = 0 (left exactly as it was).
@@ -23,6 +32,7 @@ Extending an edit family means adding a per-row tensor to ``LayerPlan`` (and its
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from collections.abc import Sequence
@@ -31,7 +41,7 @@ from dataclasses import dataclass
 import torch
 
 from nsteer.constants import MODES, POSITIONS
-from nsteer.errors import ArgumentError, require
+from nsteer.errors import ArgumentError, NsteerError, require
 from nsteer.vectors import SteeringVector
 
 PROMPT, GENERATED = 0, 1  # the two phases of a generation: the prefill (step 0) and each later step
@@ -51,6 +61,10 @@ class Edit:
     target: float = 0.0  # the mean projection z_l, used by ``set``
     positions: str = "all"  # all | prompt (the prefill) | generated (tokens produced by the model)
     name: str = ""
+    gate: float | None = None  # edit the row only if h.v at its last prompt token (before this edit) is below this
+    gate_direction: torch.Tensor | None = None  # v [H], unit norm; None: the edit's own direction
+    bound: float | None = None  # clamp: the edit never lifts h.u above this
+    skip_first: bool = False  # leave each row's first token (the attention sink) as it is
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -71,6 +85,25 @@ class Edit:
             raise ArgumentError(f"An edit's direction must be one vector [H], got shape {tuple(self.direction.shape)}.")
         if not torch.isfinite(self.direction).all():
             raise ArgumentError(f"The direction of edit '{self.name}' holds NaN or infinite values.")
+        for field, value in (("gate", self.gate), ("bound", self.bound)):
+            if value is None:
+                continue
+            if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value):
+                raise ArgumentError(f"Edit '{self.name}': the {field} must be a finite number, got {value!r}.")
+            object.__setattr__(self, field, float(value))
+        if self.gate_direction is not None:
+            gate_direction = self.gate_direction
+            if not isinstance(gate_direction, torch.Tensor) or not gate_direction.is_floating_point():
+                raise ArgumentError(f"Edit '{self.name}': the gate direction must be a float tensor [H].")
+            if gate_direction.shape != self.direction.shape:
+                raise ArgumentError(
+                    f"Edit '{self.name}': the gate direction has shape {tuple(gate_direction.shape)}, the edit's "
+                    f"direction {tuple(self.direction.shape)}; give both as one vector [H] of the model's width."
+                )
+            if not torch.isfinite(gate_direction).all():
+                raise ArgumentError(f"Edit '{self.name}': the gate direction holds NaN or infinite values.")
+        if not isinstance(self.skip_first, bool):
+            raise ArgumentError(f"Edit '{self.name}': skip_first must be true or false, got {self.skip_first!r}.")
 
     def coefficients(self) -> tuple[float, float, float, float, float]:
         """``(t, a_prompt, b_prompt, a_generated, b_generated)`` of ``h <- h + (a (t - h.u) + b) u``."""
@@ -101,6 +134,10 @@ class LayerPlan:
     target: torch.Tensor  # [S, B] float32: t
     scale: torch.Tensor  # [2, S, B] float32: a at the prompt (0) and at generated steps (1)
     shift: torch.Tensor  # [2, S, B] float32: b, likewise
+    gate_index: torch.Tensor  # [S, B] int64 into directions: the gate's direction v
+    gate: torch.Tensor  # [S, B] float32: the gate threshold g (+inf: not gated)
+    bound: torch.Tensor  # [S, B] float32: the clamp bound c (+inf: not clamped)
+    skip_first: torch.Tensor  # [S, B] float32: 1 leaves the row's first token alone
 
     @property
     def slots(self) -> int:
@@ -116,6 +153,14 @@ class LayerPlan:
             "target": self.target,
             "scale": self.scale,
             "shift": self.shift,
+            "gate_index": self.gate_index,
+            "gate": self.gate,
+            "bound": self.bound,
+            "skip_first": self.skip_first,
+            # Flags so that a plan without gates, clamps or skipped tokens costs nothing extra per step.
+            "gated": bool(torch.isfinite(self.gate).any()),
+            "clamped": bool(torch.isfinite(self.bound).any()),
+            "skips": bool(self.skip_first.any()),
         }
 
 
@@ -173,6 +218,130 @@ def edit_from_vector(
     )
 
 
+@dataclass(frozen=True)
+class EditOptions:
+    """How a vector's edit is shaped beyond layer, mode, weight and positions (every option off by default).
+
+    All statistics come from the vector's training pairs: z_l (the mean projection with the instruction) and
+    ‖u_l‖ (the distance between the means with and without it), so the mean without it projects at z_l − ‖u_l‖.
+    """
+
+    block: int = 1  # the edit at `block` consecutive layers from its layer, the weight split evenly between them
+    gate: float | None = None  # m: edit a row only if its last prompt token projects below z_l − m ‖u_l‖
+    clamp: float | None = None  # c: the edit never lifts the projection above z_l + c ‖u_l‖
+    skip_first: bool = False  # leave each row's first token (the attention sink) alone
+    centered: bool = False  # steer along u_l minus the mean vector of a set of instructions (the specific part)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.block, bool) or not isinstance(self.block, int) or self.block < 1:
+            raise ArgumentError(f"block must be a whole number of layers, 1 or more; got {self.block!r}.")
+        if self.gate is not None and not (math.isfinite(self.gate) and 0.0 <= self.gate <= 1.0):
+            raise ArgumentError(
+                f"gate must be a number from 0 to 1 (0.5: midway between the training means), got {self.gate!r}."
+            )
+        if self.clamp is not None and not math.isfinite(self.clamp):
+            raise ArgumentError(f"clamp must be a finite number (0: the bound is z_l), got {self.clamp!r}.")
+        if self.centered and self.clamp is not None:
+            raise ArgumentError(
+                "clamp needs the projection statistics of the edit's own direction; a centered direction has none. "
+                "Use clamp with the vector's own direction."
+            )
+
+    @property
+    def label(self) -> str:
+        """The options that are on, in words (empty when none is)."""
+        parts = [f"block {self.block}"] if self.block > 1 else []
+        parts += [f"gate {self.gate:g}"] if self.gate is not None else []
+        parts += [f"clamp {self.clamp:g}"] if self.clamp is not None else []
+        parts += ["skip first"] if self.skip_first else []
+        parts += ["centered"] if self.centered else []
+        return ", ".join(parts)
+
+
+def mean_vector(vectors: Sequence[SteeringVector]) -> torch.Tensor:
+    """The mean raw difference vector ``mean_J u_J`` per layer ``[L, H]``: what a set of instructions shares."""
+    if len(vectors) < 3:
+        raise NsteerError(
+            f"A centered direction needs the vectors of 3 or more instructions, got {len(vectors)} "
+            "(with two, the two centered directions are opposite)."
+        )
+    shapes = {tuple(vector.directions.shape) for vector in vectors}
+    if len(shapes) > 1:
+        raise NsteerError(f"Vectors of different shapes {sorted(shapes)} cannot be centered together.")
+    return torch.stack([vector.directions.float() * vector.norms.float()[:, None] for vector in vectors]).mean(0)
+
+
+def _needs_statistics(vector: SteeringVector, what: str) -> None:
+    """Refuse an option that needs the training statistics z_l on an imported vector (which has none)."""
+    if vector.metadata.imported_from:
+        raise NsteerError(
+            f"'{vector.instruction_id}' was imported ({vector.metadata.imported_from}) and carries no mean projection "
+            f"z_l, so {what} is undefined. Compute the vector with `nsteer compute` to use it."
+        )
+
+
+def vector_edits(
+    vector: SteeringVector,
+    *,
+    layer: int,
+    mode: str,
+    weight: float,
+    positions: str,
+    weight_relative: float | None = None,
+    target_scale: float = 1.0,
+    options: EditOptions = EditOptions(),
+    center: torch.Tensor | None = None,
+) -> list[Edit]:
+    """A vector's edits at ``layer`` (and the next ``options.block - 1`` layers) with ``options`` applied.
+
+    A block splits the weight evenly: each of its n layers gets ``weight / n`` (or ``k / n × ‖u_l‖`` at its own layer
+    for a ``weight_relative`` k). ``center`` ([L, H], see :func:`mean_vector`) is required with ``options.centered``.
+    """
+    layers = range(layer, layer + options.block)
+    n_layers = vector.directions.shape[0]
+    if layers[-1] >= n_layers:
+        raise NsteerError(
+            f"A block of {options.block} layers from layer {layer} ends at layer {layers[-1]}; the model has layers "
+            f"0..{n_layers - 1}. Start the block at layer {n_layers - options.block} or earlier."
+        )
+    if options.gate is not None or options.clamp is not None:
+        _needs_statistics(vector, "a gate or clamp")
+    if options.centered:
+        if mode == "set":
+            raise NsteerError(
+                "A set edit needs the mean projection on its own direction; a centered direction has none. "
+                "Use mode add (or ablate) with a centered direction."
+            )
+        if center is None or tuple(center.shape) != tuple(vector.directions.shape):
+            raise NsteerError("A centered edit needs the mean vector of its instruction set (nsteer.mean_vector).")
+    edits = []
+    for at in layers:
+        share = (
+            relative_weight(vector, at, weight_relative / options.block)
+            if weight_relative is not None
+            else weight / options.block
+        )
+        edit = edit_from_vector(
+            vector, layer=at, mode=mode, weight=share, positions=positions, target_scale=target_scale
+        )
+        z, norm, own = float(vector.mean_projections[at]), float(vector.norms[at]), vector.directions[at]
+        changes: dict[str, object] = {"skip_first": options.skip_first}
+        if options.centered:
+            specific = own.float() * norm - center[at].float()
+            length = float(specific.norm())
+            if not length > 0.0:
+                raise NsteerError(
+                    f"'{vector.instruction_id}' at layer {at} equals the mean vector of its set: no specific part."
+                )
+            changes["direction"] = specific / length
+        if options.gate is not None:
+            changes.update(gate=z - options.gate * norm, gate_direction=own)
+        if options.clamp is not None:
+            changes["bound"] = z + options.clamp * norm
+        edits.append(dataclasses.replace(edit, **changes))
+    return edits
+
+
 def relative_weight(vector: SteeringVector, layer: int, k: float) -> float:
     """The absolute weight ``k × ‖u_l‖``: k times the raw norm of the vector's mean difference at ``layer``."""
     return float(k) * float(vector.norms[layer])
@@ -198,6 +367,16 @@ def validate_edits(edits: Sequence[Edit], *, n_layers: int, hidden_size: int, dt
             )
 
 
+def _direction_index(vector: torch.Tensor, directions: list[torch.Tensor], known: dict[bytes, int]) -> int:
+    """The index of ``vector`` in ``directions`` (appended the first time it is seen; equal directions stored once)."""
+    direction = vector.detach().to("cpu", torch.float32).contiguous()
+    key = direction.numpy().tobytes()
+    if key not in known:
+        known[key] = len(directions)
+        directions.append(direction)
+    return known[key]
+
+
 def compile_plan(row_edits: Sequence[Sequence[Edit]]) -> Plan:
     """Turn per-row edit lists into a layer-sorted plan of per-row tensors (one ``LayerPlan`` per edited layer).
 
@@ -219,17 +398,26 @@ def compile_plan(row_edits: Sequence[Sequence[Edit]]) -> Plan:
         target = torch.zeros(slots, batch_size, dtype=torch.float32)
         scale = torch.zeros(2, slots, batch_size, dtype=torch.float32)
         shift = torch.zeros(2, slots, batch_size, dtype=torch.float32)
+        gate_index = torch.zeros(slots, batch_size, dtype=torch.long)
+        gate = torch.full((slots, batch_size), math.inf, dtype=torch.float32)
+        bound = torch.full((slots, batch_size), math.inf, dtype=torch.float32)
+        skip_first = torch.zeros(slots, batch_size, dtype=torch.float32)
+
         for row, edits in enumerate(rows):
             for slot, edit in enumerate(edits):
-                direction = edit.direction.detach().to("cpu", torch.float32).contiguous()
-                key = direction.numpy().tobytes()
-                if key not in known:
-                    known[key] = len(directions)
-                    directions.append(direction)
-                index[slot, row] = known[key]
+                index[slot, row] = _direction_index(edit.direction, directions, known)
+                if edit.gate is not None:
+                    gate_direction = edit.gate_direction if edit.gate_direction is not None else edit.direction
+                    gate_index[slot, row] = _direction_index(gate_direction, directions, known)
+                    gate[slot, row] = edit.gate
+                if edit.bound is not None:
+                    bound[slot, row] = edit.bound
+                skip_first[slot, row] = float(edit.skip_first)
                 t, a_prompt, b_prompt, a_generated, b_generated = edit.coefficients()
                 target[slot, row] = t
                 scale[PROMPT, slot, row], shift[PROMPT, slot, row] = a_prompt, b_prompt
                 scale[GENERATED, slot, row], shift[GENERATED, slot, row] = a_generated, b_generated
-        plan.append(LayerPlan(layer, torch.stack(directions), index, target, scale, shift))
+        plan.append(
+            LayerPlan(layer, torch.stack(directions), index, target, scale, shift, gate_index, gate, bound, skip_first)
+        )
     return tuple(plan)

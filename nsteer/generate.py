@@ -81,14 +81,17 @@ def steered_generate_batches(
 
     Each edited layer applies ``h <- h + (c - a (h.u)) u`` once per slot (``c = a t + b``; see ``nsteer.edits``), with
     per-row ``u``, ``a`` and ``c`` put on the model's device and dtype at the prefill and kept there for the whole
-    generation: the work per step depends on the slots, not on how many rows carry edits or how they differ.
+    generation. A gate closes a row at the prefill by zeroing its ``a`` and ``c`` there for the rest of the run; a
+    clamp caps the change at ``max(bound - h.u, 0)``; skip-first zeroes the change on each row's first token.
+    The work per step depends on the slots, not on how many rows carry edits or how they differ.
     The loop body uses only tensors, numbers, dicts and the model's own modules, so the identical trace runs on NDIF
     (``nsteer.jobs.collect`` reads the saved name ``outputs``).
     Step 0 is the prefill (``[B, T, H]``); later steps see one new position each (``[B, 1, H]``) with the KV cache.
     """
     model, layers = handle.model, handle.layers
     payloads = [
-        (input_ids, attention_mask, [layer.payload() for layer in plan]) for input_ids, attention_mask, plan in batches
+        (input_ids, attention_mask, first_tokens(attention_mask), [layer.payload() for layer in plan])
+        for input_ids, attention_mask, plan in batches
     ]
     outputs = None  # stays None if a remote result does not carry it (checked below)
     with torch.inference_mode(), tf32_matmuls(handle), warnings.catch_warnings():
@@ -96,10 +99,10 @@ def steered_generate_batches(
         warnings.filterwarnings("ignore", message=".*was never reached.*")
         with model.session(**handle.trace_kwargs()):
             outputs = []
-            for input_ids, attention_mask, plan in payloads:
+            for input_ids, attention_mask, first, plan in payloads:
                 with model.generate(**generate_kwargs) as tracer:
                     with tracer.invoke({"input_ids": input_ids, "attention_mask": attention_mask}):
-                        resident = {}  # per layer: (u as rows [S, B, 1, H], u as columns [S, B, H, 1], a, c)
+                        resident = {}  # per layer: u as rows [S, B, 1, H] and columns [S, B, H, 1], a, c, ...
                         # A step loop that touches no module would never yield back to the model: only loop with edits.
                         for step in tracer.all() if plan else ():
                             phase = 0 if step == 0 else 1  # the prompt's coefficients, then the generated tokens'
@@ -108,20 +111,50 @@ def steered_generate_batches(
                                 hidden = output[0] if isinstance(output, tuple) else output
                                 if step == 0:
                                     device, dtype = hidden.device, hidden.dtype
-                                    units = entry["directions"].to(device)[entry["index"].to(device)].to(dtype)
+                                    directions = entry["directions"].to(device)
+                                    units = directions[entry["index"].to(device)].to(dtype)
                                     offset = entry["scale"] * entry["target"] + entry["shift"]  # c = a t + b
-                                    resident[entry["layer"]] = (
-                                        units[:, :, None, :],
-                                        units[:, :, :, None],
-                                        entry["scale"].to(device, dtype)[:, :, :, None, None],
-                                        offset.to(device, dtype)[:, :, :, None, None],
-                                    )
-                                rows, columns, scale, offset = resident[entry["layer"]]
+                                    resident[entry["layer"]] = {
+                                        "rows": units[:, :, None, :],
+                                        "columns": units[:, :, :, None],
+                                        # copies: a gate zeroes a closed row's a and c in place
+                                        "scale": entry["scale"].to(device, dtype)[:, :, :, None, None].clone(),
+                                        "offset": offset.to(device, dtype)[:, :, :, None, None].clone(),
+                                        "bound": entry["bound"].to(device, dtype)[:, :, None, None],
+                                        # at the prefill, 0 on each row's first token where it is skipped
+                                        "keep": 1
+                                        - entry["skip_first"].to(device, dtype)[:, :, None, None]
+                                        * first.to(device, dtype)[None, :, :, None],
+                                    }
+                                    if entry["gated"]:  # gate directions in float32: the decision is one comparison
+                                        resident[entry["layer"]]["gate_columns"] = directions[
+                                            entry["gate_index"].to(device)
+                                        ][:, :, :, None]
+                                        resident[entry["layer"]]["gate"] = entry["gate"].to(device)
+                                state = resident[entry["layer"]]
+                                rows, columns, scale, offset = (
+                                    state["rows"],
+                                    state["columns"],
+                                    state["scale"],
+                                    state["offset"],
+                                )
                                 for slot in range(rows.shape[0]):
+                                    if step == 0 and entry["gated"]:
+                                        # one decision per row, on the last prompt token as it is before this edit
+                                        last = torch.matmul(
+                                            hidden[:, -1, :].float()[:, None, :], state["gate_columns"][slot]
+                                        )
+                                        opened = (last[:, 0, 0] < state["gate"][slot]).to(dtype)[:, None, None]
+                                        scale[:, slot].mul_(opened)
+                                        offset[:, slot].mul_(opened)
                                     projection = torch.matmul(hidden, columns[slot])  # [B, T, 1]
                                     change = torch.addcmul(
                                         offset[phase, slot], scale[phase, slot], projection, value=-1
                                     )
+                                    if entry["clamped"]:  # never lift the projection above the bound
+                                        change = torch.minimum(change, (state["bound"][slot] - projection).clamp_min(0))
+                                    if step == 0 and entry["skips"]:
+                                        change = change * state["keep"][slot]
                                     hidden.addcmul_(change, rows[slot])
                     with tracer.invoke():
                         outputs.append(tracer.result.cpu())
@@ -145,6 +178,12 @@ def vocab_size(handle: ModelHandle) -> int:
     """How many token ids the model can produce: its embedding rows (config) or its tokenizer's, the larger."""
     config_size = getattr(getattr(handle.hf_model, "config", None), "vocab_size", None)
     return max(len(handle.tokenizer), config_size if isinstance(config_size, int) else 0)
+
+
+def first_tokens(attention_mask: torch.Tensor) -> torch.Tensor:
+    """``[B, T]`` bool: each row's first real token in a left-padded batch (the position skip-first leaves alone)."""
+    mask = attention_mask.bool()
+    return mask & (mask.long().cumsum(dim=1) == 1)
 
 
 def eos_ids(handle: ModelHandle) -> set[int]:

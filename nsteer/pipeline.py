@@ -10,7 +10,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from nsteer.edits import Edit, edit_from_vector, relative_weight
+import torch
+
+from nsteer.edits import Edit, EditOptions, mean_vector, vector_edits
 from nsteer.errors import NsteerError, RecipeError
 from nsteer.extract import compute_vector
 from nsteer.fileio import builtin_name, input_path
@@ -27,7 +29,7 @@ from nsteer.prompts import (
     prompt_set_hash,
     split_pairs,
 )
-from nsteer.recipe import Recipe, RelativeWeight, vector_file_name
+from nsteer.recipe import Recipe, RelativeWeight, SteerEntry, vector_file_name
 from nsteer.vectors import SteeringVector, check_compatible, load_vector, replace_vector, same_model
 
 
@@ -286,17 +288,42 @@ def check_recipe_vectors(
 
 def recipe_edits(recipe: Recipe, vectors: Mapping[str, SteeringVector]) -> list[Edit]:
     """The recipe's steer entries as edits, in recipe order (the order edits sharing a layer are applied in)."""
-    edits = (steer_entry_edit(recipe, vectors, index) for index in range(len(recipe.steer)))
-    return [edit for edit in edits if edit is not None]
+    return [edit for index in range(len(recipe.steer)) for edit in steer_entry_edits(recipe, vectors, index)]
 
 
-def steer_entry_edit(recipe: Recipe, vectors: Mapping[str, SteeringVector], index: int) -> Edit | None:
-    """Steer entry ``index`` as an edit; None when it is ``layer: auto`` and the search chose no steering.
+def entry_options(entry: SteerEntry) -> EditOptions:
+    """A steer entry's block, gate, clamp, skip-first and direction as edit options."""
+    return EditOptions(
+        block=entry.block,
+        gate=entry.gate,
+        clamp=entry.clamp,
+        skip_first=entry.skip_first,
+        centered=entry.direction == "centered",
+    )
+
+
+def recipe_center(recipe: Recipe, vectors: Mapping[str, SteeringVector]) -> torch.Tensor | None:
+    """The mean vector ``[L, H]`` of the vectors the recipe's steer entries use (each once), for entries with
+    ``direction: centered``; None when no entry is centered."""
+    if not any(entry.direction == "centered" for entry in recipe.steer):
+        return None
+    used = dict.fromkeys(entry.vector or entry.instruction for entry in recipe.steer)
+    try:
+        return mean_vector([vectors[key] for key in used])
+    except NsteerError as error:
+        index = next(i for i, entry in enumerate(recipe.steer) if entry.direction == "centered")
+        raise recipe.error(("steer", index, "direction"), f"{error} The recipe steers with {len(used)}.") from None
+
+
+def steer_entry_edits(recipe: Recipe, vectors: Mapping[str, SteeringVector], index: int) -> tuple[Edit, ...]:
+    """Steer entry ``index`` as edits (one per layer of its block); none when it is ``layer: auto`` and the search
+    chose no steering.
 
     With ``layer: auto`` the entry takes the setting searched for ITS instruction: for a borrowed vector (word
     exclusion on the include:<word> vector) that is the setting recorded under ``chosen_for``, never the vector's own.
     The searched mode is used when the entry names none (an entry naming another mode is an error), and an entry
-    that gives no weight or target scale of its own takes the searched ones too.
+    that gives no weight or target scale of its own takes the searched ones too. The block, gate, clamp, skip-first
+    and direction are always the entry's own (the search applies them as the entry gives them).
     """
     entry = recipe.steer[index]
     vector = vectors[entry.vector or entry.instruction]
@@ -304,7 +331,7 @@ def steer_entry_edit(recipe: Recipe, vectors: Mapping[str, SteeringVector], inde
     if layer == "auto":
         chosen = vector.choice(entry.instruction)
         if chosen is not None and chosen.no_steering:
-            return None
+            return ()
         if chosen is None:
             own = vector.choice()
             borrowed = ""
@@ -332,18 +359,34 @@ def steer_entry_edit(recipe: Recipe, vectors: Mapping[str, SteeringVector], inde
                 )
             mode = searched_mode  # a search over several modes (search.modes) chose this one
         if "weight" not in entry.model_fields_set and chosen.mode == mode:
-            weight = chosen.weight  # the absolute weight the search tried (a relative k already resolved)
+            # the weight the search tried: its k on the vector's scale when it had one (a block splits it per layer)
+            weight = (
+                RelativeWeight(relative=chosen.weight_relative) if chosen.weight_relative is not None else chosen.weight
+            )
         if "target_scale" not in entry.model_fields_set and chosen.mode == mode:
             target_scale = chosen.target_scale
     if not 0 <= layer < vector.metadata.n_layers:
         raise recipe.error(
             ("steer", index, "layer"), f"layer {layer} is out of range (0..{vector.metadata.n_layers - 1})."
         )
-    if isinstance(weight, RelativeWeight):
-        weight = relative_weight(vector, layer, weight.relative)
-    return edit_from_vector(
-        vector, layer=layer, mode=mode, weight=weight, positions=entry.positions, target_scale=target_scale
-    )
+    relative = weight.relative if isinstance(weight, RelativeWeight) else None
+    try:
+        edits = vector_edits(
+            vector,
+            layer=layer,
+            mode=mode,
+            weight=0.0 if relative is not None else float(weight),
+            weight_relative=relative,
+            positions=entry.positions,
+            target_scale=target_scale,
+            options=entry_options(entry),
+            center=recipe_center(recipe, vectors) if entry.direction == "centered" else None,
+        )
+    except RecipeError:
+        raise
+    except NsteerError as error:
+        raise recipe.error(("steer", index), str(error)) from None
+    return tuple(edits)
 
 
 def generation_config(recipe: Recipe, **overrides) -> GenerationConfig:

@@ -185,6 +185,30 @@ class SteerEntry(Strict):
     target_scale: float = Field(
         1.0, description="set only: the target projection is target_scale × z_l (1: the paper's set)."
     )
+    block: int = Field(
+        1,
+        ge=1,
+        le=1024,
+        description="Apply the edit at this many consecutive layers from `layer`, the weight split evenly among them.",
+    )
+    gate: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="m: steer a prompt only when its last token's projection at the layer is below z_l − m × ‖u_l‖ "
+        "(0.5: midway between the training means with and without the instruction), decided once per prompt.",
+    )
+    clamp: float | None = Field(
+        None, description="c: the edit never lifts the projection above z_l + c × ‖u_l‖ (0: the mean with it)."
+    )
+    skip_first: bool = Field(
+        False, description="Leave each prompt's first token (the attention sink, with huge states) unedited."
+    )
+    direction: Literal["own", "centered"] = Field(
+        "own",
+        description="own: the vector's direction; centered: u_l minus the mean vector of the recipe's instructions "
+        "(what this instruction does that the others do not; add or ablate only, 3+ instructions).",
+    )
 
     @field_validator("layer")
     @classmethod
@@ -194,7 +218,7 @@ class SteerEntry(Strict):
             raise ValueError("layer must be 0 or more (or auto)")
         return value
 
-    @field_validator("weight", "target_scale")
+    @field_validator("weight", "target_scale", "gate", "clamp")
     @classmethod
     def _finite(cls, value: Any, info: ValidationInfo) -> Any:
         """The weight and the target scale are finite numbers."""
@@ -207,6 +231,10 @@ class SteerEntry(Strict):
         """A target scale other than 1 needs mode set (add and ablate have no target)."""
         if self.target_scale != 1.0 and self.mode != "set":
             raise ValueError(f"target_scale applies to mode set only, not {self.mode}")
+        if self.direction == "centered" and (self.mode == "set" or self.clamp is not None):
+            raise ValueError(
+                "a centered direction has no mean projection of its own: use it with mode add or ablate, without clamp"
+            )
         return self
 
 
@@ -453,6 +481,21 @@ class Recipe(Strict):
             )
             for index, entry in enumerate(self.steer)
             if isinstance(entry.layer, int) and entry.layer >= n_layers
+        ]
+        problems += [
+            self.problem(
+                ("steer", index, "block"),
+                f"a block of {entry.block} layers from layer {entry.layer} ends past the model's last layer "
+                f"{n_layers - 1}: start it at layer {n_layers - entry.block} or earlier, or make it shorter.",
+            )
+            if entry.block <= n_layers
+            else self.problem(
+                ("steer", index, "block"), f"block {entry.block} is longer than the model's {n_layers} layers."
+            )
+            for index, entry in enumerate(self.steer)
+            if entry.block > n_layers
+            or isinstance(entry.layer, int)
+            and entry.layer < n_layers <= entry.layer + entry.block - 1
         ]
         problems += [
             self.problem(

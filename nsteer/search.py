@@ -25,7 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nsteer.edits import edit_from_vector, relative_weight
+import torch
+
+from nsteer.edits import EditOptions, relative_weight, vector_edits
 from nsteer.errors import EvaluationError
 from nsteer.evaluate.checkers import CheckSpec
 from nsteer.evaluate.inputs import open_reference
@@ -33,9 +35,11 @@ from nsteer.evaluate.runner import Generator, Reference, Row, ScoredAnswer, Unit
 from nsteer.generate import GenerationConfig, generate
 from nsteer.models import ModelHandle
 from nsteer.pipeline import (
+    entry_options,
     generation_config,
     instruction_splits,
     load_recipe_vectors,
+    recipe_center,
     resolve_instruction,
     steer_vector_path,
 )
@@ -62,6 +66,7 @@ class Setting:
     positions: str = "all"
     relative: float | None = None
     target_scale: float = 1.0
+    options: EditOptions = EditOptions()  # the entry's block, gate, clamp, skip-first and direction
 
     @property
     def no_steering(self) -> bool:
@@ -77,7 +82,10 @@ class Setting:
     @property
     def label(self) -> str:
         """``no steering`` or ``layer 14 set w=1``."""
-        return "no steering" if self.layer is None else f"layer {self.layer} {self.mode} {self.weight_label}"
+        if self.layer is None:
+            return "no steering"
+        options = f" ({self.options.label})" if self.options.label else ""
+        return f"layer {self.layer} {self.mode} {self.weight_label}{options}"
 
 
 @dataclass(frozen=True)
@@ -143,7 +151,7 @@ def candidate_settings(recipe: Recipe, index: int, vector: SteeringVector, layer
     the entry's weight when they are its mode, else weight 1.
     """
     entry, search = recipe.steer[index], recipe.search
-    own = entry.mode
+    own, options = entry.mode, entry_options(entry)
     candidates = []
     for mode in search.modes or [own]:
         weights: list[tuple[float, bool]]
@@ -170,8 +178,10 @@ def candidate_settings(recipe: Recipe, index: int, vector: SteeringVector, layer
                 entry.positions,
                 relative=float(weight) if relative else None,
                 target_scale=float(scale),
+                options=options,
             )
             for layer in layers
+            if layer + options.block <= vector.directions.shape[0]  # the whole block fits in the model
             for weight, relative in weights
             for scale in scales
         ]
@@ -236,6 +246,11 @@ def searched_setting(sweep: InstructionSweep, layers: Sequence[int]) -> Searched
         weight_relative=setting.relative,
         target_scale=setting.target_scale,
         positions=setting.positions,
+        block=setting.options.block,
+        gate=setting.options.gate,
+        clamp=setting.options.clamp,
+        skip_first=setting.options.skip_first,
+        centered=setting.options.centered,
         score=winner.loose,
         strict_score=winner.strict,
         degenerate_share=winner.degenerate_share,
@@ -281,8 +296,11 @@ def run_cells(
     label: str,
     together: bool = False,
     progress: ProgressFactory | None = None,
+    center: torch.Tensor | None = None,
 ) -> list[SweepCell]:
     """Generate (or reuse from the checkpoint) and score every setting on ``prompts``.
+
+    ``center`` is the mean vector the settings with a centered direction subtract (see ``nsteer.mean_vector``).
 
     Each unfinished setting is generated and checkpointed on its own, so an interrupted sweep loses at most one cell;
     with ``together`` all unfinished settings go through one generation as per-row edits (on NDIF: one request for
@@ -293,15 +311,18 @@ def run_cells(
         edits = (
             ()
             if setting.no_steering
-            else (
-                edit_from_vector(
+            else tuple(
+                vector_edits(
                     vector,
                     layer=setting.layer,
                     mode=setting.mode,
                     weight=setting.weight,
+                    weight_relative=setting.relative,
                     positions=setting.positions,
                     target_scale=setting.target_scale,
-                ),
+                    options=setting.options,
+                    center=center,
+                )
             )
         )
         units.append(Unit(label, tuple(Row(prompt, edits, (spec,)) for prompt in prompts)))
@@ -497,6 +518,7 @@ def search_recipe(
     out_dir = Path(out_dir) if out_dir is not None else recipe.output_dir / "search"
     checkpoint = out_dir / CHECKPOINT_NAME
     rule = guard_rule(settings.margin, settings.min_perplexity_ratio)
+    center = recipe_center(recipe, vectors)
     sweeps = []
     for index in entries:
         entry = recipe.steer[index]
@@ -522,6 +544,7 @@ def search_recipe(
             label=f"search {entry.instruction}",
             together=handle.remote,
             progress=progress,
+            center=center,
         )
         baseline = swept[0]
         cells = [

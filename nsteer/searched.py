@@ -45,6 +45,12 @@ class SearchedSetting:
     positions: str = field(default="all", metadata={"choices": POSITIONS})
     weight_relative: float | None = None  # the k of a weight searched on the vector's scale (weight = k x ||u_l||)
     target_scale: float = 1.0  # a set edit's target is target_scale x z_l
+    # How the edit was shaped while searched (see nsteer.edits.EditOptions): the steer entry's own options.
+    block: int = field(default=1, metadata={"range": (1, float("inf"))})
+    gate: float | None = field(default=None, metadata={"range": (0.0, 1.0)})
+    clamp: float | None = None
+    skip_first: bool = False
+    centered: bool = False
     # The evidence: validation scores of the winner and of the unsteered baseline, and what was searched how.
     score: float | None = field(default=None, metadata=_SHARE)
     strict_score: float | None = field(default=None, metadata=_SHARE)
@@ -74,6 +80,16 @@ class SearchedSetting:
     def label(self) -> str:
         """``no steering`` or ``layer 14 set w=1``."""
         return "no steering" if self.no_steering else f"layer {self.layer} {self.mode} w={self.weight:g}"
+
+    @property
+    def options_label(self) -> str:
+        """The edit options the setting was searched with, in words (``block 2, gate 0.5``), empty when none."""
+        parts = [f"block {self.block}"] if self.block > 1 else []
+        parts += [f"gate {self.gate:g}"] if self.gate is not None else []
+        parts += [f"clamp {self.clamp:g}"] if self.clamp is not None else []
+        parts += ["skip first"] if self.skip_first else []
+        parts += ["centered"] if self.centered else []
+        return ", ".join(parts)
 
     def to_dict(self) -> dict[str, Any]:
         """The setting as written into a vector file's metadata (fields at their default left out)."""

@@ -71,6 +71,8 @@ def hook_generate(
     attention_mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in sequences], device=device)
 
     state = {"step": -1}  # reset per call; the model's pre-hook makes the prefill step 0
+    first = [width - len(s) for s in sequences]  # each row's first real token (skip-first leaves it alone)
+    opened: dict[tuple[int, int], bool] = {}  # (row, edit's place in the row's list): the gate's prefill decision
 
     def count_step(module, args, kwargs):
         state["step"] += 1
@@ -80,9 +82,16 @@ def hook_generate(
             hidden = output[0] if isinstance(output, tuple) else output
             step = state["step"]
             for row, edits in enumerate(row_edits):
-                for edit in edits:  # sequential, in this row's list order
+                for place, edit in enumerate(edits):  # sequential, in this row's list order
                     if edit.layer != layer:
                         continue
+                    if edit.gate is not None:
+                        if step == 0:  # the last prompt token, as the row's earlier edits left it, in float32
+                            v = edit.gate_direction if edit.gate_direction is not None else edit.direction
+                            last = float(hidden[row, -1].float() @ v.float().to(hidden.device))
+                            opened[(row, place)] = last < edit.gate
+                        if not opened[(row, place)]:
+                            continue
                     if edit.positions == "prompt" and step > 0 or edit.positions == "generated" and step == 0:
                         continue
                     h = hidden[row]  # [T, H]
@@ -99,7 +108,13 @@ def hook_generate(
                         coefficient = torch.ones_like(projection)
                     else:
                         coefficient = -projection
-                    hidden[row] = h + w * coefficient * u
+                    change = w * coefficient
+                    if edit.bound is not None:  # the edit may lift the projection up to the bound, no further
+                        room = torch.clamp(edit.bound - projection, min=0.0)
+                        change = torch.where(change > room, room, change)
+                    if edit.skip_first and step == 0:
+                        change[first[row]] = 0.0
+                    hidden[row] = h + change * u
             return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
         return hook

@@ -532,3 +532,22 @@ def test_api_key_never_leaks(mock_ndif, tmp_path, jobs_dir, monkeypatch, capfd, 
     written = [path for path in list(tmp_path.rglob("*")) + list(jobs_dir.rglob("*")) if path.is_file()]
     assert any(path.suffix == ".safetensors" for path in written) and any(path.suffix == ".json" for path in written)
     assert all(SECRET.encode() not in path.read_bytes() for path in written)
+
+
+def test_gates_clamps_and_skipped_tokens_through_mock_equal_local(mock_ndif):
+    """The gate's decision, the clamp and skip-first run inside the same trace on the server as they do locally."""
+    handle = remote_handle()
+    local = local_handle(mock_ndif)
+    config = GenerationConfig(max_new_tokens=6, batch_size=3)
+    set_, add, _ = edits_for_test()
+    row_edits = [
+        [dataclasses.replace(add, gate=0.0, gate_direction=set_.direction)],
+        [dataclasses.replace(add, bound=1.0, skip_first=True)],
+        [dataclasses.replace(set_, skip_first=True), dataclasses.replace(add, gate=1e6)],
+        [dataclasses.replace(add, gate=-1e6)],  # closed: every last token projects above it
+        [],
+    ]
+    steered = generate_tokens(handle, PROMPTS, row_edits=row_edits, config=config)
+    assert steered == generate_tokens(local, PROMPTS, row_edits=row_edits, config=config)
+    plain = generate_tokens(local, PROMPTS, config=config)
+    assert steered[3] == plain[3] and steered[4] == plain[4]

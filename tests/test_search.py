@@ -564,3 +564,84 @@ def test_bad_command_line_bounds_exit_2_naming_the_flag(planned, monkeypatch, ca
     monkeypatch.setattr(nsteer.pipeline, "open_model", lambda *a, **k: pytest.fail("a model was opened"))
     code, out, err = run_cli(monkeypatch, capsys, "search", str(planned), flag, value)
     assert code == 2 and message in err, err
+
+
+def test_steer_entries_take_blocks_gates_clamps_skips_and_centered_directions(setup, handle) -> None:
+    recipe = setup(
+        instructions={"lowercase": {}, "uppercase": {}, "no_comma": {}},
+        steer=[
+            {"instruction": "lowercase", "layer": 1, "mode": "add", "weight": {"relative": 2.0}, "block": 2,
+             "gate": 0.5, "skip_first": True},
+            {"instruction": "uppercase", "layer": 2, "mode": "add", "weight": 3.0, "clamp": 0.0},
+            {"instruction": "no_comma", "layer": 3, "mode": "add", "weight": 1.0, "direction": "centered",
+             "positions": "prompt"},
+        ],
+    )  # fmt: skip
+    vectors = load_recipe_vectors(recipe, handle)
+    low, low2, upper, centered = recipe_edits(recipe, vectors)
+    lower = vectors["lowercase"]
+    assert [(e.layer, e.weight) for e in (low, low2)] == [
+        (1, pytest.approx(float(lower.norms[1]))),  # k = 2 split over the block: 1 x ||u_l|| at each layer
+        (2, pytest.approx(float(lower.norms[2]))),
+    ]
+    assert low.gate == pytest.approx(float(lower.mean_projections[1] - 0.5 * lower.norms[1])) and low.skip_first
+    assert low2.gate == pytest.approx(float(lower.mean_projections[2] - 0.5 * lower.norms[2]))
+    assert upper.bound == pytest.approx(float(vectors["uppercase"].mean_projections[2])) and upper.gate is None
+    raw = torch.stack([vectors[n].directions[3] * vectors[n].norms[3] for n in ("lowercase", "uppercase", "no_comma")])
+    specific = raw[2] - raw.mean(0)
+    assert torch.allclose(centered.direction, specific / specific.norm(), atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ({"block": 0}, r"steer\[0\].block: Input should be greater than or equal to 1"),
+        ({"gate": 1.5}, r"steer\[0\].gate: Input should be less than or equal to 1"),
+        ({"gate": -0.5}, r"steer\[0\].gate: Input should be greater than or equal to 0"),
+        ({"gate": math.nan}, r"steer\[0\].gate: "),
+        ({"clamp": math.inf}, r"steer\[0\].clamp: clamp must be a finite number"),
+        ({"direction": "centered", "mode": "set"}, "a centered direction has no mean projection of its own"),
+        ({"direction": "centered", "clamp": 0.0}, "a centered direction has no mean projection of its own"),
+        ({"direction": "sideways"}, r"steer\[0\].direction"),
+    ],
+)
+def test_bad_edit_options_in_a_steer_entry_are_refused(tmp_path, entry, message) -> None:
+    with pytest.raises(RecipeError, match=message):
+        make_recipe(tmp_path, steer=[{"instruction": "lowercase", "layer": 1, "mode": "add", **entry}])
+
+
+def test_a_block_past_the_last_layer_and_a_centered_direction_without_three_vectors_are_refused(setup, handle) -> None:
+    recipe = setup(steer=[{"instruction": "lowercase", "layer": 3, "mode": "add", "block": 2}])
+    with pytest.raises(RecipeError, match=r"steer\[0\].block: a block of 2 layers from layer 3 ends past"):
+        recipe.check_layers(handle.n_layers)
+    centered = setup(steer=[{"instruction": "lowercase", "layer": 1, "mode": "add", "direction": "centered"}])
+    with pytest.raises(RecipeError, match=r"steer\[0\].direction: A centered direction needs the vectors of 3 or more"):
+        recipe_edits(centered, load_recipe_vectors(centered, handle))
+
+
+def test_the_search_applies_the_entrys_options_and_records_them(setup, handle) -> None:
+    recipe = setup(
+        steer=[{"instruction": "lowercase", "layer": "auto", "mode": "add", "block": 2, "gate": 0.5}],
+        search={"layers": [1, 2, 3], "weights": {"relative": [1.0]}, "max_prompts": 2},
+    )
+    seen = []
+
+    def generator(h, prompts, *, row_edits, config, progress=None):
+        edits = row_edits[0]
+        seen.append([(e.layer, e.gate is not None) for e in edits])
+        good = bool(edits) and edits[0].layer == 2
+        return [PASS_LOWER if good else TITLE] * len(prompts)
+
+    (sweep,) = search_recipe(recipe, handle, generator=generator, reference=None).sweeps
+    assert [c.setting.layer for c in sweep.cells] == [1, 2]  # a block from layer 3 would not fit in 4 layers
+    assert [(1, True), (2, True)] in seen and [(2, True), (3, True)] in seen
+    assert (
+        sweep.winner.setting.label == "layer 2 add w=1×‖u‖=" + f"{sweep.winner.setting.weight:.3g} (block 2, gate 0.5)"
+    )
+    chosen = load_vector(vector_path(recipe, "lowercase")).metadata.chosen
+    assert (chosen.layer, chosen.block, chosen.gate, chosen.weight_relative) == (2, 2, 0.5, 1.0)
+    assert chosen.options_label == "block 2, gate 0.5"
+    first, second = recipe_edits(recipe, load_recipe_vectors(recipe, handle))
+    vector = load_recipe_vectors(recipe, handle)["lowercase"]
+    assert (first.layer, second.layer) == (2, 3)
+    assert first.weight == pytest.approx(0.5 * float(vector.norms[2])) and first.gate is not None

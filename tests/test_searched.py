@@ -132,7 +132,7 @@ BAD_SETTINGS = [
     ({"shared_search": {"note": "x"}}, "chosen.shared_search.words: this field is required but missing"),
     ({"no_steering": "no"}, "chosen.no_steering: expected true or false, got 'no'"),
     ({"no_steering": True}, "chosen.no_steering: true contradicts layer 2"),
-    ({"gate": 0.5}, r"chosen.gate: this nsteer does not know this field \(written by a newer nsteer\?\)"),
+    ({"sparkle": 0.5}, r"chosen.sparkle: this nsteer does not know this field \(written by a newer nsteer\?\)"),
     ({"imported": "yes"}, "chosen.imported: expected true or false"),
 ]
 

@@ -12,7 +12,7 @@ from nsteer.evaluate.checkers import CheckSpec
 from nsteer.evaluate.ifeval_data import IFEvalRecord, read_ifeval_jsonl
 from nsteer.evaluate.runner import Reference
 from nsteer.models import ModelHandle, open_model
-from nsteer.pipeline import instruction_splits, resolve_instruction, steer_entry_edit
+from nsteer.pipeline import instruction_splits, resolve_instruction, steer_entry_edits
 from nsteer.recipe import Recipe
 from nsteer.vectors import SteeringVector
 
@@ -114,15 +114,21 @@ def instruction_edits(recipe: Recipe, vectors: Mapping[str, SteeringVector]) -> 
     """Each recipe instruction's edits (its steer entries, in recipe order); empty where none steers it."""
     found: dict[str, list[Edit]] = {name: [] for name in recipe.instructions}
     for index, entry in enumerate(recipe.steer):
-        edit = steer_entry_edit(recipe, vectors, index)
-        if edit is not None:
-            found[entry.instruction].append(edit)
+        found[entry.instruction].extend(steer_entry_edits(recipe, vectors, index))
     return {name: tuple(edits) for name, edits in found.items()}
 
 
 def describe_edits(edits: Sequence[Edit]) -> str:
-    """``lowercase@14 set w=1`` for each edit, or ``none``."""
-    return ", ".join(f"{e.name}@{e.layer} {e.mode} w={e.weight:g} ({e.positions})" for e in edits) or "none"
+    """``lowercase@14 set w=1 (all)`` for each edit (plus its gate, clamp and skip-first), or ``none``."""
+    return ", ".join(f"{e.name}@{e.layer} {e.mode} w={e.weight:g} ({e.positions}{_extras(e)})" for e in edits) or "none"
+
+
+def _extras(edit: Edit) -> str:
+    """``, gate < -3.2, clamp 41, skip first`` for the modifiers an edit has."""
+    parts = [f"gate < {edit.gate:.4g}"] if edit.gate is not None else []
+    parts += [f"clamp {edit.bound:.4g}"] if edit.bound is not None else []
+    parts += ["skip first"] if edit.skip_first else []
+    return "".join(f", {part}" for part in parts)
 
 
 def steering_note(recipe: Recipe, vectors: Mapping[str, SteeringVector], name: str) -> str:

@@ -93,9 +93,20 @@ class ScoredAnswer:
 
 
 def edit_signature(edit: Edit) -> list[Any]:
-    """What makes an edit's output differ: name, layer, mode, weight, positions, target and a hash of the direction."""
+    """What makes an edit's output differ: name, layer, mode, weight, positions, target, a hash of the direction, and
+    the gate, clamp and skip-first when the edit has them."""
     digest = hashlib.sha256(edit.direction.detach().float().cpu().numpy().tobytes()).hexdigest()[:16]
-    return [edit.name, edit.layer, edit.mode, edit.weight, edit.positions, round(edit.target, 6), digest]
+    signature = [edit.name, edit.layer, edit.mode, edit.weight, edit.positions, round(edit.target, 6), digest]
+    # Gate, clamp and skip-first only when used, so the keys of edits without them stay what they were.
+    if edit.gate is not None:
+        gate_direction = edit.gate_direction if edit.gate_direction is not None else edit.direction
+        gate_digest = hashlib.sha256(gate_direction.detach().float().cpu().numpy().tobytes()).hexdigest()[:16]
+        signature += ["gate", edit.gate, gate_digest]
+    if edit.bound is not None:
+        signature += ["bound", edit.bound]
+    if edit.skip_first:
+        signature += ["skip_first"]
+    return signature
 
 
 def unit_key(handle: ModelHandle, unit: Unit, config: GenerationConfig, kind: str) -> str:
