@@ -235,12 +235,14 @@ class EditOptions:
     def __post_init__(self) -> None:
         if isinstance(self.block, bool) or not isinstance(self.block, int) or self.block < 1:
             raise ArgumentError(f"block must be a whole number of layers, 1 or more; got {self.block!r}.")
-        if self.gate is not None and not (math.isfinite(self.gate) and 0.0 <= self.gate <= 1.0):
+        if self.gate is not None and not (_is_number(self.gate) and math.isfinite(self.gate) and 0 <= self.gate <= 1):
             raise ArgumentError(
                 f"gate must be a number from 0 to 1 (0.5: midway between the training means), got {self.gate!r}."
             )
-        if self.clamp is not None and not math.isfinite(self.clamp):
+        if self.clamp is not None and not (_is_number(self.clamp) and math.isfinite(self.clamp)):
             raise ArgumentError(f"clamp must be a finite number (0: the bound is z_l), got {self.clamp!r}.")
+        if not isinstance(self.skip_first, bool) or not isinstance(self.centered, bool):
+            raise ArgumentError("skip_first and centered must be true or false.")
         if self.centered and self.clamp is not None:
             raise ArgumentError(
                 "clamp needs the projection statistics of the edit's own direction; a centered direction has none. "
@@ -256,6 +258,11 @@ class EditOptions:
         parts += ["skip first"] if self.skip_first else []
         parts += ["centered"] if self.centered else []
         return ", ".join(parts)
+
+
+def _is_number(value: object) -> bool:
+    """A real number that is not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def mean_vector(vectors: Sequence[SteeringVector]) -> torch.Tensor:

@@ -235,6 +235,8 @@ def test_a_centered_direction_is_the_instructions_specific_part():
         ({"gate": math.nan}, "gate must be a number from 0 to 1"),
         ({"clamp": math.inf}, "clamp must be a finite number"),
         ({"clamp": math.nan}, "clamp must be a finite number"),
+        ({"gate": "0.5"}, "gate must be a number from 0 to 1"),
+        ({"skip_first": 1}, "skip_first and centered must be true or false"),
         ({"clamp": 0.0, "centered": True}, "a centered direction has none"),
     ],
 )

@@ -599,7 +599,7 @@ def test_steer_entries_take_blocks_gates_clamps_skips_and_centered_directions(se
         ({"gate": 1.5}, r"steer\[0\].gate: Input should be less than or equal to 1"),
         ({"gate": -0.5}, r"steer\[0\].gate: Input should be greater than or equal to 0"),
         ({"gate": math.nan}, r"steer\[0\].gate: "),
-        ({"clamp": math.inf}, r"steer\[0\].clamp: clamp must be a finite number"),
+        ({"clamp": math.inf}, r"steer\[0\].clamp: .*finite number"),
         ({"direction": "centered", "mode": "set"}, "a centered direction has no mean projection of its own"),
         ({"direction": "centered", "clamp": 0.0}, "a centered direction has no mean projection of its own"),
         ({"direction": "sideways"}, r"steer\[0\].direction"),
