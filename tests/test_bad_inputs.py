@@ -673,6 +673,19 @@ ROWS: list[Row] = [
         ("d.jsonl, line 2", "not valid JSON"),
     ),
     R(
+        "eval-data-backtracking-keyword",
+        lambda e: [
+            "eval",
+            e.tiny_recipe(steer="  []"),
+            "--data",
+            e.file(
+                "d.jsonl",
+                ifeval_line(instruction_id_list=["keywords:existence"], kwargs=[{"keywords": ["(a+)+$"]}]) + "\n",
+            ),
+        ],
+        ("d.jsonl, line 1", "repeats or alternates ('+')"),
+    ),
+    R(
         "eval-data-missing-field",
         lambda e: ["eval", e.tiny_recipe(steer="  []"), "--data", e.file("d.jsonl", ifeval_line(kwargs=None) + "\n")],
         ("d.jsonl, line 1", "missing kwargs"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -221,6 +222,24 @@ def test_invalid_specs_raise_evaluation_error(spec: CheckSpec, message: str) -> 
         validate_spec(spec)
     with pytest.raises(EvaluationError):
         check_response(spec, "some response")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "operator"),
+    [
+        ({"keywords": ["dream", "(a+)+$"]}, "+"),
+        ({"keywords": [".*.*x"]}, "*"),
+        ({"keywords": ["cat|dog"]}, "|"),
+        ({"keywords": ["x{30}"]}, "{"),
+    ],
+)
+def test_data_regexes_that_can_backtrack_are_refused(kwargs, operator) -> None:
+    """IFEval matches keywords as regular expressions with Python's re, which has no time limit: a data file's
+    ``(a+)+$`` against a long answer of ``a``s runs for hours. Plain words (escapes, classes, boundaries) pass."""
+    with pytest.raises(EvaluationError, match=re.escape(f"repeats or alternates ({operator!r})")):
+        validate_spec(CheckSpec(KEYWORDS, kwargs))
+    validate_spec(CheckSpec(KEYWORDS, {"keywords": ["dream", r"\bit's\b", "[*+?]", "(?i)tree", "a.b"]}))
+    validate_spec(CheckSpec("keywords:forbidden_words", {"forbidden_words": ["good", "bad"]}))
 
 
 def test_count_words_matches_ifeval_word_rule() -> None:

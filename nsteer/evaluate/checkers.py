@@ -201,6 +201,39 @@ def _kwarg_problem(name: str, value: Any, given: Mapping[str, Any]) -> str | Non
                 re.compile(word)
             except re.error as error:
                 return f"IFEval uses it as a regular expression and {word!r} is not one ({error})"
+            operator = _repetition(word)
+            if operator:
+                return (
+                    f"IFEval uses it as a regular expression, and {word!r} repeats or alternates ({operator!r}): "
+                    "matching that against a long answer can take hours; give plain words"
+                )
+    return None
+
+
+def _repetition(pattern: str) -> str | None:
+    """The first repetition or alternation operator of a regular expression (``* + ? { |`` outside a character
+    class, not escaped; ``(?`` opens a group form, not a repetition), or None when it has none.
+
+    IFEval's keywords are words: with no operator the match is linear in the answer's length, while ``(a+)+`` or even
+    ``.*.*x`` can backtrack for hours on an 8192-token answer (Python's ``re`` has no time limit).
+    """
+    index, in_class = 0, False
+    while index < len(pattern):
+        char = pattern[index]
+        if char == "\\":
+            index += 2
+            continue
+        if in_class:
+            in_class = char != "]"
+        elif char == "[":
+            in_class = True
+            index += 1
+            index += pattern[index : index + 1] == "^"
+            index += pattern[index : index + 1] == "]"  # a ] first in a class is literal
+            continue
+        elif char in "*+{|" or (char == "?" and pattern[index - 1 : index] != "("):
+            return char
+        index += 1
     return None
 
 
