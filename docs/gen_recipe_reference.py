@@ -171,7 +171,7 @@ def section_text(model: type[BaseModel]) -> str:
         )
     decorators = model.__pydantic_decorators__
     rules = [
-        d.func.__doc__.strip()
+        " ".join(d.func.__doc__.split())  # one line however the docstring wraps
         for d in [*decorators.field_validators.values(), *decorators.model_validators.values()]
         if d.func.__doc__
     ]
