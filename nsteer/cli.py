@@ -568,6 +568,7 @@ def evaluate(
             "n": summary.n,
             "loose": summary.loose if summary.n else None,
             "strict": summary.strict if summary.n else None,
+            "substantive": summary.substantive if summary.n else None,
             "degenerate_share": summary.degenerate_share if summary.n else None,
             "median_perplexity": summary.median_perplexity if summary.n else None,
         }

@@ -98,6 +98,21 @@ def eval_markdown(result: EvaluationResult) -> str:
         "|---|" + "---:|" * len(CELLS),
         *quality,
         "",
+        "Substantive passes: the checker passes (loose) and the answer is neither degenerate nor hollow (the "
+        "requested structure with almost no content) nor an echo of the prompt; beside each, steered vs unsteered "
+        "on the same prompts: failures steering fixed / passes it broke (two-sided exact sign test p).",
+        "",
+        "| instruction | " + " | ".join(CELL_HEADERS) + " | no instruction: fixed / broke (p) | instruction: fixed / "
+        "broke (p) |",
+        "|---|" + "---:|" * (len(CELLS) + 2),
+        *[
+            f"| {label} | "
+            + " | ".join(f"{result.cell(c, group).substantive:.2f}" for c in CELLS)
+            + f" | {_paired(result.paired(False, group, 'substantive'))}"
+            + f" | {_paired(result.paired(True, group, 'substantive'))} |"
+            for label, group in [*((markdown_text(g), g) for g in result.groups), ("**overall**", None)]
+        ],
+        "",
         "Steered vs unsteered on the same prompts (loose): failures steering fixed / passes it broke, and the "
         "two-sided exact sign test p on those discordant pairs.",
         "",

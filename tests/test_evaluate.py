@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from nsteer.errors import EvaluationError
+from nsteer.evaluate.check_spec import CheckSpec
 from nsteer.evaluate.ifeval_data import read_ifeval_jsonl
 from nsteer.evaluate.inputs import ifeval_items, instruction_edits, recipe_items
-from nsteer.evaluate.runner import Reference
+from nsteer.evaluate.runner import Reference, Row, score_answer
 from nsteer.evaluate.stats import PairedChange, paired_change, sign_test
 from nsteer.evaluate.table import CELLS, Cell, evaluate_recipe
 from nsteer.pipeline import compute_recipe_vectors, load_recipe_vectors
@@ -135,6 +136,37 @@ def test_two_by_two_counts_match_hand_computed_expectations(evaluated) -> None:
     assert [a.answer for a in result.answers if a.group == "uppercase" and not a.instruction_in_prompt] == [TITLE] * 6
     assert result.steering["lowercase"] == "lowercase@1 set w=1 (all)"
     assert result.steering["uppercase"] == "none (no steer entry)"
+
+
+def test_substantive_passes_leave_out_degenerate_hollow_and_echoing_answers(evaluated) -> None:
+    _, _, _, result, _ = evaluated
+    # The loop passes the lowercase checker (loose 3/3) but is degenerate: 2 of 3 steered passes are substantive.
+    assert result.cell(ABSENT_STEERED, "lowercase").loose == 1.0
+    assert result.cell(ABSENT_STEERED, "lowercase").substantive == pytest.approx(2 / 3)
+    assert result.cell(PRESENT_UNSTEERED, "lowercase").substantive == pytest.approx(1 / 3)
+    assert result.cell(PRESENT_STEERED, "lowercase").substantive == 1.0
+    absent = result.paired(False, "lowercase", "substantive")
+    assert (absent.gained, absent.lost) == (2, 0)
+    data = result.to_dict()
+    assert data["paired_substantive"]["lowercase"]["without_instruction"]["gained"] == 2
+    assert data["overall"]["without_instruction/steered"]["substantive"] == pytest.approx(2 / 6)
+    loop = next(a for a in data["answers"] if a["answer"] == LOOP_LOWER)
+    assert loop["loose"] and loop["degeneracy"] == "repetition" and not loop["substantive"]
+    assert "| lowercase | 0.00 | 0.67 | 0.33 | 1.00 | 2 / 0 (0.5) | 2 / 0 (0.5) |" in eval_markdown(result)
+
+
+@pytest.mark.parametrize(
+    ("text", "flag"),
+    [
+        ("Section 1\nSection 2\nSection 3", "hollow"),
+        ("Write a short poem about rain. Write a short poem about rain. SECTION 1", "echo"),
+    ],
+)
+def test_scored_answers_carry_hollowness_and_echo(text, flag) -> None:
+    spec = CheckSpec("detectable_format:multiple_sections", {"section_spliter": "Section", "num_sections": 3})
+    prompt = "Write a short poem about rain. Your response must have 3 sections, each starting with Section X."
+    scored = score_answer(Row(prompt, (), (spec,)), text, math.nan)
+    assert getattr(scored, flag) is not None and not scored.substantive
 
 
 def test_paired_change_counts_fixed_and_broken_prompts(evaluated, tmp_path) -> None:

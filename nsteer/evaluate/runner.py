@@ -31,7 +31,7 @@ from nsteer.edits import Edit
 from nsteer.errors import EvaluationError
 from nsteer.evaluate.checkers import CheckResult, CheckSpec, check_all, count_sentences, count_words
 from nsteer.evaluate.checkpoint import append_checkpoint, cell_key, read_checkpoint
-from nsteer.evaluate.quality import degeneracy, perplexity
+from nsteer.evaluate.quality import assess, perplexity
 from nsteer.generate import GenerationConfig, check_prompts_fit, generate
 from nsteer.models import ModelHandle
 from nsteer.progress import ProgressCallback, ProgressFactory
@@ -80,6 +80,13 @@ class ScoredAnswer:
     sentences: int
     words: int
     judge: float | None = None
+    hollow: str | None = None  # the requested structure with almost no content (why), see nsteer.evaluate.quality
+    echo: str | None = None  # the prompt restated with next to nothing of its own (why)
+
+    @property
+    def substantive(self) -> bool:
+        """A substantive pass: every check passes (loose) on an answer neither degenerate nor hollow nor an echo."""
+        return self.loose and self.degeneracy is None and self.hollow is None and self.echo is None
 
     @property
     def strict(self) -> bool:
@@ -294,12 +301,16 @@ def score_units(
 
 
 def score_answer(row: Row, text: str, perplexity_value: float, judge: Judge | None = None) -> ScoredAnswer:
-    """Check, count and (optionally) judge one answer."""
+    """Check, count, assess the quality of and (optionally) judge one answer."""
+    check_prompt = row.prompt if row.check_prompt is None else row.check_prompt
+    quality = assess(text, check_prompt)  # echo against the prompt with the instruction, in both cells
     return ScoredAnswer(
         prompt=row.prompt,
         answer=text,
-        checks=check_all(row.checks, text, row.prompt if row.check_prompt is None else row.check_prompt),
-        degeneracy=degeneracy(text),
+        checks=check_all(row.checks, text, check_prompt),
+        degeneracy=quality.degenerate,
+        hollow=quality.hollow,
+        echo=quality.echo,
         perplexity=perplexity_value,
         sentences=count_sentences(text),
         words=count_words(text),

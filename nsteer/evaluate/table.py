@@ -73,6 +73,9 @@ class Answer:
     sentences: int
     words: int
     judge: float | None = None
+    hollow: str | None = None  # why the answer is hollow (see nsteer.evaluate.quality), None if it is not
+    echo: str | None = None  # why the answer is a prompt echo, None if it is not
+    substantive: bool = False  # loose pass, and neither degenerate nor hollow nor an echo
 
 
 @dataclass(frozen=True)
@@ -88,6 +91,7 @@ class CellSummary:
     judge: float | None
     sentences: tuple[int, ...] = ()
     words: tuple[int, ...] = ()
+    substantive: float = math.nan  # share of substantive passes
 
 
 @dataclass(frozen=True)
@@ -122,12 +126,15 @@ class EvaluationResult:
             ]
         )
 
-    def paired(self, instruction_in_prompt: bool, group: str | None = None) -> PairedChange:
-        """Steered vs unsteered loose verdicts on the same prompts, for one group or over every answer."""
+    def paired(self, instruction_in_prompt: bool, group: str | None = None, measure: str = "loose") -> PairedChange:
+        """Steered vs unsteered verdicts (``loose`` or ``substantive`` passes) on the same prompts, for one group or
+        over every answer."""
+        if measure not in ("loose", "substantive"):
+            raise ValueError(f"measure must be loose or substantive, not {measure!r}")
         verdicts: dict[bool, dict[tuple[str, str], bool]] = {False: {}, True: {}}
         for answer in self.answers:
             if answer.instruction_in_prompt == instruction_in_prompt and (group is None or answer.group == group):
-                verdicts[answer.steered][(answer.group, answer.key)] = answer.loose
+                verdicts[answer.steered][(answer.group, answer.key)] = getattr(answer, measure)
         return paired_change(verdicts[False], verdicts[True])
 
     def to_dict(self) -> dict[str, Any]:
@@ -137,9 +144,10 @@ class EvaluationResult:
             for group in self.groups
         }
 
-        def paired_by_condition(group: str | None) -> dict[str, Any]:
+        def paired_by_condition(group: str | None, measure: str = "loose") -> dict[str, Any]:
             return {
-                _condition_name(present): dataclasses.asdict(self.paired(present, group)) for present in (False, True)
+                _condition_name(present): dataclasses.asdict(self.paired(present, group, measure))
+                for present in (False, True)
             }
 
         return json_safe(
@@ -157,6 +165,8 @@ class EvaluationResult:
                 "table": table,
                 "paired": {group: paired_by_condition(group) for group in self.groups},
                 "paired_overall": paired_by_condition(None),
+                "paired_substantive": {group: paired_by_condition(group, "substantive") for group in self.groups},
+                "paired_substantive_overall": paired_by_condition(None, "substantive"),
                 "answers": [dataclasses.asdict(answer) for answer in self.answers],
             }
         )
@@ -187,6 +197,7 @@ def summarize(answers: Sequence[Answer]) -> CellSummary:
         judge=statistics.fmean(judged) if judged else None,
         sentences=tuple(a.sentences for a in answers),
         words=tuple(a.words for a in answers),
+        substantive=sum(a.substantive for a in answers) / count,
     )
 
 
@@ -301,6 +312,9 @@ def _answer(item: EvalItem, cell: Cell, scored: ScoredAnswer) -> Answer:
         sentences=scored.sentences,
         words=scored.words,
         judge=scored.judge,
+        hollow=scored.hollow,
+        echo=scored.echo,
+        substantive=scored.substantive,
     )
 
 
