@@ -27,6 +27,9 @@ app = typer.Typer(
 )
 
 
+MAX_THREADS = 1024  # far beyond any machine's cores; a bound keeps a mistyped number from reaching torch
+
+
 def _print_version(value: bool) -> None:
     if value:
         from nsteer import __version__
@@ -40,8 +43,23 @@ def _options(
     version: bool = typer.Option(
         False, "--version", "-V", is_eager=True, callback=_print_version, help="Print the version and exit."
     ),
+    threads: int | None = typer.Option(
+        None,
+        "--threads",
+        min=1,
+        max=MAX_THREADS,
+        metavar="N",
+        envvar="NSTEER_THREADS",
+        help="CPU threads torch may use (default: torch's, one per core; or $NSTEER_THREADS). On a machine other "
+        "jobs keep busy, 1 is often several times faster.",
+    ),
 ) -> None:
     """Steer language models toward following instructions."""
+    if threads is not None:
+        import torch
+
+        # The process's own command line, not the SDK: a library call never changes the caller's thread count.
+        torch.set_num_threads(threads)
 
 
 # ------------------------------------------------------------------------------------------------ shared options

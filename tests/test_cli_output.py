@@ -285,6 +285,30 @@ def test_version(monkeypatch, capsys, flag):
     assert code == 0 and out == f"nsteer {nsteer.__version__}\n"
 
 
+@pytest.mark.parametrize("how", ["option", "environment"])
+def test_threads_sets_torch_threads_for_the_run(monkeypatch, capsys, how):
+    before = torch.get_num_threads()
+    wanted = 1 if before != 1 else 2
+    try:
+        if how == "environment":
+            monkeypatch.setenv("NSTEER_THREADS", str(wanted))
+            code, out, err = run_cli(monkeypatch, capsys, "list", "--jsonl")
+        else:
+            code, out, err = run_cli(monkeypatch, capsys, "--threads", str(wanted), "list", "--jsonl")
+        assert code == 0, err
+        assert torch.get_num_threads() == wanted
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "two", "100000"])
+def test_threads_out_of_range_is_a_usage_error(monkeypatch, capsys, value):
+    before = torch.get_num_threads()
+    code, out, err = run_cli(monkeypatch, capsys, "--threads", value, "list")
+    assert code == 2 and "--threads" in err and out == ""
+    assert torch.get_num_threads() == before
+
+
 def test_help_has_no_type_noise(monkeypatch, capsys):
     import typer
 
