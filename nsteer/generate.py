@@ -13,7 +13,7 @@ from nsteer.edits import Edit, Plan, compile_plan, validate_edits
 from nsteer.errors import ArgumentError, RemoteError, require
 from nsteer.execution.results import expect_list, expect_tensor
 from nsteer.extract import fitted_token_ids, left_pad, shown
-from nsteer.limits import MAX_BATCH_SIZE, MAX_NEW_TOKENS
+from nsteer.limits import MAX_BATCH_SIZE, MAX_NEW_TOKENS, MAX_SEED
 from nsteer.models import ModelHandle, tf32_matmuls
 from nsteer.progress import ProgressCallback
 
@@ -38,7 +38,7 @@ class GenerationConfig:
         _require_int("max_new_tokens", self.max_new_tokens, 1, MAX_NEW_TOKENS)
         _require_int("batch_size", self.batch_size, 1, MAX_BATCH_SIZE)
         if self.seed is not None:
-            _require_int("seed", self.seed, 0, 2**63 - 1)
+            _require_int("seed", self.seed, 0, MAX_SEED)
         for name in ("do_sample", "truncate_prompts"):
             if not isinstance(getattr(self, name), bool):
                 raise ArgumentError(f"GenerationConfig.{name} must be True or False, got {getattr(self, name)!r}.")

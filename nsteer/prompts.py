@@ -26,6 +26,7 @@ from nsteer.fileio import (
     text_lines,
     user_path,
 )
+from nsteer.limits import MAX_SEED
 
 BUILTIN_BASE_SETS = {"base-v1": "base_prompts.jsonl"}
 SPLIT_NAMES = ("train", "validation", "test")
@@ -332,8 +333,8 @@ def instruction_pairs(
     """Seeded train / validation / test pairs of ``instruction`` over a base prompt set (default 0.6 / 0.2 / 0.2)."""
     require(instruction, Instruction, "instruction", "Get one from nsteer.builtin_instruction.")
     require(seed, int, "seed")
-    if seed < 0:
-        raise ArgumentError(f"seed must be 0 or more, got {seed}.")
+    if not 0 <= seed <= MAX_SEED:
+        raise ArgumentError(f"seed must be a whole number from 0 to {MAX_SEED}, got {seed}.")
     fractions = fractions or {"train": 0.6, "validation": 0.2, "test": 0.2}
     _check_fractions(fractions)
     return split_pairs(load_base_prompts(base, base_dir), instruction.phrasings, fractions, seed)

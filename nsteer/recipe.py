@@ -28,7 +28,7 @@ from nsteer.errors import NsteerError, RecipeError, require
 from nsteer.evaluate.checkers import CheckSpec, validate_spec
 from nsteer.evaluate.custom_checks import function_check, regex_check
 from nsteer.fileio import MAX_RECIPE_BYTES, YAMLLimitError, input_path, is_file, parse_yaml, read_text, user_path
-from nsteer.limits import LARGEST_FINITE, MAX_BATCH_SIZE, MAX_NEW_TOKENS
+from nsteer.limits import LARGEST_FINITE, MAX_BATCH_SIZE, MAX_NEW_TOKENS, MAX_SEED
 from nsteer.prompts import builtin_instruction, load_base_prompts, load_phrasings
 
 
@@ -87,7 +87,9 @@ class PromptsSection(Strict):
     split: SplitSection = Field(
         SplitSection(), description="Train / validation / test fractions; they may sum to less than 1."
     )
-    seed: int = Field(0, ge=0, description="Seed for the splits and the pairing of prompts with phrasings.")
+    seed: int = Field(
+        0, ge=0, le=MAX_SEED, description="Seed for the splits and the pairing of prompts with phrasings."
+    )
     max_pairs: int | None = Field(None, gt=0, description="Use at most this many training pairs per instruction.")
 
 
@@ -257,7 +259,7 @@ class GenerationSection(Strict):
     do_sample: bool = Field(False, description="Sample instead of greedy decoding.")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature (with do_sample).")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass (with do_sample).")
-    seed: int | None = Field(None, ge=0, description="Seed for sampling, so sampled answers repeat.")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Seed for sampling, so sampled answers repeat.")
     truncate_prompts: bool = Field(
         False,
         description="Cut the beginning of a prompt too long for the model's context with max_new_tokens "

@@ -415,6 +415,20 @@ ROWS: list[Row] = [
         ("prompts.seed", "greater than or equal to 0"),
     ),
     R(
+        "seed-too-large",
+        lambda e: ["compute", e.recipe("prompts: {seed: 100000000000000000000}\n" + MINIMAL)],
+        ("prompts.seed", "less than or equal to 9223372036854775807"),
+    ),
+    R(
+        "generation-seed-too-large",
+        lambda e: [
+            "generate",
+            e.recipe("generation: {do_sample: true, seed: 100000000000000000000}\n" + MINIMAL),
+            "--no-steer",
+        ],
+        ("generation.seed", "less than or equal to 9223372036854775807"),
+    ),
+    R(
         "max-pairs-zero",
         lambda e: ["compute", e.recipe("prompts: {max_pairs: 0}\n" + MINIMAL)],
         ("prompts.max_pairs", "greater than 0"),

@@ -173,7 +173,11 @@ SDK_MISUSE = {
     "instruction_pairs(a name)": (lambda h: nsteer.instruction_pairs("lowercase"), "instruction must be Instruction"),
     "instruction_pairs(seed=-1)": (
         lambda h: nsteer.instruction_pairs(nsteer.builtin_instruction("lowercase"), seed=-1),
-        "seed must be 0 or more",
+        "seed must be a whole number from 0 to 9223372036854775807",
+    ),
+    "instruction_pairs(seed=2**64)": (
+        lambda h: nsteer.instruction_pairs(nsteer.builtin_instruction("lowercase"), seed=2**64),
+        "seed must be a whole number from 0 to 9223372036854775807",
     ),
     "instruction_pairs(no train share)": (
         lambda h: nsteer.instruction_pairs(nsteer.builtin_instruction("lowercase"), fractions={"train": 0}),
