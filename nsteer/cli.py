@@ -682,7 +682,7 @@ def search(
     with output.progress() as bars:
         result = search_recipe(recipe, handle, vectors=vectors, out_dir=out_dir, progress=bars)
     paths = write_search_report(result, out_dir)
-    columns = ("instruction", "setting", "loose", "strict", "degenerate", "median ppl", "verdict")
+    columns = ("instruction", "setting", "loose", "strict", "degenerate", "substantive", "median ppl", "verdict")
     rows = search_rows(result)
     records = [dict(zip(columns, row)) for row in rows]
     winners = [
@@ -708,7 +708,7 @@ def search(
         f"layer search (validation), {result.sweeps[0].rule if result.sweeps else ''}",
         columns,
         rows,
-        right=("loose", "strict", "degenerate", "median ppl"),
+        right=("loose", "strict", "degenerate", "substantive", "median ppl"),
     )
     for winner in winners:
         output.line(f"{winner['instruction']}: {winner['winner']} -> {winner['vector']}")

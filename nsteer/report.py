@@ -320,8 +320,9 @@ def search_dict(result: SearchResult) -> dict[str, Any]:
     )
 
 
-def search_rows(result: SearchResult) -> list[tuple[str, str, str, str, str, str, str]]:
-    """One row per instruction and setting: instruction, setting, loose, strict, degenerate, perplexity, verdict."""
+def search_rows(result: SearchResult) -> list[tuple[str, str, str, str, str, str, str, str]]:
+    """One row per instruction and setting: instruction, setting, loose, strict, degenerate, substantive, perplexity,
+    verdict."""
     rows = []
     for sweep in result.sweeps:
         for cell in (sweep.baseline, *sweep.cells):
@@ -333,6 +334,7 @@ def search_rows(result: SearchResult) -> list[tuple[str, str, str, str, str, str
                     f"{cell.loose:.2f}",
                     f"{cell.strict:.2f}",
                     f"{cell.degenerate_share:.0%}",
+                    f"{cell.substantive:.2f}",
                     _number(cell.median_perplexity),
                     verdict,
                 )
@@ -348,8 +350,8 @@ def search_markdown(result: SearchResult) -> str:
         "",
         f"Validation split only; {result.elapsed_s:.0f} s. Rule: {markdown_text(rule)}.",
         "",
-        "| instruction | setting | loose | strict | degenerate | median ppl | verdict |",
-        "|---|---|---:|---:|---:|---:|---|",
+        "| instruction | setting | loose | strict | degenerate | substantive | median ppl | verdict |",
+        "|---|---|---:|---:|---:|---:|---:|---|",
         *["| " + " | ".join(markdown_text(cell) for cell in row) + " |" for row in search_rows(result)],
     ]
     return "\n".join(lines) + "\n"

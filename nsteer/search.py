@@ -101,6 +101,7 @@ class SweepCell:
     answers: tuple[str, ...]
     perplexities: tuple[float, ...]
     rejected: str | None = None
+    substantive: float = math.nan  # share of substantive passes: loose, neither degenerate nor hollow nor an echo
 
     @property
     def n(self) -> int:
@@ -341,7 +342,7 @@ def run_cells(
 
 
 def _sweep_cell(setting: Setting, prompts: Sequence[str], answers: Sequence[ScoredAnswer]) -> SweepCell:
-    """One setting's scores: loose and strict accuracy, degenerate share, median perplexity."""
+    """One setting's scores: loose and strict accuracy, degenerate share, substantive passes, median perplexity."""
     finite = [answer.perplexity for answer in answers if math.isfinite(answer.perplexity)]
     count = max(len(answers), 1)
     return SweepCell(
@@ -353,6 +354,7 @@ def _sweep_cell(setting: Setting, prompts: Sequence[str], answers: Sequence[Scor
         prompts=tuple(prompts),
         answers=tuple(answer.answer for answer in answers),
         perplexities=tuple(answer.perplexity for answer in answers),
+        substantive=sum(answer.substantive for answer in answers) / count,
     )
 
 

@@ -88,6 +88,7 @@ def test_a_degenerate_layer_that_passes_the_checker_is_rejected(setup, handle) -
     (sweep,) = result.sweeps
     layer2 = next(c for c in sweep.cells if c.setting.layer == 2)
     assert layer2.loose == 1.0 and layer2.degenerate_share == 1.0  # the checker loves it ...
+    assert layer2.substantive == 0.0  # ... but not one pass is substantive
     assert layer2.rejected and "degenerate 100% > baseline 0%" in layer2.rejected  # ... the guard does not
     assert sweep.winner.setting.no_steering
     chosen = load_vector(vector_path(recipe, "lowercase")).metadata.chosen
@@ -111,7 +112,7 @@ def test_an_accepted_better_layer_wins_and_is_used_by_layer_auto(setup, handle, 
     assert data["sweeps"][0]["winner"] == "layer 3 set w=1"
     assert len(data["sweeps"][0]["cells"]) == 4 and len(data["sweeps"][0]["cells"][0]["answers"]) == 6
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "| lowercase | layer 3 set w=1 | 1.00 | 1.00 | 0% |" in paths["markdown"].read_text()
+    assert "| lowercase | layer 3 set w=1 | 1.00 | 1.00 | 0% | 1.00 |" in paths["markdown"].read_text()
 
 
 def test_no_steering_wins_when_every_setting_is_worse(setup, handle) -> None:
