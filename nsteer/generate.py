@@ -120,12 +120,17 @@ def steered_generate_batches(
                                         # copies: a gate zeroes a closed row's a and c in place
                                         "scale": entry["scale"].to(device, dtype)[:, :, :, None, None].clone(),
                                         "offset": offset.to(device, dtype)[:, :, :, None, None].clone(),
-                                        "bound": entry["bound"].to(device, dtype)[:, :, None, None],
-                                        # at the prefill, 0 on each row's first token where it is skipped
-                                        "keep": 1
-                                        - entry["skip_first"].to(device, dtype)[:, :, None, None]
-                                        * first.to(device, dtype)[None, :, :, None],
                                     }
+                                    if entry["clamped"]:
+                                        resident[entry["layer"]]["bound"] = entry["bound"].to(device, dtype)[
+                                            :, :, None, None
+                                        ]
+                                    if entry["skips"]:  # at the prefill, 0 on each row's first token where skipped
+                                        resident[entry["layer"]]["keep"] = (
+                                            1
+                                            - entry["skip_first"].to(device, dtype)[:, :, None, None]
+                                            * first.to(device, dtype)[None, :, :, None]
+                                        )
                                     if entry["gated"]:  # gate directions in float32: the decision is one comparison
                                         resident[entry["layer"]]["gate_columns"] = directions[
                                             entry["gate_index"].to(device)
