@@ -7,7 +7,12 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 OMP_NUM_THREADS=1 COLUMNS=200
 PY=.venv/bin/python
 NSTEER=.venv/bin/nsteer
 step() { echo "== $* ($(date -u +%T))"; }
-step "format 2x2"
+step "format 2x2, the setting chosen on validation (late prompt-only add, centered), without and with the gate"
+$NSTEER eval scripts/results/format-late.yaml --out runs/results/format-late
+$NSTEER eval scripts/results/format-late-gate.yaml --out runs/results/format-late-gate
+step "format 2x2 at 256 new tokens (4 prompts per instruction)"
+$NSTEER eval scripts/results/format-late-256.yaml --limit 4 --out runs/results/format-late-256
+step "format 2x2, the searched one-layer set (the previous setting)"
 $NSTEER eval scripts/results/format-eval.yaml --out runs/results/format
 step "length curve"
 $PY scripts/length_curve.py --out runs/results/length-curve
