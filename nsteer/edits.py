@@ -42,6 +42,7 @@ import torch
 
 from nsteer.constants import MODES, POSITIONS
 from nsteer.errors import ArgumentError, NsteerError, require
+from nsteer.limits import MAX_LAYERS, is_finite_number
 from nsteer.vectors import SteeringVector
 
 PROMPT, GENERATED = 0, 1  # the two phases of a generation: the prefill (step 0) and each later step
@@ -75,21 +76,23 @@ class Edit:
             raise ArgumentError(f"An edit's layer must be a layer number, 0 or more, got {self.layer!r}.")
         for name in ("weight", "target"):
             value = getattr(self, name)
-            if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value):
-                raise ArgumentError(f"An edit's {name} must be a finite number, got {value!r}.")
+            if not is_finite_number(value):
+                raise ArgumentError(f"An edit's {name} must be a finite number, got {_show(value)}.")
             object.__setattr__(self, name, float(value))
         object.__setattr__(self, "layer", int(self.layer))
         if not isinstance(self.direction, torch.Tensor) or not self.direction.is_floating_point():
             raise ArgumentError(f"An edit's direction must be a float tensor [H], got {type(self.direction).__name__}.")
         if self.direction.dim() != 1:
             raise ArgumentError(f"An edit's direction must be one vector [H], got shape {tuple(self.direction.shape)}.")
-        if not torch.isfinite(self.direction).all():
-            raise ArgumentError(f"The direction of edit '{self.name}' holds NaN or infinite values.")
+        if not _fits_float32(self.direction):  # the plan holds directions in float32
+            raise ArgumentError(
+                f"The direction of edit '{self.name}' holds NaN, infinite or float32-overflowing values."
+            )
         for field, value in (("gate", self.gate), ("bound", self.bound)):
             if value is None:
                 continue
-            if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value):
-                raise ArgumentError(f"Edit '{self.name}': the {field} must be a finite number, got {value!r}.")
+            if not is_finite_number(value):
+                raise ArgumentError(f"Edit '{self.name}': the {field} must be a finite number, got {_show(value)}.")
             object.__setattr__(self, field, float(value))
         if self.gate_direction is not None:
             gate_direction = self.gate_direction
@@ -100,8 +103,10 @@ class Edit:
                     f"Edit '{self.name}': the gate direction has shape {tuple(gate_direction.shape)}, the edit's "
                     f"direction {tuple(self.direction.shape)}; give both as one vector [H] of the model's width."
                 )
-            if not torch.isfinite(gate_direction).all():
-                raise ArgumentError(f"Edit '{self.name}': the gate direction holds NaN or infinite values.")
+            if not _fits_float32(gate_direction):
+                raise ArgumentError(
+                    f"Edit '{self.name}': the gate direction holds NaN, infinite or float32-overflowing values."
+                )
         if not isinstance(self.skip_first, bool):
             raise ArgumentError(f"Edit '{self.name}': skip_first must be true or false, got {self.skip_first!r}.")
 
@@ -233,14 +238,24 @@ class EditOptions:
     centered: bool = False  # steer along u_l minus the mean vector of a set of instructions (the specific part)
 
     def __post_init__(self) -> None:
-        if isinstance(self.block, bool) or not isinstance(self.block, int) or self.block < 1:
-            raise ArgumentError(f"block must be a whole number of layers, 1 or more; got {self.block!r}.")
-        if self.gate is not None and not (_is_number(self.gate) and math.isfinite(self.gate) and 0 <= self.gate <= 1):
+        if (
+            isinstance(self.block, bool)
+            or not isinstance(self.block, numbers.Integral)
+            or not 1 <= self.block <= MAX_LAYERS
+        ):
             raise ArgumentError(
-                f"gate must be a number from 0 to 1 (0.5: midway between the training means), got {self.gate!r}."
+                f"block must be a whole number of layers, 1 or more (at most {MAX_LAYERS}); got {_show(self.block)}."
             )
-        if self.clamp is not None and not (_is_number(self.clamp) and math.isfinite(self.clamp)):
-            raise ArgumentError(f"clamp must be a finite number (0: the bound is z_l), got {self.clamp!r}.")
+        object.__setattr__(self, "block", int(self.block))
+        if self.gate is not None and not (is_finite_number(self.gate) and 0 <= self.gate <= 1):
+            raise ArgumentError(
+                f"gate must be a number from 0 to 1 (0.5: midway between the training means), got {_show(self.gate)}."
+            )
+        if self.clamp is not None and not is_finite_number(self.clamp):
+            raise ArgumentError(f"clamp must be a finite number (0: the bound is z_l), got {_show(self.clamp)}.")
+        for name in ("gate", "clamp"):  # plain floats, like Edit's numbers (a Fraction cannot be formatted as :g)
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, float(getattr(self, name)))
         if not isinstance(self.skip_first, bool) or not isinstance(self.centered, bool):
             raise ArgumentError("skip_first and centered must be true or false.")
         if self.centered and self.clamp is not None:
@@ -265,8 +280,24 @@ def _is_number(value: object) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
+def _fits_float32(tensor: torch.Tensor) -> bool:
+    """Every value finite and within float32's range (a float64 1e39 is finite, and inf once the plan casts it)."""
+    return bool(torch.isfinite(tensor).all()) and (
+        tensor.numel() == 0 or float(tensor.detach().abs().max()) <= torch.finfo(torch.float32).max
+    )
+
+
+def _show(value: object) -> str:
+    """A bad value quoted briefly (a 400-digit integer stays one short line)."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def mean_vector(vectors: Sequence[SteeringVector]) -> torch.Tensor:
     """The mean raw difference vector ``mean_J u_J`` per layer ``[L, H]``: what a set of instructions shares."""
+    require(vectors, (list, tuple), "vectors", "Give a list of SteeringVectors (nsteer.load_vector).")
+    for item in vectors:
+        require(item, SteeringVector, "each of vectors", "Give a list of SteeringVectors (nsteer.load_vector).")
     if len(vectors) < 3:
         raise NsteerError(
             f"A centered direction needs the vectors of 3 or more instructions, got {len(vectors)} "
@@ -304,8 +335,24 @@ def vector_edits(
     A block splits the weight evenly: each of its n layers gets ``weight / n`` (or ``k / n × ‖u_l‖`` at its own layer
     for a ``weight_relative`` k). ``center`` ([L, H], see :func:`mean_vector`) is required with ``options.centered``.
     """
-    layers = range(layer, layer + options.block)
+    require(vector, SteeringVector, "vector", "Load one with nsteer.load_vector or compute one.")
     n_layers = vector.directions.shape[0]
+    if not isinstance(layer, numbers.Integral) or isinstance(layer, bool) or not 0 <= layer < n_layers:
+        raise ArgumentError(
+            f"layer must be a layer number of '{vector.instruction_id}' (0..{n_layers - 1}), got {_show(layer)}."
+        )
+    require(options, EditOptions, "options", "Build them with nsteer.EditOptions(...).")
+    if weight_relative is not None and not is_finite_number(weight_relative):
+        raise ArgumentError(f"weight_relative must be a finite number or None, got {_show(weight_relative)}.")
+    if center is not None and not (
+        isinstance(center, torch.Tensor) and center.is_floating_point() and _fits_float32(center)
+    ):
+        raise ArgumentError(
+            "center must be a float tensor [L, H] of finite values (nsteer.mean_vector), "
+            f"got {_show(center) if not isinstance(center, torch.Tensor) else 'a tensor of ' + str(center.dtype)}."
+        )
+    layer = int(layer)
+    layers = range(layer, layer + options.block)
     if layers[-1] >= n_layers:
         raise NsteerError(
             f"A block of {options.block} layers from layer {layer} ends at layer {layers[-1]}; the model has layers "
@@ -336,6 +383,8 @@ def vector_edits(
         if options.centered:
             specific = own.float() * norm - center[at].float()
             length = float(specific.norm())
+            if not math.isfinite(length):  # a center far past the vector's scale (a float32 norm overflows)
+                raise NsteerError(f"'{vector.instruction_id}' at layer {at}: the centered direction overflows float32.")
             if not length > 0.0:
                 raise NsteerError(
                     f"'{vector.instruction_id}' at layer {at} equals the mean vector of its set: no specific part."
@@ -345,6 +394,11 @@ def vector_edits(
             changes.update(gate=z - options.gate * norm, gate_direction=own)
         if options.clamp is not None:
             changes["bound"] = z + options.clamp * norm
+            if not math.isfinite(changes["bound"]):  # else Edit's own message names a bound the caller never gave
+                raise NsteerError(
+                    f"clamp {options.clamp:g} times the norm {norm:.4g} of '{vector.instruction_id}' at layer {at} "
+                    "overflows a float: use a clamp of the size of the norms (0: the bound is z_l)."
+                )
         edits.append(dataclasses.replace(edit, **changes))
     return edits
 

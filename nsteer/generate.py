@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -13,7 +12,7 @@ from nsteer.edits import Edit, Plan, compile_plan, validate_edits
 from nsteer.errors import ArgumentError, RemoteError, require
 from nsteer.execution.results import expect_list, expect_tensor
 from nsteer.extract import fitted_token_ids, left_pad, shown
-from nsteer.limits import MAX_BATCH_SIZE, MAX_NEW_TOKENS, MAX_SEED
+from nsteer.limits import MAX_BATCH_SIZE, MAX_NEW_TOKENS, MAX_SEED, is_finite_number
 from nsteer.models import ModelHandle, tf32_matmuls
 from nsteer.progress import ProgressCallback
 
@@ -42,7 +41,7 @@ class GenerationConfig:
         for name in ("do_sample", "truncate_prompts"):
             if not isinstance(getattr(self, name), bool):
                 raise ArgumentError(f"GenerationConfig.{name} must be True or False, got {getattr(self, name)!r}.")
-        if not _is_number(self.temperature) or not 0 < self.temperature < math.inf:
+        if not is_finite_number(self.temperature) or not self.temperature > 0:  # a 400-digit int is not finite
             raise ArgumentError(
                 f"GenerationConfig.temperature must be a finite number above 0, got {self.temperature!r}."
             )

@@ -25,7 +25,6 @@ hidden state and has no llama.cpp equivalent. An import keeps each tensor's unit
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -40,7 +39,7 @@ from nsteer.constants import __version__
 from nsteer.edits import Edit
 from nsteer.errors import ArgumentError, NsteerError, VectorFileError, require
 from nsteer.fileio import atomic_write, parse_json, require_file
-from nsteer.limits import MAX_LAYERS, MAX_WIDTH
+from nsteer.limits import MAX_LAYERS, MAX_WIDTH, is_finite_number
 from nsteer.models import ModelHandle
 from nsteer.searched import SearchedSetting
 from nsteer.vectors import SteeringVector, VectorMetadata
@@ -111,8 +110,9 @@ def export_weight_and_layers(
                 "unsteered projection) and check it with `nsteer generate`."
             )
         weight = chosen.weight
-    if not math.isfinite(weight) or weight == 0:
-        raise ArgumentError(f"--weight must be a finite, non-zero number, got {weight}.")
+    if not is_finite_number(weight) or weight == 0:
+        shown = repr(weight) if len(repr(weight)) <= 60 else repr(weight)[:57] + "..."
+        raise ArgumentError(f"--weight must be a finite, non-zero number, got {shown}.")
     if abs(weight) > FLOAT32_MAX:  # weight x unit direction must stay finite in the file's float32
         raise ArgumentError(
             f"--weight {weight:g} overflows float32, the type of llama.cpp control vectors (at most {FLOAT32_MAX:.4g})."
@@ -318,7 +318,7 @@ def _source_record(text: Any, path: Path) -> dict[str, Any]:
             "width": lambda v: _is_int(v) and 0 < v <= MAX_WIDTH,
             "depth": lambda v: _is_int(v) and 0 < v <= MAX_LAYERS,
             "layers": lambda v: isinstance(v, list) and all(_is_int(i) and 0 <= i < MAX_LAYERS for i in v),
-            "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+            "number": is_finite_number,
         }[kind](value)
         if not valid:
             expected = {

@@ -3,6 +3,8 @@ context a model's config states (read by generation and by the perplexity of a r
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Any
 
 MAX_NEW_TOKENS = 8192  # tokens generated per answer
@@ -13,6 +15,17 @@ MAX_WIDTH = 1 << 16  # residual-stream width a vector may describe (released mod
 # The largest finite value of each model dtype (torch.finfo(dtype).max): a weight past it turns the stream into inf/NaN.
 LARGEST_FINITE = {"float32": 3.4028234663852886e38, "bfloat16": 3.3895313892515355e38, "float16": 65504.0}
 LARGEST_FINITE["auto"] = min(LARGEST_FINITE["float32"], LARGEST_FINITE["bfloat16"])  # auto opens one of these two
+
+
+def is_finite_number(value: Any) -> bool:
+    """A real number (not a bool) that is finite as a float: NaN, inf and integers past float's range (a JSON or
+    Python int of 400 digits; ``math.isfinite`` raises OverflowError on them) are not."""
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except (OverflowError, TypeError, ValueError):
+        return False
 
 
 # Where configs state the positions a model was built for: learned position tables (GPT-2, OPT, GPT-J) fail past it,

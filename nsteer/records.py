@@ -164,7 +164,10 @@ def _scalar(kind: Any, value: Any, path: str, rules: Mapping[str, Any], context:
     elif kind is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise FieldProblem(path, f"expected a number, got {_show(value)}.")
-        value = float(value)
+        try:
+            value = float(value)
+        except OverflowError:  # an integer past float's range (JSON allows any number of digits)
+            raise FieldProblem(path, f"expected a finite number, got {_show(value)}.") from None
         if not math.isfinite(value):
             raise FieldProblem(path, f"expected a finite number, got {value}.")
     elif kind is str:

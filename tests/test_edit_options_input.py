@@ -1,0 +1,164 @@
+"""Hostile and malformed input to the edit options (block, gate, clamp, skip-first, centered directions) and to the
+numbers around them: the SDK, the searched setting a vector file records, llama.cpp import/export, and the search.
+
+Each case is refused with an error that names the argument or the file's field, never a traceback (OverflowError on a
+400-digit integer, AttributeError on a wrong type), a silent no-op, or a file that nsteer then cannot read.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from fractions import Fraction
+
+import numpy as np
+import pytest
+import torch
+from test_vector_integrity import write_gguf
+from test_vectors import make_vector
+
+from nsteer.edits import Edit, EditOptions, mean_vector, vector_edits
+from nsteer.errors import ArgumentError, NsteerError, VectorFileError
+from nsteer.generate import GenerationConfig
+from nsteer.interop import export_llama_cpp, read_control_vector
+from nsteer.limits import MAX_LAYERS, is_finite_number
+from nsteer.searched import SearchedSetting
+from nsteer.vectors import load_vector, save_vector
+
+HUGE = 10**400  # a valid Python (and JSON) integer that float() cannot hold: math.isfinite raises OverflowError
+UNIT = torch.nn.functional.normalize(torch.ones(64), dim=0)
+
+
+def test_finite_numbers_are_real_finite_and_not_bool():
+    assert is_finite_number(1) and is_finite_number(-2.5) and is_finite_number(Fraction(1, 3))
+    assert is_finite_number(np.float32(0.5)) and is_finite_number(10**300)
+    for value in (HUGE, -HUGE, math.nan, math.inf, True, "1", None, torch.tensor(1.0), [1]):
+        assert not is_finite_number(value), value
+
+
+# --- the SDK ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (lambda: Edit(layer=0, direction=UNIT, weight=HUGE), "weight must be a finite number, got 1000"),
+        (lambda: Edit(layer=0, direction=UNIT, target=-HUGE), "target must be a finite number"),
+        (lambda: Edit(layer=0, direction=UNIT, mode="add", gate=HUGE), "the gate must be a finite number"),
+        (lambda: Edit(layer=0, direction=UNIT, mode="add", bound=HUGE), "the bound must be a finite number"),
+        (lambda: EditOptions(gate=HUGE), "gate must be a number from 0 to 1"),
+        (lambda: EditOptions(clamp=-HUGE), "clamp must be a finite number"),
+        (lambda: EditOptions(block=HUGE), f"at most {MAX_LAYERS}"),
+        (lambda: EditOptions(block=MAX_LAYERS + 1), f"at most {MAX_LAYERS}"),
+        (lambda: GenerationConfig(temperature=HUGE), "temperature must be a finite number above 0"),
+        # float64 values past float32's range are finite, and inf once the float32 plan holds them
+        (lambda: Edit(layer=0, direction=torch.full((64,), 1e39, dtype=torch.float64)), "float32-overflowing"),
+        (
+            lambda: Edit(layer=0, direction=UNIT, mode="add", gate=0.0, gate_direction=UNIT.double() * 1e40),
+            "gate direction holds NaN, infinite or float32-overflowing",
+        ),
+    ],
+)
+def test_numbers_past_float_range_are_argument_errors(build, message):
+    with pytest.raises(ArgumentError, match=message):
+        build()
+
+
+def test_edit_options_hold_plain_numbers():
+    options = EditOptions(block=np.int64(2), clamp=Fraction(1, 3), gate=Fraction(1, 2))
+    assert (type(options.block), type(options.clamp), type(options.gate)) == (int, float, float)
+    assert options.label == "block 2, gate 0.5, clamp 0.333333"  # a Fraction could not be formatted with :g
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"layer": True}, "layer must be a layer number of 'lowercase' \\(0..3\\), got True"),
+        ({"layer": 1.5}, "layer must be a layer number"),
+        ({"layer": "1"}, "layer must be a layer number"),
+        ({"layer": -1}, "layer must be a layer number"),
+        ({"layer": HUGE}, "layer must be a layer number"),
+        ({"options": None}, "options must be EditOptions, got NoneType"),
+        ({"options": {"block": 2}}, "options must be EditOptions, got dict"),
+        ({"weight_relative": "2"}, "weight_relative must be a finite number or None"),
+        ({"weight_relative": math.nan}, "weight_relative must be a finite number or None"),
+        ({"options": EditOptions(centered=True), "center": [[0.0]]}, "center must be a float tensor"),
+        ({"options": EditOptions(centered=True), "center": torch.full((4, 64), math.nan)}, "center must be a float"),
+        ({"options": EditOptions(centered=True), "center": torch.full((4, 64), math.inf)}, "center must be a float"),
+        ({"options": EditOptions(centered=True), "center": torch.ones(4, 64, dtype=torch.long)}, "center must be"),
+    ],
+)
+def test_vector_edits_names_a_bad_argument(arguments, message):
+    kwargs = {"layer": 1, "mode": "add", "weight": 1.0, "positions": "all", **arguments}
+    with pytest.raises(ArgumentError, match=message):
+        vector_edits(make_vector(), **kwargs)
+
+
+def test_a_center_or_clamp_that_overflows_is_refused_not_applied_as_a_zero_or_infinite_bound():
+    vector = make_vector()
+    with pytest.raises(NsteerError, match="the centered direction overflows float32"):  # was a zero direction
+        vector_edits(
+            vector, layer=1, mode="add", weight=1.0, positions="all", options=EditOptions(centered=True),
+            center=torch.full((4, 64), 3e38),
+        )  # fmt: skip
+    with pytest.raises(NsteerError, match="clamp 1.7e\\+308 times the norm .* overflows a float"):
+        vector_edits(vector, layer=0, mode="add", weight=1.0, positions="all", options=EditOptions(clamp=1.7e308))
+
+
+@pytest.mark.parametrize("vectors", [(v for v in ()), ["a", "b", "c"], None])
+def test_mean_vector_refuses_what_is_not_a_list_of_vectors(vectors):
+    with pytest.raises(ArgumentError, match="vectors must be|each of vectors must be SteeringVector"):
+        mean_vector(vectors)
+
+
+# --- the searched setting a vector file records -------------------------------------------------------------------
+
+
+def _rewrite_chosen(path, tmp_path, name, raw_changes: dict[str, str]):
+    """A copy of vector file ``path`` whose metadata's ``chosen`` has fields replaced by raw JSON text."""
+    data = path.read_bytes()
+    size = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8 : 8 + size])
+    meta = json.loads(header["__metadata__"]["nsteer"])
+    text = json.dumps({**meta, "chosen": {**meta["chosen"], **{key: f"@{key}@" for key in raw_changes}}})
+    for key, raw in raw_changes.items():
+        text = text.replace(f'"@{key}@"', raw)
+    header["__metadata__"]["nsteer"] = text
+    encoded = json.dumps(header).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    out = tmp_path / f"{name}.safetensors"
+    out.write_bytes(struct.pack("<Q", len(encoded)) + encoded + data[8 + size :])
+    return out
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"clamp": "1" + "0" * 400}, "field chosen.clamp: expected a finite number, got 1000"),
+        ({"weight": "-1" + "0" * 400}, "field chosen.weight: expected a finite number"),
+        ({"gate": "1" + "0" * 400}, "field chosen.gate: expected a finite number"),
+        ({"clamp": "NaN"}, "field chosen.clamp: expected a finite number, got nan"),
+        ({"block": "true"}, "field chosen.block: expected an integer"),
+    ],
+)
+def test_a_crafted_searched_setting_is_refused_naming_its_field(tmp_path, changes, message):
+    good = save_vector(
+        make_vector(chosen=SearchedSetting(layer=1, mode="add", weight=2.0)), tmp_path / "good.safetensors"
+    )
+    with pytest.raises(VectorFileError, match=message):
+        load_vector(_rewrite_chosen(good, tmp_path, "crafted", changes))
+
+
+@pytest.mark.parametrize("weight", [HUGE, "2", True, math.nan, 0])
+def test_export_refuses_a_weight_that_is_not_a_finite_non_zero_number(tmp_path, weight):
+    with pytest.raises(ArgumentError, match="--weight must be a finite, non-zero number"):
+        export_llama_cpp(make_vector(), tmp_path / "out.gguf", layers=[1], weight=weight)
+    assert not (tmp_path / "out.gguf").exists()
+
+
+def test_a_control_vector_whose_source_weight_is_a_400_digit_number_is_refused(tmp_path):
+    source = '{"n_layers": 4, "hidden_size": 64, "model_id": "m", "weight": 1' + "0" * 400 + "}"
+    path = write_gguf(tmp_path / "w.gguf", {"direction.1": np.ones(64, np.float32)}, source=source)
+    with pytest.raises(VectorFileError, match="nsteer.source field weight is 1000.*, not a finite number"):
+        read_control_vector(path)
