@@ -188,6 +188,13 @@ def edit_from_vector(
     """
     require(vector, SteeringVector, "vector", "Load one with nsteer.load_vector or compute one.")
     chosen = vector.metadata.chosen
+    if chosen is not None and chosen.options_label and (layer is None or weight is None):
+        # One Edit cannot carry a block, gate, clamp or centered direction: taking only the layer and weight would
+        # steer differently from what was searched (a block's whole weight at its first layer, no gate).
+        raise ArgumentError(
+            f"'{vector.instruction_id}' was searched with {chosen.options_label}, which one Edit cannot hold: use "
+            "nsteer.vector_edits(vector, layer=..., options=nsteer.EditOptions(...)), or give layer and weight."
+        )
     layer = layer if layer is not None else (chosen.layer if chosen else None)
     if layer is None:
         raise ArgumentError(

@@ -93,6 +93,14 @@ def export_weight_and_layers(
 ) -> tuple[list[int], float]:
     """The layers and weight to export: the ones given, else the vector's searched ``add`` setting."""
     chosen = vector.metadata.chosen
+    if (layers is None or weight is None) and chosen is not None and chosen.options_label:
+        # llama.cpp adds w·u at every token of each layer: a gate, clamp, skip-first or centered direction is lost,
+        # and a block's weight is split over its layers; exporting the searched layer and weight would differ.
+        raise ArgumentError(
+            f"'{vector.instruction_id}' was searched with {chosen.options_label}, which a llama.cpp control vector "
+            "cannot express (it adds weight x direction at every token of each layer). Give --layers and --weight "
+            "to export a plain add, and check it with `nsteer generate`."
+        )
     if layers is None:
         if chosen is None or chosen.layer is None:
             raise ArgumentError(

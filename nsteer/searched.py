@@ -18,6 +18,7 @@ from typing import Any
 
 from nsteer.constants import MODES, POSITIONS
 from nsteer.errors import VectorFileError
+from nsteer.limits import MAX_LAYERS
 from nsteer.records import FieldProblem, parse_record, record_dict
 
 _SHARE = {"range": (0.0, 1.0)}  # an accuracy or a share of answers
@@ -46,7 +47,7 @@ class SearchedSetting:
     weight_relative: float | None = None  # the k of a weight searched on the vector's scale (weight = k x ||u_l||)
     target_scale: float = 1.0  # a set edit's target is target_scale x z_l
     # How the edit was shaped while searched (see nsteer.edits.EditOptions): the steer entry's own options.
-    block: int = field(default=1, metadata={"range": (1, float("inf"))})
+    block: int = field(default=1, metadata={"range": (1, MAX_LAYERS)})
     gate: float | None = field(default=None, metadata={"range": (0.0, 1.0)})
     clamp: float | None = None
     skip_first: bool = False
@@ -105,7 +106,18 @@ def read_setting(data: Any, path: str, context: Mapping[str, Any]) -> SearchedSe
             raise FieldProblem(f"{path}.no_steering", f"expected true or false, got {flag!r}.")
         if flag != (data.get("layer") is None):
             raise FieldProblem(f"{path}.no_steering", f"{str(flag).lower()} contradicts layer {data.get('layer')!r}.")
-    return parse_record(SearchedSetting, data, path, context)
+    setting = parse_record(SearchedSetting, data, path, context)
+    # Options no search could have recorded: a block past the vector's last layer, a centered set or clamp.
+    n_layers = context.get("n_layers")
+    if setting.layer is not None and n_layers is not None and setting.layer + setting.block > n_layers:
+        raise FieldProblem(
+            f"{path}.block",
+            f"a block of {setting.block} layers from layer {setting.layer} ends past the vector's last layer "
+            f"{n_layers - 1}.",
+        )
+    if setting.centered and (setting.mode == "set" or setting.clamp is not None):
+        raise FieldProblem(f"{path}.centered", "a centered direction is searched with mode add or ablate, no clamp.")
+    return setting
 
 
 def read_settings_by_instruction(data: Any, path: str, context: Mapping[str, Any]) -> dict[str, SearchedSetting]:

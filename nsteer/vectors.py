@@ -227,8 +227,15 @@ def save_vector(vector: SteeringVector, path: str | Path) -> Path:
         "mean_projections": vector.mean_projections.detach().to("cpu", torch.float32).contiguous(),
         "norms": vector.norms.detach().to("cpu", torch.float32).contiguous(),
     }
-    payload = save(tensors, metadata={"format": FORMAT, "nsteer": vector.metadata.to_json()})
     path = Path(path)
+    text = vector.metadata.to_json()
+    try:  # never write a file that load_vector refuses (a searched setting built in code is not checked until read)
+        VectorMetadata.from_json(text, path)
+    except VectorFileError as error:
+        raise VectorFileError(
+            f"The vector '{vector.instruction_id}' cannot be saved: its metadata would not read back ({error})"
+        ) from None
+    payload = save(tensors, metadata={"format": FORMAT, "nsteer": text})
     atomic_write_bytes(path, canonical_safetensors(payload))
     return path
 

@@ -18,10 +18,10 @@ import torch
 from test_vector_integrity import write_gguf
 from test_vectors import make_vector
 
-from nsteer.edits import Edit, EditOptions, mean_vector, vector_edits
+from nsteer.edits import Edit, EditOptions, edit_from_vector, mean_vector, vector_edits
 from nsteer.errors import ArgumentError, NsteerError, VectorFileError
 from nsteer.generate import GenerationConfig
-from nsteer.interop import export_llama_cpp, read_control_vector
+from nsteer.interop import export_llama_cpp, export_weight_and_layers, read_control_vector
 from nsteer.limits import MAX_LAYERS, is_finite_number
 from nsteer.searched import SearchedSetting
 from nsteer.vectors import load_vector, save_vector
@@ -139,7 +139,12 @@ def _rewrite_chosen(path, tmp_path, name, raw_changes: dict[str, str]):
         ({"weight": "-1" + "0" * 400}, "field chosen.weight: expected a finite number"),
         ({"gate": "1" + "0" * 400}, "field chosen.gate: expected a finite number"),
         ({"clamp": "NaN"}, "field chosen.clamp: expected a finite number, got nan"),
+        ({"block": "1000000000"}, f"field chosen.block: expected a value from 1 to {MAX_LAYERS}"),
+        ({"block": "1" + "0" * 400}, "field chosen.block: expected a value from 1"),
         ({"block": "true"}, "field chosen.block: expected an integer"),
+        ({"layer": "3", "block": "2"}, "field chosen.block: a block of 2 layers from layer 3 ends past"),
+        ({"centered": "true", "mode": '"set"'}, "field chosen.centered: a centered direction is searched with"),
+        ({"centered": "true", "clamp": "0.5"}, "field chosen.centered"),
     ],
 )
 def test_a_crafted_searched_setting_is_refused_naming_its_field(tmp_path, changes, message):
@@ -148,6 +153,40 @@ def test_a_crafted_searched_setting_is_refused_naming_its_field(tmp_path, change
     )
     with pytest.raises(VectorFileError, match=message):
         load_vector(_rewrite_chosen(good, tmp_path, "crafted", changes))
+
+
+@pytest.mark.parametrize(
+    ("chosen", "message"),
+    [
+        (SearchedSetting(layer=1, mode="add", weight=math.nan), "field chosen.weight: expected a finite number"),
+        (SearchedSetting(layer=1, mode="add", weight=HUGE), "field chosen.weight: expected a finite number"),
+        (SearchedSetting(layer=3, mode="add", block=2), "a block of 2 layers from layer 3 ends past"),
+        (SearchedSetting(layer=1, mode="add", gate=5.0), "field chosen.gate: expected a value from 0.0 to 1.0"),
+        (SearchedSetting(layer=1, mode="sideways"), "field chosen.mode"),
+    ],
+)
+def test_a_setting_that_would_not_read_back_is_never_written(tmp_path, chosen, message):
+    """A setting built in code is checked when saved: writing it would leave a file load_vector refuses (and
+    record_choice writes over the vector file that was there)."""
+    path = save_vector(make_vector(), tmp_path / "v.safetensors")
+    before = path.read_bytes()
+    with pytest.raises(VectorFileError, match=f"cannot be saved: its metadata would not read back .*{message}"):
+        save_vector(make_vector().with_choice(chosen), path)
+    assert path.read_bytes() == before
+    load_vector(path)
+
+
+def test_a_searched_setting_with_options_is_not_half_applied_by_edit_from_vector_or_export(tmp_path):
+    chosen = SearchedSetting(layer=1, mode="add", weight=2.0, block=2, gate=0.5)
+    vector = make_vector(chosen=chosen)
+    with pytest.raises(ArgumentError, match="searched with block 2, gate 0.5, which one Edit cannot hold"):
+        edit_from_vector(vector)  # would put the block's whole weight at layer 1, ungated
+    assert edit_from_vector(vector, layer=1, weight=1.0).weight == 1.0  # given explicitly: a plain edit
+    with pytest.raises(ArgumentError, match="a llama.cpp control vector cannot express"):
+        export_weight_and_layers(vector, None, None)
+    with pytest.raises(ArgumentError, match="cannot express"):
+        export_weight_and_layers(vector, [1], None)
+    assert export_weight_and_layers(vector, [1, 2], 1.0) == ([1, 2], 1.0)
 
 
 @pytest.mark.parametrize("weight", [HUGE, "2", True, math.nan, 0])
