@@ -153,6 +153,20 @@ def candidate_settings(recipe: Recipe, index: int, vector: SteeringVector, layer
     """
     entry, search = recipe.steer[index], recipe.search
     own, options = entry.mode, entry_options(entry)
+    n_layers = vector.directions.shape[0]
+    fitting = [layer for layer in layers if layer + options.block <= n_layers]  # the whole block fits in the model
+    if layers and not fitting:  # else the search would record "no steering" having tried nothing
+        raise recipe.error(
+            ("steer", index, "block"),
+            f"a block of {options.block} layers fits after none of the searched layers {list(layers)}: the model has "
+            f"layers 0..{n_layers - 1}, "
+            + (
+                f"so the block starts at layer {n_layers - options.block} or earlier. Search earlier layers or "
+                "shorten the block."
+                if options.block <= n_layers
+                else f"fewer than the block. Make the block {n_layers} layers or shorter."
+            ),
+        )
     candidates = []
     for mode in search.modes or [own]:
         weights: list[tuple[float, bool]]
@@ -181,8 +195,7 @@ def candidate_settings(recipe: Recipe, index: int, vector: SteeringVector, layer
                 target_scale=float(scale),
                 options=options,
             )
-            for layer in layers
-            if layer + options.block <= vector.directions.shape[0]  # the whole block fits in the model
+            for layer in fitting
             for weight, relative in weights
             for scale in scales
         ]

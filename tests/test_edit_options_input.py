@@ -10,19 +10,24 @@ from __future__ import annotations
 import json
 import math
 import struct
+import time
 from fractions import Fraction
 
 import numpy as np
 import pytest
 import torch
+from test_search import handle, setup  # noqa: F401 (fixtures)
 from test_vector_integrity import write_gguf
 from test_vectors import make_vector
 
 from nsteer.edits import Edit, EditOptions, edit_from_vector, mean_vector, vector_edits
-from nsteer.errors import ArgumentError, NsteerError, VectorFileError
+from nsteer.errors import ArgumentError, NsteerError, RecipeError, VectorFileError
+from nsteer.evaluate.quality import assess
 from nsteer.generate import GenerationConfig
 from nsteer.interop import export_llama_cpp, export_weight_and_layers, read_control_vector
 from nsteer.limits import MAX_LAYERS, is_finite_number
+from nsteer.pipeline import steer_vector_path
+from nsteer.search import search_recipe
 from nsteer.searched import SearchedSetting
 from nsteer.vectors import load_vector, save_vector
 
@@ -201,3 +206,58 @@ def test_a_control_vector_whose_source_weight_is_a_400_digit_number_is_refused(t
     path = write_gguf(tmp_path / "w.gguf", {"direction.1": np.ones(64, np.float32)}, source=source)
     with pytest.raises(VectorFileError, match="nsteer.source field weight is 1000.*, not a finite number"):
         read_control_vector(path)
+
+
+# --- the search ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("block", "layers", "message"),
+    [
+        (2, [3], "a block of 2 layers fits after none of the searched layers \\[3\\].* starts at layer 2 or earlier"),
+        (5, None, "a block of 5 layers fits after none of the searched layers .* Make the block 4 layers or shorter"),
+    ],
+)
+def test_a_block_that_fits_after_no_searched_layer_is_refused_not_recorded_as_no_steering(
+    setup,  # noqa: F811
+    handle,  # noqa: F811
+    block,
+    layers,
+    message,
+) -> None:
+    """It used to sweep nothing and record "no steering" as the searched winner (so `layer: auto` steered nothing)."""
+    recipe = setup(
+        steer=[{"instruction": "lowercase", "layer": "auto", "mode": "add", "block": block}],
+        search={"layers": layers, "weights": {"relative": [1.0]}, "max_prompts": 2},
+    )
+    path = steer_vector_path(recipe, 0)
+    before = path.read_bytes()
+
+    def generator(h, prompts, *, row_edits, config, progress=None):
+        pytest.fail("the search generated")
+
+    with pytest.raises(RecipeError, match=r"steer\[0\]\.block: " + message):
+        search_recipe(recipe, handle, generator=generator, reference=None)
+    assert path.read_bytes() == before and load_vector(path).metadata.chosen is None
+
+
+# --- eval's quality measure on hostile answers --------------------------------------------------------------------
+
+
+def test_the_quality_measure_stays_linear_on_long_hostile_answers():
+    """Degeneracy, hollowness and echo on 200 kB answers that are one word, symbol loops, unclosed markup and a long
+    echo: each takes about a second on a loaded 2-core machine (1 MB: 1-5 s); quadratic work would take hours."""
+    rng = np.random.default_rng(0)
+    letters = "".join(chr(ord("a") + int(i)) for i in rng.integers(0, 26, 200_000))
+    words = " ".join(letters[i : i + 5] for i in range(0, 200_000, 6))
+    answers = [
+        letters,  # one 200 kB word: no spaces at all
+        "abcdefg" * 30_000,  # a 7-letter unit repeated inside one word
+        "| --- " * 20_000 + words,  # a table border loop beside words
+        "*" + letters + "\n<<" + letters,  # unclosed highlight and title
+        "\x00\x1b[2J" + "\x07".join(letters[i : i + 3] for i in range(0, 60_000, 3)),  # control characters
+    ]
+    started = time.perf_counter()
+    for answer in answers:
+        assess(answer, words)  # echo against a prompt as long as the answer
+    assert time.perf_counter() - started < 60
