@@ -1,6 +1,7 @@
 """The mock NDIF server against nnsight's real remote client (plain nnsight, no nsteer).
 
-Parity (remote through the mock == local on the same tiny model), each failure
+Parity (remote through the mock == local on the same tiny model, floats to a stated tolerance: the mock's worker
+is another process, perhaps at another thread count), each failure
 mode and the exception the client raises for it, and the isolation of the
 server's worker (code the worker cannot import fails there).
 """
@@ -25,6 +26,14 @@ except ImportError:  # the repository root on sys.path instead
     from tests.mock_ndif.tiny_models import UNDEPLOYED_MODEL
 
 PROMPT = "The Eiffel Tower is in"
+
+
+def assert_same_computation(remote_value: torch.Tensor, local_value: torch.Tensor) -> None:
+    """A value computed by the mock's worker (another process, perhaps another thread count) against the same value
+    computed here: float kernels may round differently in the last bits there, so they agree to 1e-5 (the tiny
+    model's activations are of unit scale; a real difference, e.g. a shift by 1.5 left out, is orders larger)."""
+    assert remote_value.shape == local_value.shape and remote_value.dtype == local_value.dtype
+    torch.testing.assert_close(remote_value, local_value, rtol=1e-5, atol=1e-5)
 
 
 def _local_layer(local, prompt=PROMPT, layer=1):
@@ -58,7 +67,7 @@ def test_trace_layer_output_blocking_matches_local(mock_ndif):
 
     expected = _local_layer(mock_ndif.local_model())
     assert isinstance(hidden, torch.Tensor) and hidden.shape == (1, len(PROMPT.encode()), 64)
-    assert torch.equal(hidden, expected)
+    assert_same_computation(hidden, expected)
 
 
 def test_trace_non_blocking_job_id_and_poll(mock_ndif):
@@ -76,8 +85,8 @@ def test_trace_non_blocking_job_id_and_poll(mock_ndif):
 
     again = RemoteBackend(remote.to_model_key(), blocking=False, job_id=backend.job_id)
     collected = again()
-    assert torch.equal(collected["hidden"], result["hidden"])
-    assert torch.equal(result["hidden"], _local_layer(mock_ndif.local_model()))
+    assert torch.equal(collected["hidden"], result["hidden"])  # one result, downloaded twice: the same bytes
+    assert_same_computation(result["hidden"], _local_layer(mock_ndif.local_model()))
 
 
 def test_session_and_shipped_helper(mock_ndif):
@@ -88,8 +97,8 @@ def test_session_and_shipped_helper(mock_ndif):
             first = remote.model.layers[0].output.save()
         with remote.trace("Hello"):
             second = shift(remote.model.layers[1].output, 1.5).save()
-    assert torch.equal(first, _local_layer(local, layer=0))
-    assert torch.equal(second, _local_layer(local, "Hello") + 1.5)
+    assert_same_computation(first, _local_layer(local, layer=0))
+    assert_same_computation(second, _local_layer(local, "Hello") + 1.5)
 
 
 @pytest.mark.filterwarnings("ignore:.*was never reached")
@@ -106,7 +115,7 @@ def test_generate_with_edit_every_step_matches_local(mock_ndif):
     remote_tokens = run(mock_ndif.remote_model(), True)
     local = mock_ndif.local_model()
     local_tokens = run(local, False)
-    assert torch.equal(remote_tokens, local_tokens)
+    assert torch.equal(remote_tokens, local_tokens)  # greedy ids: the chosen token leads by 7.8e-2 or more here
     with local.generate(PROMPT, max_new_tokens=6, do_sample=False) as tracer:
         plain = tracer.result.save()
     assert not torch.equal(plain, local_tokens)  # the edit did something
@@ -126,7 +135,7 @@ def test_published_model(mock_ndif):
     local = mock_ndif.local_model(repo_id)
     with local.trace(PROMPT):
         expected = local.transformer.h[0].output.save()
-    assert torch.equal(hidden, expected)
+    assert_same_computation(hidden, expected)
 
 
 # --------------------------------------------------------------------- failures
@@ -264,7 +273,7 @@ def test_blocking_download_by_url_uncompressed(mock_ndif, monkeypatch):
     remote = mock_ndif.remote_model()
     with remote.trace(PROMPT, remote=True):
         hidden = remote.model.layers[1].output.save()
-    assert torch.equal(hidden, _local_layer(mock_ndif.local_model()))
+    assert_same_computation(hidden, _local_layer(mock_ndif.local_model()))
 
 
 # --------------------------------------------------------------------- isolation

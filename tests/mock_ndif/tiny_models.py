@@ -1,6 +1,7 @@
 """Tiny random models, built deterministically from configs, for the mock NDIF server.
 
-The same functions run in two places and must agree bit for bit:
+The same functions run in two places, on one machine, and must build the same weights bit for bit (what the
+models compute from them may still differ in the last bits where the two processes use different thread counts):
 
 * the **worker** process behind the mock server (which hosts the model under a
   Hub-style id), and
