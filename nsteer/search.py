@@ -168,7 +168,8 @@ def candidate_settings(recipe: Recipe, index: int, vector: SteeringVector, layer
             ),
         )
     candidates = []
-    for mode in search.modes or [own]:
+    # A value listed twice (weights: [1, 1.0], modes: [add, add]) is swept once: each copy was a full extra cell.
+    for mode in dict.fromkeys(search.modes or [own]):
         weights: list[tuple[float, bool]]
         if mode == own and ("weight" in entry.model_fields_set or mode != "add"):
             given = entry.weight
@@ -185,6 +186,7 @@ def candidate_settings(recipe: Recipe, index: int, vector: SteeringVector, layer
             scales = [entry.target_scale]
         else:
             scales = list(search.target_scales)
+        weights, scales = list(dict.fromkeys(weights)), list(dict.fromkeys(scales))
         candidates += [
             Setting(
                 layer,

@@ -16,7 +16,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 import torch
-from test_search import handle, setup  # noqa: F401 (fixtures)
+from test_search import handle, make_recipe, setup  # noqa: F401 (fixtures)
 from test_vector_integrity import write_gguf
 from test_vectors import make_vector
 
@@ -27,7 +27,7 @@ from nsteer.generate import GenerationConfig
 from nsteer.interop import export_llama_cpp, export_weight_and_layers, read_control_vector
 from nsteer.limits import MAX_LAYERS, is_finite_number
 from nsteer.pipeline import steer_vector_path
-from nsteer.search import search_recipe
+from nsteer.search import candidate_settings, search_recipe
 from nsteer.searched import SearchedSetting
 from nsteer.vectors import load_vector, save_vector
 
@@ -239,6 +239,25 @@ def test_a_block_that_fits_after_no_searched_layer_is_refused_not_recorded_as_no
     with pytest.raises(RecipeError, match=r"steer\[0\]\.block: " + message):
         search_recipe(recipe, handle, generator=generator, reference=None)
     assert path.read_bytes() == before and load_vector(path).metadata.chosen is None
+
+
+def test_a_value_listed_twice_in_the_search_is_swept_once(tmp_path):
+    """weights [1, 1.0, 1] with modes [add, add] made 12 settings of 2 distinct ones: 6x the generation."""
+    recipe = make_recipe(
+        tmp_path,
+        steer=[{"instruction": "lowercase", "layer": "auto", "mode": "add"}],
+        search={"layers": [1, 2], "weights": [1.0, 1.0, 1], "modes": ["add", "add"]},
+    )
+    assert [s.label for s in candidate_settings(recipe, 0, make_vector(), [1, 2])] == [
+        "layer 1 add w=1",
+        "layer 2 add w=1",
+    ]
+    recipe = make_recipe(
+        tmp_path,
+        steer=[{"instruction": "lowercase", "layer": "auto", "mode": "set"}],
+        search={"layers": [1], "target_scales": [1.0, 1.0, 0.5]},
+    )
+    assert len(candidate_settings(recipe, 0, make_vector(), [1])) == 2
 
 
 # --- eval's quality measure on hostile answers --------------------------------------------------------------------
