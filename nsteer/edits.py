@@ -42,7 +42,7 @@ import torch
 
 from nsteer.constants import MODES, POSITIONS
 from nsteer.errors import ArgumentError, NsteerError, require
-from nsteer.limits import MAX_LAYERS, is_finite_number
+from nsteer.limits import MAX_CLAMP, MAX_LAYERS, is_finite_number
 from nsteer.vectors import SteeringVector
 
 PROMPT, GENERATED = 0, 1  # the two phases of a generation: the prefill (step 0) and each later step
@@ -258,8 +258,11 @@ class EditOptions:
             raise ArgumentError(
                 f"gate must be a number from 0 to 1 (0.5: midway between the training means), got {_show(self.gate)}."
             )
-        if self.clamp is not None and not is_finite_number(self.clamp):
-            raise ArgumentError(f"clamp must be a finite number (0: the bound is z_l), got {_show(self.clamp)}.")
+        if self.clamp is not None and not (is_finite_number(self.clamp) and -MAX_CLAMP <= self.clamp <= MAX_CLAMP):
+            raise ArgumentError(
+                f"clamp must be a finite number from {-MAX_CLAMP:g} to {MAX_CLAMP:g} (0: the bound is z_l), "
+                f"got {_show(self.clamp)}."
+            )
         for name in ("gate", "clamp"):  # plain floats, like Edit's numbers (a Fraction cannot be formatted as :g)
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, float(getattr(self, name)))
@@ -400,12 +403,7 @@ def vector_edits(
         if options.gate is not None:
             changes.update(gate=z - options.gate * norm, gate_direction=own)
         if options.clamp is not None:
-            changes["bound"] = z + options.clamp * norm
-            if not math.isfinite(changes["bound"]):  # else Edit's own message names a bound the caller never gave
-                raise NsteerError(
-                    f"clamp {options.clamp:g} times the norm {norm:.4g} of '{vector.instruction_id}' at layer {at} "
-                    "overflows a float: use a clamp of the size of the norms (0: the bound is z_l)."
-                )
+            changes["bound"] = z + options.clamp * norm  # |c| <= MAX_CLAMP: finite for any float32 norm
         edits.append(dataclasses.replace(edit, **changes))
     return edits
 

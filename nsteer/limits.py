@@ -10,6 +10,8 @@ from typing import Any
 MAX_NEW_TOKENS = 8192  # tokens generated per answer
 MAX_BATCH_SIZE = 4096  # prompts per forward pass or batched generation
 MAX_SEED = 2**63 - 1  # torch.manual_seed takes at most an unsigned 64-bit seed; JSON readers a signed one
+# A clamp c is in units of ‖u_l‖ (useful values are about -1..2); past this, z_l + c‖u_l‖ could overflow a float.
+MAX_CLAMP = 1e6
 MAX_LAYERS = 1024  # decoder blocks a vector may describe (released models have a few hundred at most)
 MAX_WIDTH = 1 << 16  # residual-stream width a vector may describe (released models: at most ~16k)
 # The largest finite value of each model dtype (torch.finfo(dtype).max): a weight past it turns the stream into inf/NaN.

@@ -28,7 +28,7 @@ from nsteer.errors import NsteerError, RecipeError, require
 from nsteer.evaluate.checkers import CheckSpec, validate_spec
 from nsteer.evaluate.custom_checks import function_check, regex_check
 from nsteer.fileio import MAX_RECIPE_BYTES, YAMLLimitError, input_path, is_file, parse_yaml, read_text, user_path
-from nsteer.limits import LARGEST_FINITE, MAX_BATCH_SIZE, MAX_NEW_TOKENS, MAX_SEED
+from nsteer.limits import LARGEST_FINITE, MAX_BATCH_SIZE, MAX_CLAMP, MAX_NEW_TOKENS, MAX_SEED
 from nsteer.prompts import builtin_instruction, load_base_prompts, load_phrasings
 
 
@@ -201,7 +201,10 @@ class SteerEntry(Strict):
         "(0.5: midway between the training means with and without the instruction), decided once per prompt.",
     )
     clamp: float | None = Field(
-        None, description="c: the edit never lifts the projection above z_l + c × ‖u_l‖ (0: the mean with it)."
+        None,
+        ge=-MAX_CLAMP,
+        le=MAX_CLAMP,
+        description="c: the edit never lifts the projection above z_l + c × ‖u_l‖ (0: the mean with it).",
     )
     skip_first: bool = Field(
         False, description="Leave each prompt's first token (the attention sink, with huge states) unedited."

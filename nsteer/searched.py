@@ -18,7 +18,7 @@ from typing import Any
 
 from nsteer.constants import MODES, POSITIONS
 from nsteer.errors import VectorFileError
-from nsteer.limits import MAX_LAYERS
+from nsteer.limits import MAX_CLAMP, MAX_LAYERS
 from nsteer.records import FieldProblem, parse_record, record_dict
 
 _SHARE = {"range": (0.0, 1.0)}  # an accuracy or a share of answers
@@ -49,7 +49,7 @@ class SearchedSetting:
     # How the edit was shaped while searched (see nsteer.edits.EditOptions): the steer entry's own options.
     block: int = field(default=1, metadata={"range": (1, MAX_LAYERS)})
     gate: float | None = field(default=None, metadata={"range": (0.0, 1.0)})
-    clamp: float | None = None
+    clamp: float | None = field(default=None, metadata={"range": (-MAX_CLAMP, MAX_CLAMP)})
     skip_first: bool = False
     centered: bool = False
     # The evidence: validation scores of the winner and of the unsteered baseline, and what was searched how.

@@ -54,6 +54,8 @@ def test_finite_numbers_are_real_finite_and_not_bool():
         (lambda: Edit(layer=0, direction=UNIT, mode="add", bound=HUGE), "the bound must be a finite number"),
         (lambda: EditOptions(gate=HUGE), "gate must be a number from 0 to 1"),
         (lambda: EditOptions(clamp=-HUGE), "clamp must be a finite number"),
+        # c x ||u_l|| overflowed a float (an Edit error naming a bound nobody gave); recipes have the same bound
+        (lambda: EditOptions(clamp=1.7e308), "clamp must be a finite number from -1e\\+06 to 1e\\+06"),
         (lambda: EditOptions(block=HUGE), f"at most {MAX_LAYERS}"),
         (lambda: EditOptions(block=MAX_LAYERS + 1), f"at most {MAX_LAYERS}"),
         (lambda: GenerationConfig(temperature=HUGE), "temperature must be a finite number above 0"),
@@ -100,15 +102,13 @@ def test_vector_edits_names_a_bad_argument(arguments, message):
         vector_edits(make_vector(), **kwargs)
 
 
-def test_a_center_or_clamp_that_overflows_is_refused_not_applied_as_a_zero_or_infinite_bound():
+def test_a_center_that_overflows_is_refused_not_applied_as_a_zero_direction():
     vector = make_vector()
     with pytest.raises(NsteerError, match="the centered direction overflows float32"):  # was a zero direction
         vector_edits(
             vector, layer=1, mode="add", weight=1.0, positions="all", options=EditOptions(centered=True),
             center=torch.full((4, 64), 3e38),
         )  # fmt: skip
-    with pytest.raises(NsteerError, match="clamp 1.7e\\+308 times the norm .* overflows a float"):
-        vector_edits(vector, layer=0, mode="add", weight=1.0, positions="all", options=EditOptions(clamp=1.7e308))
 
 
 @pytest.mark.parametrize("vectors", [(v for v in ()), ["a", "b", "c"], None])
@@ -144,6 +144,7 @@ def _rewrite_chosen(path, tmp_path, name, raw_changes: dict[str, str]):
         ({"weight": "-1" + "0" * 400}, "field chosen.weight: expected a finite number"),
         ({"gate": "1" + "0" * 400}, "field chosen.gate: expected a finite number"),
         ({"clamp": "NaN"}, "field chosen.clamp: expected a finite number, got nan"),
+        ({"clamp": "1e300"}, "field chosen.clamp: expected a value from -1000000.0 to 1000000.0"),
         ({"block": "1000000000"}, f"field chosen.block: expected a value from 1 to {MAX_LAYERS}"),
         ({"block": "1" + "0" * 400}, "field chosen.block: expected a value from 1"),
         ({"block": "true"}, "field chosen.block: expected an integer"),
@@ -239,6 +240,13 @@ def test_a_block_that_fits_after_no_searched_layer_is_refused_not_recorded_as_no
     with pytest.raises(RecipeError, match=r"steer\[0\]\.block: " + message):
         search_recipe(recipe, handle, generator=generator, reference=None)
     assert path.read_bytes() == before and load_vector(path).metadata.chosen is None
+
+
+@pytest.mark.parametrize("clamp", [1.0e7, -1.0e300])
+def test_a_recipe_clamp_is_bounded_like_the_sdks(tmp_path, clamp):
+    """A clamp of 1e308 loaded, and failed as an edit 'bound' of inf after the model had opened."""
+    with pytest.raises(RecipeError, match=r"steer\[0\]\.clamp: Input should be (less|greater) than or equal to"):
+        make_recipe(tmp_path, steer=[{"instruction": "lowercase", "layer": 1, "mode": "add", "clamp": clamp}])
 
 
 def test_a_value_listed_twice_in_the_search_is_swept_once(tmp_path):
