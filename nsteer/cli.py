@@ -643,6 +643,12 @@ def search(
     max_new_tokens: int | None = typer.Option(
         None, "--max-new-tokens", metavar="N", help="Tokens per answer in the sweep (search.max_new_tokens)."
     ),
+    halving: bool | None = typer.Option(
+        None,
+        "--halving/--no-halving",
+        help="Successive halving: all settings on the first prompts, the better half on twice as many, ... "
+        "(search.halving).",
+    ),
     dry_run: bool = typer.Option(
         False, "--dry-run", help="Print the plan (settings, prompts, answers, time) and stop; no model is opened."
     ),
@@ -655,11 +661,15 @@ def search(
     on this machine by earlier runs (or that none is recorded yet).
     """
     from nsteer.pipeline import check_recipe_vectors, read_recipe_vectors, steer_vector_path
+    from nsteer.recipe import Override
     from nsteer.report import SEARCH_REPORT_FILES, search_rows, write_search_report
     from nsteer.search import CHECKPOINT_NAME, plan_estimate, plan_search, search_recipe
 
     output = _output(as_json, as_jsonl)
-    recipe = _recipe(recipe_path, _search_overrides(limit, layers, weights, modes, max_new_tokens))
+    overrides = _search_overrides(limit, layers, weights, modes, max_new_tokens)
+    if halving is not None:
+        overrides.append(Override(("search", "halving"), halving, "--halving" if halving else "--no-halving"))
+    recipe = _recipe(recipe_path, overrides)
     out_dir = out or recipe.output_dir / "search"
     vectors = read_recipe_vectors(recipe)
     plan = plan_search(recipe, vectors)  # the vector files know the layer count: no model needed

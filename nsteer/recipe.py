@@ -307,6 +307,12 @@ class SearchSection(Strict):
     max_new_tokens: int | None = Field(
         None, gt=0, le=MAX_NEW_TOKENS, description="Override generation.max_new_tokens for the sweep."
     )
+    halving: bool = Field(
+        False,
+        description="Successive halving: score every setting on the first halving_start prompt pairs, keep the "
+        "better half, double the pairs, and so on; the survivors are judged on every pair.",
+    )
+    halving_start: int = Field(4, gt=0, description="Prompt pairs of the first halving round.")
     margin: float = Field(
         0.1, ge=0, le=1, description="Reject a setting whose degenerate share exceeds the baseline's by more."
     )

@@ -188,10 +188,11 @@ def eval_bars_png(result: EvaluationResult) -> bytes:
 class SweepPoints:
     """Where a sweep's settings sit in its plot: one line per weight (per k for weights on the vector's scale, per
     target scale for set), its points dodged sideways so that settings of one layer with equal scores stay apart; the
-    rejected points and the winner's point (None: no steering won)."""
+    rejected points, the points successive halving dropped early, and the winner's point (None: no steering won)."""
 
     lines: tuple[tuple[str, tuple[tuple[float, float], ...]], ...]
     rejected: tuple[tuple[float, float], ...]
+    dropped: tuple[tuple[float, float], ...]
     winner: tuple[float, float] | None
 
 
@@ -222,6 +223,7 @@ def sweep_points(sweep: InstructionSweep) -> SweepPoints:
     return SweepPoints(
         lines=tuple(lines),
         rejected=tuple(position[id(cell)] for cell in sweep.cells if cell.rejected),
+        dropped=tuple(position[id(cell)] for cell in sweep.cells if cell.dropped),
         winner=None if sweep.winner.setting.no_steering else position[id(sweep.winner)],
     )
 
@@ -241,6 +243,16 @@ def sweep_png(result: SearchResult) -> bytes:
             axes.plot([x for x, _ in line], [y for _, y in line], marker="o", markersize=4, label=label, zorder=2)
         if points.rejected:
             axes.scatter(*zip(*points.rejected), marker="x", color="red", zorder=3, s=40, label="rejected")
+        if points.dropped:  # scored on the first prompts only: successive halving left them out
+            axes.scatter(
+                *zip(*points.dropped),
+                marker="s",
+                s=50,
+                facecolors="none",
+                edgecolors="gray",
+                zorder=3,
+                label="dropped early (halving)",
+            )
         if points.winner is not None:
             axes.scatter(
                 *points.winner, marker="o", s=160, facecolors="none", edgecolors="black", linewidths=1.5, zorder=4
@@ -327,6 +339,8 @@ def search_rows(result: SearchResult) -> list[tuple[str, str, str, str, str, str
     for sweep in result.sweeps:
         for cell in (sweep.baseline, *sweep.cells):
             verdict = "WINNER" if cell is sweep.winner else (f"rejected: {cell.rejected}" if cell.rejected else "")
+            if cell.dropped and cell is not sweep.winner:
+                verdict = "; ".join(part for part in (cell.dropped, verdict) if part)
             rows.append(
                 (
                     sweep.instruction,

@@ -11,7 +11,22 @@ the guard. The rule, exactly: a steered setting is rejected when
 The winner is the setting with the highest loose accuracy, then the highest strict accuracy, among the baseline and
 the settings not rejected; a steered setting must beat the baseline outright (ties go to no steering) and, among
 steered settings, the first in sweep order wins a tie. The winner is written into the vector file's metadata. Only
-the validation split is ever read. Finished cells go to a JSONL checkpoint, so an interrupted sweep resumes.
+the validation split is ever read.
+
+**One batched sweep.** Every entry's candidates are generated together: each candidate is one Edit shared by all of
+its rows, the rows (the unsteered ones first, then entry by entry, candidate by candidate) are cut into batches of
+``generation.batch_size``, and each batch steers each of its rows by that row's own edit. The unsteered answer depends
+only on the prompt, so entries whose validation prompts coincide (the same base prompts, instruction absent) share it;
+perplexity is computed once per distinct answer. Each finished batch goes to a JSONL checkpoint, so an interrupted
+sweep resumes at the first unfinished batch. On NDIF the same batches travel in as few requests as the backend allows.
+
+**Successive halving** (``search.halving``), exactly: round 1 scores every candidate and the baseline on the first
+``halving_start`` validation pairs (under the search's condition: with ``both``, each pair gives two prompts); each
+next round doubles the pairs seen, the last round ends at all of them (``max_prompts``). After every round but the last,
+each entry ranks its remaining candidates on all the pairs seen so far — the ones the guard accepts (against the
+baseline on the same prompts) above the ones it rejects, then by loose, then strict accuracy, ties in sweep order —
+and keeps the better half, rounded up; the baseline always stays. Dropped candidates keep their partial scores in the
+report and cannot win: the winner is chosen by the rule above among the candidates scored on every validation prompt.
 """
 
 from __future__ import annotations
@@ -25,13 +40,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from nsteer.edits import EditOptions, relative_weight, vector_edits
+from nsteer.edits import Edit, EditOptions, relative_weight, vector_edits
 from nsteer.errors import EvaluationError
 from nsteer.evaluate.checkers import CheckSpec
 from nsteer.evaluate.inputs import open_reference
-from nsteer.evaluate.runner import Generator, Reference, Row, ScoredAnswer, Unit, run_units
+from nsteer.evaluate.runner import Generator, Reference, Row, ScoredAnswer, Unit, generate_units, score_units
 from nsteer.generate import GenerationConfig, generate
 from nsteer.models import ModelHandle
 from nsteer.pipeline import (
@@ -44,6 +57,7 @@ from nsteer.pipeline import (
     steer_vector_path,
 )
 from nsteer.progress import ProgressFactory
+from nsteer.prompts import PromptPair
 from nsteer.recipe import Recipe, RelativeWeight, SearchWeights
 from nsteer.searched import SearchedSetting
 from nsteer.throughput import handle_rate_key, rate_key, read_rate, timed
@@ -102,6 +116,7 @@ class SweepCell:
     perplexities: tuple[float, ...]
     rejected: str | None = None
     substantive: float = math.nan  # share of substantive passes: loose, neither degenerate nor hollow nor an echo
+    dropped: str | None = None  # successive halving left it out before the full validation set (why, in words)
 
     @property
     def n(self) -> int:
@@ -232,10 +247,11 @@ def guard(cell: SweepCell, baseline: SweepCell, margin: float, min_perplexity_ra
 
 
 def choose(baseline: SweepCell, cells: Sequence[SweepCell]) -> SweepCell:
-    """The winner: the baseline unless an accepted setting has strictly higher (loose, strict) accuracy."""
+    """The winner: the baseline unless an accepted setting judged on every validation prompt (not dropped by
+    successive halving) has strictly higher (loose, strict) accuracy."""
     best = baseline
     for cell in cells:
-        if cell.rejected is None and (cell.loose, cell.strict) > (best.loose, best.strict):
+        if cell.rejected is None and cell.dropped is None and (cell.loose, cell.strict) > (best.loose, best.strict):
             best = cell
     return best
 
@@ -284,76 +300,192 @@ def searched_setting(sweep: InstructionSweep, layers: Sequence[int]) -> Searched
     )
 
 
-def validation_prompts(recipe: Recipe, name: str) -> list[str]:
-    """The validation prompts of instruction ``name`` under the search's condition (the test split is never read)."""
+def validation_pairs(recipe: Recipe, name: str) -> tuple[PromptPair, ...]:
+    """The validation pairs of instruction ``name`` the search scores on (the test split is never read)."""
     pairs = instruction_splits(recipe, name).validation[: recipe.search.max_prompts]
     if not pairs:
         raise EvaluationError(
             f"The validation split of '{name}' is empty, so nothing can be searched: "
             "give prompts.split.validation a positive fraction."
         )
-    condition = recipe.search.condition
+    return tuple(pairs)
+
+
+def condition_prompts(pairs: Sequence[PromptPair], condition: str) -> list[str]:
+    """The prompts of ``pairs`` under the search's condition: without the instruction, with it, or both."""
     without = [pair.without_instruction for pair in pairs] if condition in ("absent", "both") else []
     with_ = [pair.with_instruction for pair in pairs] if condition in ("present", "both") else []
     return without + with_
 
 
-def run_cells(
+def validation_prompts(recipe: Recipe, name: str) -> list[str]:
+    """The validation prompts of instruction ``name`` under the search's condition."""
+    return condition_prompts(validation_pairs(recipe, name), recipe.search.condition)
+
+
+def halving_rounds(pairs: int, start: int | None) -> list[int]:
+    """How many validation pairs each round has seen by its end: ``start``, twice that, ... up to ``pairs``
+    (``start`` None: one round on all of them)."""
+    if start is None or start >= pairs:
+        return [pairs]
+    rounds = [start]
+    while rounds[-1] * 2 < pairs:
+        rounds.append(rounds[-1] * 2)
+    return [*rounds, pairs]
+
+
+def survivors_after(count: int) -> int:
+    """Steered settings kept by a halving round that ranked ``count`` of them: the better half, rounded up."""
+    return math.ceil(count / 2)
+
+
+@dataclass(frozen=True, eq=False)
+class _Entry:
+    """One searched entry while it is swept: its check, validation pairs, candidates and one Edit per candidate."""
+
+    index: int
+    instruction: str
+    spec: CheckSpec
+    pairs: tuple[PromptPair, ...]
+    baseline: Setting
+    settings: tuple[Setting, ...]
+    # edits[i] steers settings[i] (one Edit per layer of its block), shared by all of its rows: a batch holds each once
+    edits: tuple[tuple[Edit, ...], ...]
+
+
+def _generate_rows(
     handle: ModelHandle,
-    vector: SteeringVector,
-    settings: Sequence[Setting],
-    prompts: Sequence[str],
-    spec: CheckSpec,
+    rows: Sequence[tuple[str, tuple[Edit, ...]]],
     *,
     config: GenerationConfig,
-    reference: Reference | None,
     generator: Generator | None,
     checkpoint: Path | None,
+    progress: ProgressFactory | None,
     label: str,
-    together: bool = False,
-    progress: ProgressFactory | None = None,
-    center: torch.Tensor | None = None,
-) -> list[SweepCell]:
-    """Generate (or reuse from the checkpoint) and score every setting on ``prompts``.
+) -> dict[tuple[str, int], str]:
+    """Answers to ``(prompt, edits)`` rows (``()``: unsteered), keyed by ``(prompt, id(edits))``; each distinct row
+    once.
 
-    ``center`` is the mean vector the settings with a centered direction subtract (see ``nsteer.mean_vector``).
-
-    Each unfinished setting is generated and checkpointed on its own, so an interrupted sweep loses at most one cell;
-    with ``together`` all unfinished settings go through one generation as per-row edits (on NDIF: one request for
-    the whole sweep of an entry instead of one per setting) and are checkpointed when it ends.
+    Rows go in order into units of ``generation.batch_size`` (the last may be short): one generation batch each,
+    checkpointed as it finishes, so an interrupted sweep resumes at the first unfinished batch. On NDIF all units
+    travel in one call (grouped into as few requests as the backend allows).
     """
-    units = []
-    for setting in settings:
-        edits = (
-            ()
-            if setting.no_steering
-            else tuple(
-                vector_edits(
-                    vector,
-                    layer=setting.layer,
-                    mode=setting.mode,
-                    weight=setting.weight,
-                    weight_relative=setting.relative,
-                    positions=setting.positions,
-                    target_scale=setting.target_scale,
-                    options=setting.options,
-                    center=center,
-                )
-            )
+    distinct = list(dict.fromkeys((prompt, edits) for prompt, edits in rows))
+    size = config.batch_size
+    units = [
+        Unit(
+            label,
+            tuple(Row(prompt, edits) for prompt, edits in distinct[start : start + size]),
         )
-        units.append(Unit(label, tuple(Row(prompt, edits, (spec,)) for prompt in prompts)))
-    scored = run_units(
+        for start in range(0, len(distinct), size)
+    ]
+    answers = generate_units(
         handle,
         units,
         kind="search",
         config=config,
         generator=generator,
-        reference=reference,
         checkpoint=checkpoint,
         progress=progress,
-        per_call=None if together else 1,
+        per_call=None if handle.remote else 1,
     )
-    return [_sweep_cell(setting, prompts, answers) for setting, answers in zip(settings, scored)]
+    texts = [text for unit_answers in answers for text in unit_answers]
+    return {(prompt, id(edits)): text for (prompt, edits), text in zip(distinct, texts)}
+
+
+def _sweep(
+    handle: ModelHandle,
+    entries: Sequence[_Entry],
+    *,
+    condition: str,
+    halving_start: int | None,
+    margin: float,
+    min_perplexity_ratio: float,
+    config: GenerationConfig,
+    reference: Reference | None,
+    generator: Generator | None,
+    checkpoint: Path | None,
+    progress: ProgressFactory | None,
+) -> dict[int, tuple[SweepCell, list[SweepCell]]]:
+    """Baseline and candidate cells of every entry, generated together (see :func:`search_recipe`)."""
+    scored: dict[tuple[int, int], list[ScoredAnswer]] = {}  # (entry, setting number or -1 baseline) -> answers
+    alive = {entry.index: list(range(len(entry.settings))) for entry in entries}
+    dropped: dict[tuple[int, int], str] = {}
+    schedule = {entry.index: halving_rounds(len(entry.pairs), halving_start) for entry in entries}
+    rounds = max(len(counts) for counts in schedule.values())
+    for number in range(rounds):
+        # The prompts each entry adds this round (an entry with fewer rounds has finished).
+        fresh: dict[int, list[str]] = {}
+        for entry in entries:
+            counts = schedule[entry.index]
+            if number < len(counts):
+                seen = counts[number - 1] if number else 0
+                fresh[entry.index] = condition_prompts(entry.pairs[seen : counts[number]], condition)
+        rows: list[tuple[str, tuple[Edit, ...]]] = []
+        for entry in entries:  # the unsteered rows first: instructions with the same prompts share them
+            rows += [(prompt, ()) for prompt in fresh.get(entry.index, ())]
+        for entry in entries:
+            for setting in alive[entry.index]:
+                rows += [(prompt, entry.edits[setting]) for prompt in fresh.get(entry.index, ())]
+        label = "search" if rounds == 1 else f"search round {number + 1}/{rounds}"
+        texts = _generate_rows(
+            handle,
+            rows,
+            config=config,
+            generator=generator,
+            checkpoint=checkpoint,
+            progress=progress,
+            label=label,
+        )
+        # Score per entry and setting (each entry with its own check); perplexity once per distinct answer.
+        keys, units, answers = [], [], []
+        for entry in entries:
+            prompts = fresh.get(entry.index, [])
+            if not prompts:
+                continue
+            for setting in [-1, *alive[entry.index]]:
+                edits = () if setting < 0 else entry.edits[setting]
+                keys.append((entry.index, setting))
+                units.append(Unit(label, tuple(Row(p, edits, (entry.spec,)) for p in prompts)))
+                answers.append([texts[(p, id(edits))] for p in prompts])
+        for key, unit_scores in zip(keys, score_units(units, answers, reference=reference)):
+            scored.setdefault(key, []).extend(unit_scores)
+        for entry in entries:
+            counts = schedule[entry.index]
+            if number >= len(counts) - 1:
+                continue  # its last round is done: every survivor has seen every validation prompt
+            so_far = scored[(entry.index, -1)]
+            baseline = _sweep_cell(entry.baseline, [answer.prompt for answer in so_far], so_far)
+            ranked = []
+            for setting in alive[entry.index]:
+                answers_so_far = scored[(entry.index, setting)]
+                cell = _sweep_cell(entry.settings[setting], [a.prompt for a in answers_so_far], answers_so_far)
+                rejected = guard(cell, baseline, margin, min_perplexity_ratio)
+                ranked.append(((rejected is None, cell.loose, cell.strict, -setting), setting))
+            ranked.sort(reverse=True)
+            keep = survivors_after(len(ranked))
+            for _, setting in ranked[keep:]:
+                dropped[(entry.index, setting)] = (
+                    f"dropped by successive halving after {counts[number]} of {len(entry.pairs)} prompt pairs"
+                )
+            alive[entry.index] = sorted(setting for _, setting in ranked[:keep])
+    results = {}
+    for entry in entries:
+        base_answers = scored[(entry.index, -1)]
+        baseline = _sweep_cell(entry.baseline, [answer.prompt for answer in base_answers], base_answers)
+        cells = []
+        for number, setting in enumerate(entry.settings):
+            answers_so_far = scored.get((entry.index, number), [])
+            cell = _sweep_cell(setting, [a.prompt for a in answers_so_far], answers_so_far)
+            cells.append(
+                dataclasses.replace(
+                    cell,
+                    rejected=guard(cell, baseline, margin, min_perplexity_ratio),
+                    dropped=dropped.get((entry.index, number)),
+                )
+            )
+        results[entry.index] = (baseline, cells)
+    return results
 
 
 def _sweep_cell(setting: Setting, prompts: Sequence[str], answers: Sequence[ScoredAnswer]) -> SweepCell:
@@ -380,16 +512,34 @@ class EntryPlan:
     instruction: str
     settings: int  # steered candidates (the no-steering baseline is counted once per prompt, in SearchPlan)
     prompts: tuple[str, ...]
+    rounds: tuple[int, ...] = ()  # successive halving: prompts seen by the end of each round (empty: no halving)
+
+    @property
+    def halving_answers(self) -> int:
+        """Steered answers under successive halving: each round's survivors on that round's new prompts."""
+        if not self.rounds:
+            return self.settings * len(self.prompts)
+        total, alive, seen = 0, self.settings, 0
+        for number, count in enumerate(self.rounds):
+            total += alive * (count - seen)
+            seen = count
+            if number < len(self.rounds) - 1:
+                alive = survivors_after(alive)
+        return total
 
     def to_dict(self) -> dict[str, Any]:
         """The entry's plan as JSON-ready data (settings count no steering)."""
         settings = self.settings + 1
-        return {
+        data = {
             "instruction": self.instruction,
             "settings": settings,
             "prompts": len(self.prompts),
             "answers": settings * len(self.prompts),
         }
+        if self.rounds:
+            data["halving_rounds"] = list(self.rounds)
+            data["halving_answers"] = self.halving_answers + len(self.prompts)
+        return data
 
 
 @dataclass(frozen=True)
@@ -416,8 +566,20 @@ class SearchPlan:
 
     @property
     def answers(self) -> int:
-        """Every answer the search generates (on a fresh checkpoint)."""
+        """Every answer the search generates (on a fresh checkpoint), successive halving counted."""
+        if self.halving:
+            return sum(entry.halving_answers for entry in self.entries) + self.baseline_answers
         return self.steered_answers + self.baseline_answers
+
+    @property
+    def full_answers(self) -> int:
+        """Every answer the search would generate without successive halving."""
+        return self.steered_answers + self.baseline_answers
+
+    @property
+    def halving(self) -> bool:
+        """Whether the search runs successive halving rounds."""
+        return any(len(entry.rounds) > 1 for entry in self.entries)
 
     def summary(self) -> str:
         """``N settings × M prompts = K answers`` (no steering counted as a setting of every entry)."""
@@ -426,8 +588,13 @@ class SearchPlan:
         prompts = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}–{counts[-1]}"
         nominal = sum((entry.settings + 1) * len(entry.prompts) for entry in self.entries)
         text = f"{settings} settings × {prompts} prompts = {nominal:,} answers"
-        if self.answers < nominal:
-            text += f", {self.answers:,} to generate (instructions with the same prompts share the no-steering answers)"
+        if self.full_answers < nominal:
+            text += (
+                f", {self.full_answers:,} to generate (instructions with the same prompts share the no-steering "
+                "answers)"
+            )
+        if self.halving:
+            text += f"; successive halving generates {self.answers:,} of them"
         return text
 
     def to_dict(self) -> dict[str, Any]:
@@ -435,6 +602,7 @@ class SearchPlan:
         return {
             "entries": [entry.to_dict() for entry in self.entries],
             "answers": self.answers,
+            "answers_without_halving": self.full_answers,
             "steered_answers": self.steered_answers,
             "baseline_answers": self.baseline_answers,
             "max_new_tokens": self.max_new_tokens,
@@ -472,8 +640,13 @@ def plan_search(recipe: Recipe, vectors: Mapping[str, SteeringVector]) -> Search
         recipe.check_layers(vector.metadata.n_layers)  # names the recipe line, or the option that set the layers
         layers = candidate_layers(vector.metadata.n_layers, recipe.search.layers, recipe.search.layer_step)
         settings = candidate_settings(recipe, index, vector, layers)
-        prompts = tuple(validation_prompts(recipe, entry.instruction))
-        entries.append(EntryPlan(entry.instruction, len(settings), prompts))
+        pairs = validation_pairs(recipe, entry.instruction)
+        prompts = tuple(condition_prompts(pairs, recipe.search.condition))
+        per_pair = len(prompts) // len(pairs)
+        search = recipe.search
+        counts = halving_rounds(len(pairs), search.halving_start) if search.halving else []
+        rounds = tuple(count * per_pair for count in counts) if len(counts) > 1 else ()
+        entries.append(EntryPlan(entry.instruction, len(settings), prompts, rounds))
     config_tokens = recipe.search.max_new_tokens or recipe.generation.max_new_tokens
     return SearchPlan(tuple(entries), config_tokens, recipe.generation.batch_size)
 
@@ -536,7 +709,9 @@ def search_recipe(
     checkpoint = out_dir / CHECKPOINT_NAME
     rule = guard_rule(settings.margin, settings.min_perplexity_ratio)
     center = recipe_center(recipe, vectors)
-    sweeps = []
+    if settings.halving:
+        rule += f"; successive halving from {settings.halving_start} prompt pairs (see nsteer.search)"
+    work = []
     for index in entries:
         entry = recipe.steer[index]
         vector = vectors[entry.vector or entry.instruction]
@@ -545,31 +720,53 @@ def search_recipe(
             raise recipe.error(
                 ("instructions", entry.instruction, "check"), "this instruction has no check to score the search with."
             )
-        spec = instruction.check
-        prompts = validation_prompts(recipe, entry.instruction)
-        candidates = candidate_settings(recipe, index, vector, layers)
-        swept = run_cells(
-            handle,
-            vector,
-            [Setting(None, entry.mode, 0.0, entry.positions), *candidates],
-            prompts,
-            spec,
-            config=config,
-            reference=reference,
-            generator=generator,
-            checkpoint=checkpoint,
-            label=f"search {entry.instruction}",
-            together=handle.remote,
-            progress=progress,
-            center=center,
+        candidates = tuple(candidate_settings(recipe, index, vector, layers))
+        edits = tuple(
+            tuple(
+                vector_edits(
+                    vector,
+                    layer=setting.layer,
+                    mode=setting.mode,
+                    weight=setting.weight,
+                    weight_relative=setting.relative,
+                    positions=setting.positions,
+                    target_scale=setting.target_scale,
+                    options=setting.options,
+                    center=center,
+                )
+            )
+            for setting in candidates
         )
-        baseline = swept[0]
-        cells = [
-            dataclasses.replace(cell, rejected=guard(cell, baseline, settings.margin, settings.min_perplexity_ratio))
-            for cell in swept[1:]
-        ]
+        work.append(
+            _Entry(
+                index=index,
+                instruction=entry.instruction,
+                spec=instruction.check,
+                pairs=validation_pairs(recipe, entry.instruction),
+                baseline=Setting(None, entry.mode, 0.0, entry.positions),
+                settings=candidates,
+                edits=edits,
+            )
+        )
+    swept = _sweep(
+        handle,
+        work,
+        condition=settings.condition,
+        halving_start=settings.halving_start if settings.halving else None,
+        margin=settings.margin,
+        min_perplexity_ratio=settings.min_perplexity_ratio,
+        config=config,
+        reference=reference,
+        generator=generator,
+        checkpoint=checkpoint,
+        progress=progress,
+    )
+    sweeps = []
+    for item in work:
+        baseline, cells = swept[item.index]
+        index = item.index
         sweep = InstructionSweep(
-            instruction=entry.instruction,
+            instruction=item.instruction,
             steer_index=index,
             vector_path=str(paths[index]),
             condition=settings.condition,
@@ -581,7 +778,8 @@ def search_recipe(
         if write:
             # Only into the vector searched: re-read under a lock, refused if recomputed or replaced meanwhile, and
             # what other entries (or other searches) recorded in the same file is kept.
-            record_choice(paths[index], vector, searched_setting(sweep, layers), entry.instruction)
+            vector = vectors[recipe.steer[index].vector or item.instruction]
+            record_choice(paths[index], vector, searched_setting(sweep, layers), item.instruction)
         sweeps.append(sweep)
     return SearchResult(
         model_id=handle.model_id,

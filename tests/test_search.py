@@ -61,20 +61,30 @@ def setup(handle, tmp_path):
     return make
 
 
+def per_row(answer):
+    """A stand-in generator answering each row with ``answer(prompt, edit)`` (edit None: no steering)."""
+
+    def generator(h, prompts, *, row_edits, config, progress=None):
+        return [answer(prompt, edits[0] if edits else None) for prompt, edits in zip(prompts, row_edits)]
+
+    return generator
+
+
 class ByLayer:
-    """A stand-in generator whose answer depends only on the steered layer (None: no steering); records prompts."""
+    """A stand-in generator whose answer depends only on each row's steered layer (None: no steering); records the
+    prompts and edits of every row and the number of calls."""
 
     def __init__(self, answers: dict) -> None:
         self.answers = answers
         self.prompts: list[str] = []
+        self.edits: list[list] = []
         self.calls = 0
 
     def __call__(self, handle, prompts, *, row_edits, config, progress=None):
         self.calls += 1
         self.prompts.extend(prompts)
-        layers = {edits[0].layer if edits else None for edits in row_edits}
-        (layer,) = layers
-        return [self.answers.get(layer, TITLE)] * len(prompts)
+        self.edits.extend(list(edits) for edits in row_edits)
+        return [self.answers.get(edits[0].layer if edits else None, TITLE) for edits in row_edits]
 
 
 def reference_of(handle) -> Reference:
@@ -118,10 +128,9 @@ def test_an_accepted_better_layer_wins_and_is_used_by_layer_auto(setup, handle, 
 def test_no_steering_wins_when_every_setting_is_worse(setup, handle) -> None:
     recipe = setup()
 
-    def generator(h, prompts, *, row_edits, config, progress=None):
-        steered = bool(row_edits[0])
-        return [TITLE if steered or i % 2 else PASS_LOWER for i in range(len(prompts))]
-
+    absent = {pair.without_instruction for pair in instruction_splits(recipe, "lowercase").validation}
+    # Unsteered: passes without the instruction (half the prompts); steered: never.
+    generator = per_row(lambda prompt, edit: PASS_LOWER if edit is None and prompt in absent else TITLE)
     result = search_recipe(recipe, handle, generator=generator, reference=None)
     (sweep,) = result.sweeps
     assert sweep.baseline.loose == pytest.approx(0.5)
@@ -155,10 +164,9 @@ def test_add_entries_sweep_weights_and_layer_auto_takes_the_searched_weight(setu
         search={"layers": [1, 2], "weights": [2.0, -3.0], "max_prompts": 2},
     )
 
-    def generator(h, prompts, *, row_edits, config, progress=None):
-        edit = row_edits[0][0] if row_edits[0] else None
-        good = edit is not None and (edit.layer, edit.weight) == (2, -3.0)
-        return [PASS_LOWER if good else TITLE] * len(prompts)
+    generator = per_row(
+        lambda prompt, edit: PASS_LOWER if edit is not None and (edit.layer, edit.weight) == (2, -3.0) else TITLE
+    )
 
     (sweep,) = search_recipe(recipe, handle, generator=generator, reference=None).sweeps
     assert [(c.setting.layer, c.setting.weight) for c in sweep.cells] == [(1, 2.0), (1, -3.0), (2, 2.0), (2, -3.0)]
@@ -177,12 +185,13 @@ def test_add_entries_sweep_weights_relative_to_the_layer_norm_by_default(setup, 
     assert norms[1] != norms[2]
     applied: set[tuple[int, float]] = set()
 
-    def generator(h, prompts, *, row_edits, config, progress=None):
-        for edits in row_edits:
-            applied.update((edit.layer, edit.weight) for edit in edits)
-        edit = row_edits[0][0] if row_edits[0] else None
+    def answer(prompt, edit):
+        if edit is not None:
+            applied.add((edit.layer, edit.weight))
         good = edit is not None and edit.layer == 2 and edit.weight == pytest.approx(2.0 * norms[2])
-        return [PASS_LOWER if good else TITLE] * len(prompts)
+        return PASS_LOWER if good else TITLE
+
+    generator = per_row(answer)
 
     (sweep,) = search_recipe(recipe, handle, generator=generator, reference=None).sweeps
     expected = {(layer, round(k * norms[layer], 4)) for layer in (1, 2) for k in (0.5, 1.0, 2.0)}  # the default ks
@@ -202,10 +211,11 @@ def test_set_entries_can_sweep_target_scales(setup, handle) -> None:
     vector = load_recipe_vectors(recipe, handle)["lowercase"]
     z = float(vector.mean_projections[2])
 
-    def generator(h, prompts, *, row_edits, config, progress=None):
-        edit = row_edits[0][0] if row_edits[0] else None
-        good = edit is not None and edit.target == pytest.approx(1.5 * z) and edit.weight == 1.0
-        return [PASS_LOWER if good else TITLE] * len(prompts)
+    generator = per_row(
+        lambda prompt, edit: (
+            PASS_LOWER if edit is not None and edit.target == pytest.approx(1.5 * z) and edit.weight == 1.0 else TITLE
+        )
+    )
 
     (sweep,) = search_recipe(recipe, handle, generator=generator, reference=None).sweeps
     assert [c.setting.target_scale for c in sweep.cells] == [0.5, 1.5]
@@ -245,13 +255,14 @@ def test_word_exclusion_searches_the_borrowed_inclusion_vector_without_touching_
     )
     exclusion_prompts = {pair.with_instruction for pair in instruction_splits(recipe, "exclude:ocean").validation}
 
-    def generator(h, prompts, *, row_edits, config, progress=None):
+    def answer(prompt, edit):
         # Inclusion prompts: only layer 1 (w=2) says "ocean". Exclusion prompts: only layer 2 (w=-3) avoids it.
-        edit = row_edits[0][0] if row_edits[0] else None
         setting = (edit.layer, edit.weight) if edit else None
-        if prompts[0] in exclusion_prompts:
-            return ["A calm day by the sea." if setting == (2, -3.0) else "The ocean is calm."] * len(prompts)
-        return ["The ocean is calm." if setting == (1, 2.0) else "A calm day by the sea."] * len(prompts)
+        if prompt in exclusion_prompts:
+            return "A calm day by the sea." if setting == (2, -3.0) else "The ocean is calm."
+        return "The ocean is calm." if setting == (1, 2.0) else "A calm day by the sea."
+
+    generator = per_row(answer)
 
     result = search_recipe(recipe, handle, generator=generator, reference=None)
     assert [(s.instruction, s.winner.setting.label) for s in result.sweeps] == [
@@ -283,7 +294,7 @@ def test_layer_auto_never_takes_a_setting_searched_for_another_instruction(setup
     search_recipe(
         recipe,
         handle,
-        generator=lambda h, p, *, row_edits, **k: ["The ocean is calm." if row_edits[0] else "A calm day."] * len(p),
+        generator=per_row(lambda prompt, edit: "The ocean is calm." if edit else "A calm day."),
         reference=None,
     )
     assert load_vector(vector_path(recipe, "include:ocean")).metadata.chosen.weight == 2.0
@@ -326,31 +337,39 @@ def test_a_remote_sweep_generates_every_setting_in_one_call_with_the_same_result
     assert len(calls) == 1 and again.sweeps[0].winner.setting == sweep.winner.setting  # resumed from the checkpoint
 
 
-def test_an_interrupted_sweep_resumes_without_redoing_finished_cells(setup, handle, tmp_path) -> None:
-    recipe = setup()
-    first = ByLayer({2: PASS_LOWER})
-    search_recipe(recipe, handle, generator=first, reference=None)
-    assert first.calls == 4  # baseline + three layers
-    checkpoint = recipe.output_dir / "search" / CHECKPOINT_NAME
-    again = ByLayer({2: PASS_LOWER})
-    result = search_recipe(recipe, handle, generator=again, reference=None)
-    assert again.calls == 0 and result.sweeps[0].winner.setting.layer == 2
-    # Simulate a kill in the middle of writing the last cell: drop its line and leave half of it behind.
-    lines = checkpoint.read_bytes().splitlines(keepends=True)
-    checkpoint.write_bytes(b"".join(lines[:-1]) + lines[-1][: len(lines[-1]) // 2])
+def test_an_interrupted_sweep_resumes_without_redoing_finished_batches(setup, handle, tmp_path) -> None:
+    recipe = setup()  # 3 prompt pairs, both conditions: 6 prompts; no steering + 3 layers = 24 rows, batches of 4
+    full = ByLayer({2: PASS_LOWER})
+    expected = search_recipe(recipe, handle, generator=full, reference=None, out_dir=tmp_path / "full", write=False)
+    assert full.calls == 6 and len(full.prompts) == 24
+
+    class Killed(ByLayer):
+        def __call__(self, handle, prompts, **kwargs):
+            if self.calls == 2:
+                raise KeyboardInterrupt  # Ctrl-C during the third batch
+            return super().__call__(handle, prompts, **kwargs)
+
+    killed = Killed({2: PASS_LOWER})
+    with pytest.raises(KeyboardInterrupt):
+        search_recipe(recipe, handle, generator=killed, reference=None, out_dir=tmp_path / "run", write=False)
+    done = list(zip(killed.prompts, (tuple(id(e) for e in edits) for edits in killed.edits)))
+    assert len(done) == 8
     resumed = ByLayer({2: PASS_LOWER})
-    search_recipe(recipe, handle, generator=resumed, reference=None)
-    assert resumed.calls == 1
-    assert (
-        len(
-            [
-                line
-                for line in checkpoint.read_bytes().splitlines()
-                if line.strip().startswith(b"{") and line.endswith(b"}")
-            ]
-        )
-        == 4
-    )
+    result = search_recipe(recipe, handle, generator=resumed, reference=None, out_dir=tmp_path / "run", write=False)
+    assert resumed.calls == 4 and len(resumed.prompts) == 16  # only the batches that had not finished
+    assert [c.answers for c in result.sweeps[0].cells] == [c.answers for c in expected.sweeps[0].cells]
+    assert result.sweeps[0].winner.setting.layer == 2
+    again = ByLayer({2: PASS_LOWER})
+    search_recipe(recipe, handle, generator=again, reference=None, out_dir=tmp_path / "run", write=False)
+    assert again.calls == 0
+    # A kill in the middle of writing the last batch's line: that batch alone is generated again.
+    checkpoint = tmp_path / "run" / CHECKPOINT_NAME
+    lines = checkpoint.read_bytes().splitlines(keepends=True)
+    assert len(lines) == 6
+    checkpoint.write_bytes(b"".join(lines[:-1]) + lines[-1][: len(lines[-1]) // 2])
+    last = ByLayer({2: PASS_LOWER})
+    search_recipe(recipe, handle, generator=last, reference=None, out_dir=tmp_path / "run", write=False)
+    assert last.calls == 1 and len(last.prompts) == 4
 
 
 def test_guard_rules() -> None:
@@ -406,7 +425,8 @@ def test_cli_compute_search_eval_end_to_end(handle, tmp_path, monkeypatch) -> No
     assert "plan: 3 settings × 2 prompts = 6 answers (no generation rate recorded" in outputs[1].replace("\n", " ")
     assert "plan: 3 settings × 2 prompts = 6 answers (≈ " in outputs[2].replace("\n", " ")  # ... the second uses it
     checkpoint = tmp_path / "out" / "search" / CHECKPOINT_NAME
-    assert len(checkpoint.read_text().splitlines()) == 3  # baseline + 2 layers, not redone by the second search
+    # no steering + 2 layers on 2 prompts = 6 rows in batches of 4: 2 lines, not redone by the second search
+    assert len(checkpoint.read_text().splitlines()) == 2
     assert (tmp_path / "out" / "search" / "search.md").read_text().count("WINNER") == 1
     data = json.loads((tmp_path / "out" / "eval" / "eval.json").read_text())
     assert len(data["answers"]) == 2 * 4  # two test prompts, four cells
@@ -542,6 +562,17 @@ def test_command_line_bounds_override_the_recipe(planned, monkeypatch, capsys) -
     )
     assert code == 0, err
     assert json.loads(out)["plan"]["entries"][0]["settings"] == 3 * 2 + 1
+    code, out, err = run_cli(monkeypatch, capsys, "search", str(planned), "--dry-run", "--json", "--halving")
+    assert code == 0, err
+    plan = json.loads(out)["plan"]
+    # 3 layers x 3 default ks on 3 prompts, halving from 4 pairs: one round, nothing saved
+    assert plan["answers"] == plan["answers_without_halving"] == 9 * 3 + 3
+    code, out, err = run_cli(
+        monkeypatch, capsys, "search", str(planned), "--dry-run", "--halving", "--limit", "8", "--layers", "1,2,3"
+    )
+    assert code == 0, err
+    # 9 settings on 8 pairs from 4: 9x4 + 5x4 = 56 steered + 8 unsteered = 64 of 9x8 + 8 = 80
+    assert "80 answers; successive halving generates 64 of them" in err.replace("\n", " ")
 
 
 @pytest.mark.parametrize(
@@ -646,3 +677,108 @@ def test_the_search_applies_the_entrys_options_and_records_them(setup, handle) -
     vector = load_recipe_vectors(recipe, handle)["lowercase"]
     assert (first.layer, second.layer) == (2, 3)
     assert first.weight == pytest.approx(0.5 * float(vector.norms[2])) and first.gate is not None
+
+
+def test_a_settings_answers_are_the_same_alone_or_batched_with_others(setup, handle, tmp_path) -> None:
+    """Real greedy fp32 generation on the tiny model: layer 2's answers do not depend on what shares its batches."""
+    from nsteer.generate import GenerationConfig, generate
+
+    recipe = setup(search={"layers": [1, 2, 3], "max_prompts": 3})  # batches of 4 mix settings and prompts
+    alone_recipe = setup(search={"layers": [2], "max_prompts": 3})
+    batched = search_recipe(recipe, handle, reference=None, out_dir=tmp_path / "batched", write=False)
+    alone = search_recipe(alone_recipe, handle, reference=None, out_dir=tmp_path / "alone", write=False)
+    (layer2,) = [cell for cell in batched.sweeps[0].cells if cell.setting.layer == 2]
+    assert layer2.answers == alone.sweeps[0].cells[0].answers
+    assert batched.sweeps[0].baseline.answers == alone.sweeps[0].baseline.answers
+    # ... and they are what plain generation with that one edit gives (the prompts as one batch of their own).
+    vector = load_recipe_vectors(recipe, handle)["lowercase"]
+    edit = nsteer_edit(vector, 2)
+    config = GenerationConfig(max_new_tokens=8, batch_size=4)
+    assert list(layer2.answers) == generate(handle, list(layer2.prompts), [edit], config=config)
+    others = [cell.answers for cell in batched.sweeps[0].cells if cell.setting.layer != 2]
+    assert all(answers != layer2.answers for answers in others)  # the settings do steer differently
+
+
+def nsteer_edit(vector, layer):
+    from nsteer.edits import edit_from_vector
+
+    return edit_from_vector(vector, layer=layer, mode="set", weight=1.0)
+
+
+def test_one_edit_per_setting_and_one_baseline_for_instructions_sharing_prompts(setup, handle) -> None:
+    from nsteer.edits import compile_plan
+
+    recipe = setup(
+        instructions={"lowercase": {}, "uppercase": {}},
+        steer=[{"instruction": "lowercase", "layer": "auto"}, {"instruction": "uppercase", "layer": "auto"}],
+        search={"layers": [1, 2], "max_prompts": 3, "condition": "absent"},
+    )
+    recorded = ByLayer({})
+    batches: list[list] = []
+
+    def generator(h, prompts, *, row_edits, config, progress=None):
+        batches.append(list(row_edits))
+        return recorded(h, prompts, row_edits=row_edits, config=config)
+
+    result = search_recipe(recipe, handle, generator=generator, reference=None, write=False)
+    unsteered = [prompt for prompt, edits in zip(recorded.prompts, recorded.edits) if not edits]
+    assert sorted(unsteered) == sorted(set(unsteered)) and len(unsteered) == 3  # the same 3 base prompts: once
+    assert all(sweep.baseline.n == 3 for sweep in result.sweeps)
+    assert result.sweeps[0].baseline.answers == result.sweeps[1].baseline.answers
+    steered = [edits[0] for edits in recorded.edits if edits]
+    assert len(steered) == 2 * 2 * 3 and len({id(edit) for edit in steered}) == 4  # 4 settings, one Edit each
+    for row_edits in batches:  # full batches of 4 rows; one update per edited layer, each setting's direction once
+        distinct = {id(edits[0]) for edits in row_edits if edits}
+        plan = compile_plan(row_edits)
+        assert [layer.slots for layer in plan] == [1] * len({edits[0].layer for edits in row_edits if edits})
+        assert sum(int(layer.directions.shape[0]) for layer in plan) == len(distinct)
+    assert [len(row_edits) for row_edits in batches] == [4, 4, 4, 3]  # 3 + 12 rows
+
+
+def test_successive_halving_keeps_the_better_half_and_judges_the_winner_on_every_prompt(setup, handle) -> None:
+    from nsteer.search import plan_search
+
+    recipe = setup(
+        steer=[{"instruction": "lowercase", "layer": "auto", "mode": "add"}],
+        search={
+            "layers": [1, 2, 3],
+            "weights": [1.0, 2.0],
+            "max_prompts": 5,
+            "condition": "absent",
+            "halving": True,
+            "halving_start": 2,
+        },
+    )
+    pairs = instruction_splits(recipe, "lowercase").validation[:5]
+    late = {pair.without_instruction for pair in pairs[2:]}
+
+    def answer(prompt, edit):
+        if edit is None:
+            return TITLE
+        if (edit.layer, edit.weight) == (3, 2.0):  # weak on the first 2 prompts, perfect after: dropped early
+            return PASS_LOWER if prompt in late else TITLE
+        if edit.layer == 2:  # good on the first prompts only
+            return TITLE if prompt in late and edit.weight == 2.0 else PASS_LOWER
+        return TITLE
+
+    recorded = ByLayer({})
+    generate_rows = per_row(answer)
+
+    def generator(h, prompts, *, row_edits, config, progress=None):
+        recorded(h, prompts, row_edits=row_edits, config=config)
+        return generate_rows(h, prompts, row_edits=row_edits, config=config)
+
+    plan = plan_search(recipe, read_recipe_vectors(recipe))
+    (sweep,) = search_recipe(recipe, handle, generator=generator, reference=None).sweeps
+    # Rounds on 2, 4, then 5 pairs: 6 settings -> 3 -> 2. Steered rows: 6x2 + 3x2 + 2x1 = 20; no steering: 5.
+    assert len(recorded.prompts) == 25 == plan.answers
+    assert plan.full_answers == 6 * 5 + 5
+    survivors = {(c.setting.layer, c.setting.weight) for c in sweep.cells if c.dropped is None}
+    assert survivors == {(2, 1.0), (2, 2.0)}
+    assert all(c.n == 5 for c in sweep.cells if c.dropped is None)
+    dropped = {(c.setting.layer, c.setting.weight): c for c in sweep.cells if c.dropped}
+    assert dropped[(3, 2.0)].n == 2 and "after 2 of 5" in dropped[(3, 2.0)].dropped
+    # Ties keep sweep order: of the settings failing both first prompts, layer 1 w=1 comes first and stays a round.
+    assert dropped[(1, 2.0)].n == 2 and dropped[(3, 1.0)].n == 2 and dropped[(1, 1.0)].n == 4
+    assert (sweep.winner.setting.layer, sweep.winner.setting.weight) == (2, 1.0) and sweep.winner.loose == 1.0
+    assert "successive halving" in sweep.rule
