@@ -159,6 +159,18 @@ def _list(text: str, kind: type | None) -> list:
     return [_number(item, kind) if kind else item for item in items if item] if text.strip() else []
 
 
+def _estimate(recipe: Any, remote: bool, answers: int, max_new_tokens: int) -> str:
+    """How long ``answers`` take at the rate this machine recorded for the recipe's model, device, dtype, batch."""
+    from nsteer.throughput import estimate, rate_key
+
+    model, batch = recipe.model, recipe.generation.batch_size
+    if remote or model.backend == "ndif":  # the keys runs record under (throughput.handle_rate_key)
+        key = rate_key(model.id, "ndif", "remote", batch)
+    else:
+        key = rate_key(recipe.model_location, model.device, model.dtype, batch)
+    return estimate(key, answers, max_new_tokens)
+
+
 def _recipe(path: Path, overrides: Sequence[Any] = ()) -> Any:
     """Load a recipe and apply command-line overrides, validated by the recipe's own rules."""
     from nsteer.recipe import load_recipe, override_recipe
@@ -519,11 +531,17 @@ def evaluate(
     composition: bool = typer.Option(
         False, "--composition", help="Report each instruction composed with the recipe's other edits next to alone."
     ),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Print the plan (prompts, answers, time) and stop; no model is opened."
+    ),
     as_json: bool = JSON,
     as_jsonl: bool = JSONL,
 ) -> None:
-    """The 2×2 table (instruction in prompt × steering) with quality, written as JSON, Markdown and PNG."""
-    from nsteer.evaluate.table import CELLS, evaluate_recipe
+    """The 2×2 table (instruction in prompt × steering) with quality, written as JSON, Markdown and PNG.
+
+    Before any work it prints the plan: prompts × cells = answers, and how long that takes at this machine's rate.
+    """
+    from nsteer.evaluate.table import CELLS, evaluate_recipe, plan_recipe_evaluation
     from nsteer.pipeline import check_recipe_vectors, read_recipe_vectors, vectors_from_other_pairs
     from nsteer.recipe import Override
     from nsteer.report import CELL_HEADERS, EVAL_REPORT_FILES, write_eval_report
@@ -563,6 +581,12 @@ def evaluate(
                 f"(prompts.seed {recipe.prompts.seed}, the prompts or the phrasings changed since): the test prompts "
                 "may include its training prompts. Recompute it with `nsteer compute` (and the same --seed)."
             )
+    plan = plan_recipe_evaluation(recipe, vectors, split=split, limit=limit, data=data)
+    output.note(f"plan: {plan.summary()} ({_estimate(recipe, remote, plan.generated, plan.max_new_tokens)}).")
+    if dry_run:
+        output.document({"command": "eval", "dry_run": True, "plan": plan.to_dict()})
+        output.records([plan.to_dict()])
+        return
     handle = _open(output, recipe, remote)
     check_recipe_vectors(recipe, vectors, handle, allow_transfer=allow_transfer or None)
     with output.progress() as bars:
@@ -663,7 +687,7 @@ def search(
     from nsteer.pipeline import check_recipe_vectors, read_recipe_vectors, steer_vector_path
     from nsteer.recipe import Override
     from nsteer.report import SEARCH_REPORT_FILES, search_rows, write_search_report
-    from nsteer.search import CHECKPOINT_NAME, plan_estimate, plan_search, search_recipe
+    from nsteer.search import CHECKPOINT_NAME, plan_search, search_recipe
 
     output = _output(as_json, as_jsonl)
     overrides = _search_overrides(limit, layers, weights, modes, max_new_tokens)
@@ -673,8 +697,7 @@ def search(
     out_dir = out or recipe.output_dir / "search"
     vectors = read_recipe_vectors(recipe)
     plan = plan_search(recipe, vectors)  # the vector files know the layer count: no model needed
-    use_remote = remote or recipe.model.backend == "ndif"
-    output.note(f"plan: {plan.summary()} ({plan_estimate(plan, recipe, remote=use_remote)}).")
+    output.note(f"plan: {plan.summary()} ({_estimate(recipe, remote, plan.answers, plan.max_new_tokens)}).")
     if dry_run:
         output.records([entry.to_dict() for entry in plan.entries])
         output.document({"command": "search", "dry_run": True, "plan": plan.to_dict()})

@@ -60,7 +60,7 @@ from nsteer.progress import ProgressFactory
 from nsteer.prompts import PromptPair
 from nsteer.recipe import Recipe, RelativeWeight, SearchWeights
 from nsteer.searched import SearchedSetting
-from nsteer.throughput import handle_rate_key, rate_key, read_rate, timed
+from nsteer.throughput import Metered, handle_rate_key, record_run
 from nsteer.vectors import SteeringVector, record_choice
 
 CHECKPOINT_NAME = "cells.jsonl"
@@ -651,22 +651,6 @@ def plan_search(recipe: Recipe, vectors: Mapping[str, SteeringVector]) -> Search
     return SearchPlan(tuple(entries), config_tokens, recipe.generation.batch_size)
 
 
-def plan_estimate(plan: SearchPlan, recipe: Recipe, *, remote: bool = False) -> str:
-    """How long ``plan`` should take at the rate recorded on this machine, or a plain statement that none is."""
-    model = recipe.model
-    if remote:  # the keys generations are recorded under (throughput.handle_rate_key of the opened model)
-        key = rate_key(model.id, "ndif", "remote", plan.batch_size)
-    else:
-        key = rate_key(recipe.model_location, model.device, model.dtype, plan.batch_size)
-    rate = read_rate(key)
-    if rate is None:
-        return (
-            "no generation rate recorded on this machine for this model, device and batch size yet, so no estimate: "
-            "the progress bar shows the time left once the first answers are in"
-        )
-    return rate.estimate(plan.answers, plan.max_new_tokens)
-
-
 def search_recipe(
     recipe: Recipe,
     handle: ModelHandle,
@@ -702,8 +686,8 @@ def search_recipe(
     if reference is None:
         reference = open_reference(recipe, handle)
     config = generation_config(recipe, max_new_tokens=settings.max_new_tokens)
-    if generator is None:  # real generations teach the next plan this machine's rate
-        generator = timed(generate, handle_rate_key(handle, config.batch_size), config.max_new_tokens)
+    meter = Metered(generator or generate)  # a real search teaches the next plan this machine's rate
+    swept_from = time.monotonic()
     layers = candidate_layers(handle.n_layers, settings.layers, settings.layer_step)
     out_dir = Path(out_dir) if out_dir is not None else recipe.output_dir / "search"
     checkpoint = out_dir / CHECKPOINT_NAME
@@ -757,10 +741,12 @@ def search_recipe(
         min_perplexity_ratio=settings.min_perplexity_ratio,
         config=config,
         reference=reference,
-        generator=generator,
+        generator=meter,
         checkpoint=checkpoint,
         progress=progress,
     )
+    if generator is None:
+        record_run(handle_rate_key(handle, config.batch_size), meter, swept_from, config.max_new_tokens)
     sweeps = []
     for item in work:
         baseline, cells = swept[item.index]

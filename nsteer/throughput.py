@@ -1,7 +1,8 @@
 """How fast this machine generates answers, remembered from earlier runs, so a plan can say how long it will take.
 
-A search or an evaluation times its generation calls and records seconds per answer token (wall seconds over answers x
-``max_new_tokens``) for the model, device, dtype, batch size and torch thread count it ran with, in
+A search or an evaluation records its wall time (generation and scoring; not opening the model) per answer token it
+generated (seconds over answers x ``max_new_tokens``) for the model, device, dtype, batch size and torch thread
+count it ran with, in
 ``rates.json`` in the user cache folder (see :func:`nsteer.model_cache.cache_root`). A later plan of the same kind
 reads it back; with no record it says so instead of guessing. Each new measurement is averaged with the stored one
 (equal weights), so the record follows the machine without jumping on one noisy run.
@@ -82,18 +83,6 @@ class Rate:
         )
 
 
-def timed(generator: Callable[..., list[str]], key: RateKey, max_new_tokens: int) -> Callable[..., list[str]]:
-    """``generator`` that records each call's rate under ``key`` (see :func:`record_rate`)."""
-
-    def run(handle: Any, prompts: Sequence[str], **kwargs: Any) -> list[str]:
-        started = time.monotonic()
-        answers = generator(handle, prompts, **kwargs)
-        record_rate(key, time.monotonic() - started, len(prompts), max_new_tokens)
-        return answers
-
-    return run
-
-
 def read_rate(key: RateKey, root: Path | None = None) -> Rate | None:
     """The recorded rate for ``key``, or None when this machine has none (or the record is unreadable)."""
     entry = _read(root).get(key.text)
@@ -122,6 +111,38 @@ def record_rate(key: RateKey, seconds: float, answers: int, max_new_tokens: int,
         atomic_write_bytes(root / RATES, json.dumps(dict(list(records.items())[-MAX_RECORDS:]), indent=1).encode())
     except OSError:
         pass  # a read-only cache: the next plan says it has no rate
+
+
+def estimate(key: RateKey, answers: int, max_new_tokens: int, root: Path | None = None) -> str:
+    """How long ``answers`` answers take at the rate recorded for ``key``, or a plain statement that none is."""
+    rate = read_rate(key, root)
+    if rate is None:
+        return (
+            "no rate recorded on this machine for this model, device, dtype and batch size yet, so no estimate: "
+            "the progress bar shows the time left once the first answers are in"
+        )
+    return rate.estimate(answers, max_new_tokens)
+
+
+class Metered:
+    """A generator that counts the answers it generates, so a run can record its rate when it ends."""
+
+    def __init__(self, generator: Callable[..., list[str]]) -> None:
+        self.generator = generator
+        self.answers = 0
+
+    def __call__(self, handle: Any, prompts: Sequence[str], **kwargs: Any) -> list[str]:
+        """Generate, and count what was generated."""
+        answers = self.generator(handle, prompts, **kwargs)
+        self.answers += len(prompts)
+        return answers
+
+
+def record_run(key: RateKey, meter: Metered, started: float, max_new_tokens: int) -> None:
+    """Record the rate of a search or evaluation that started at ``started`` (``time.monotonic()``): its wall time,
+    scoring included, over the answers it generated (none generated, e.g. all from a checkpoint: nothing recorded)."""
+    if meter.answers:
+        record_rate(key, time.monotonic() - started, meter.answers, max_new_tokens)
 
 
 def _read(root: Path | None) -> Mapping[str, Any]:

@@ -388,3 +388,41 @@ def test_ifeval_file_with_no_matching_instruction_says_what_to_do(tmp_path) -> N
         ifeval_items(read_ifeval_jsonl(path), recipe)
     with pytest.raises(EvaluationError, match="not found"):
         read_ifeval_jsonl(tmp_path / "missing.jsonl")
+
+
+def test_the_plan_counts_what_the_evaluation_generates(evaluated) -> None:
+    from nsteer.evaluate.table import plan_recipe_evaluation
+    from nsteer.pipeline import read_recipe_vectors
+
+    recipe, _, generator, result, _ = evaluated
+    plan = plan_recipe_evaluation(recipe, read_recipe_vectors(recipe), limit=3)
+    generated = sum(len(prompts) for prompts, _ in generator.calls)
+    # lowercase: 3 prompts x 4 cells; uppercase (not steered): its 3 bare prompts were answered for lowercase
+    assert (plan.prompts, plan.answers, plan.generated) == (6, 24, 12 + 3) and generated == plan.generated
+    assert len(result.answers) == plan.answers
+    assert plan.summary() == "6 prompts × up to 4 cells = 24 answers, 15 to generate (unsteered answers are shared " + (
+        "where they coincide)"
+    )
+
+
+def test_eval_dry_run_prints_the_plan_without_opening_the_model(evaluated, monkeypatch, capsys) -> None:
+    from cli_runner import run_cli
+
+    import nsteer.pipeline
+
+    recipe, _, _, _, tmp_path = evaluated
+    path = tmp_path / "recipe.yaml"
+    path.write_text(
+        "name: t\nprompts: {max_pairs: 4}\ninstructions: {lowercase: {}, uppercase: {}}\n"
+        "steer: [{instruction: lowercase, layer: 1, mode: set}]\ngeneration: {max_new_tokens: 8, batch_size: 4}\n"
+        f"output: {{dir: {recipe.output_dir}}}\n"
+    )
+    monkeypatch.setattr(nsteer.pipeline, "open_model", lambda *a, **k: pytest.fail("a model was opened"))
+    code, out, err = run_cli(monkeypatch, capsys, "eval", str(path), "--limit", "3", "--dry-run", "--json")
+    assert code == 0, err
+    assert json.loads(out) == {
+        "command": "eval",
+        "dry_run": True,
+        "plan": {"prompts": 6, "answers": 24, "generated": 15, "max_new_tokens": 8, "batch_size": 4},
+    }
+    assert "plan: 6 prompts × up to 4 cells = 24 answers, 15 to generate" in err

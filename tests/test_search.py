@@ -422,8 +422,9 @@ def test_cli_compute_search_eval_end_to_end(handle, tmp_path, monkeypatch) -> No
         assert outcome.exit_code == 0, outcome.output
         outputs.append(outcome.output)
     # 3 settings (no steering, layers 1 and 3) x 2 validation prompts; the first search measures the rate ...
-    assert "plan: 3 settings × 2 prompts = 6 answers (no generation rate recorded" in outputs[1].replace("\n", " ")
+    assert "plan: 3 settings × 2 prompts = 6 answers (no rate recorded" in outputs[1].replace("\n", " ")
     assert "plan: 3 settings × 2 prompts = 6 answers (≈ " in outputs[2].replace("\n", " ")  # ... the second uses it
+    assert "plan: 2 prompts × up to 4 cells = 8 answers" in outputs[3] and "(≈ " in outputs[3]  # eval: the same rate
     checkpoint = tmp_path / "out" / "search" / CHECKPOINT_NAME
     # no steering + 2 layers on 2 prompts = 6 rows in batches of 4: 2 lines, not redone by the second search
     assert len(checkpoint.read_text().splitlines()) == 2

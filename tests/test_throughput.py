@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nsteer.throughput import RATES, duration, rate_key, read_rate, record_rate, timed
+from nsteer.throughput import RATES, Metered, duration, rate_key, read_rate, record_rate, record_run
 
 
 def test_a_recorded_rate_is_read_back_and_averaged_with_the_next(tmp_path) -> None:
@@ -52,7 +52,9 @@ def test_a_damaged_or_foreign_rate_file_means_no_estimate(tmp_path) -> None:
     assert read_rate(key, tmp_path).seconds_per_token == 1.0
 
 
-def test_timed_records_each_call(tmp_path, monkeypatch) -> None:
+def test_a_run_records_its_rate_over_what_it_generated(tmp_path, monkeypatch) -> None:
+    import time
+
     monkeypatch.setenv("NSTEER_CACHE_DIR", str(tmp_path))
     key = rate_key("m", "cpu", "float32", 4)
     calls = []
@@ -61,9 +63,15 @@ def test_timed_records_each_call(tmp_path, monkeypatch) -> None:
         calls.append((handle, list(prompts), kwargs))
         return ["answer"] * len(prompts)
 
-    assert timed(generator, key, 16)("h", ["a", "b"], config="c") == ["answer", "answer"]
-    assert calls == [("h", ["a", "b"], {"config": "c"})]
-    assert read_rate(key).answers == 2
+    meter = Metered(generator)
+    started = time.monotonic() - 8.0  # a run that took 8 s
+    record_run(key, meter, started, 16)
+    assert read_rate(key) is None  # nothing generated (all from a checkpoint): nothing learned
+    assert meter("h", ["a", "b"], config="c") == ["answer", "answer"]
+    assert calls == [("h", ["a", "b"], {"config": "c"})] and meter.answers == 2
+    record_run(key, meter, started, 16)
+    rate = read_rate(key)
+    assert rate.answers == 2 and rate.seconds_per_token == pytest.approx(8.0 / 32, rel=0.05)
 
 
 def test_durations_read_as_people_say_them() -> None:

@@ -28,11 +28,12 @@ from nsteer.evaluate.inputs import (
 from nsteer.evaluate.runner import Generator, Judge, Reference, Row, ScoredAnswer, Unit, run_units
 from nsteer.evaluate.stats import PairedChange, paired_change
 from nsteer.fileio import json_safe
-from nsteer.generate import GenerationConfig
+from nsteer.generate import GenerationConfig, generate
 from nsteer.models import ModelHandle
 from nsteer.pipeline import generation_config, load_recipe_vectors
 from nsteer.progress import ProgressFactory
 from nsteer.recipe import Recipe
+from nsteer.throughput import Metered, handle_rate_key, record_run
 from nsteer.vectors import SteeringVector
 
 
@@ -230,14 +231,9 @@ def evaluate(
     units: list[Unit] = []
     generated: list[tuple[list[tuple[EvalItem, Cell]], bool]] = []  # per group: its generated rows, whether steered
     for group, group_items in by_group.items():
-        group_edits = tuple(edit for name in group_items[0].instructions for edit in edits.get(name, ()))
+        group_edits = _group_edits(group_items, edits)
         steering[group] = describe_edits(group_edits)
-        rows = [
-            (item, cell)
-            for item in group_items
-            for cell in CELLS
-            if (cell.instruction_in_prompt or item.prompt_without is not None) and (not cell.steered or group_edits)
-        ]
+        rows = _group_rows(group_items, group_edits)
         generated.append((rows, bool(group_edits)))
         units.append(
             Unit(
@@ -284,6 +280,76 @@ def evaluate(
             "batch_size": config.batch_size,
         },
     )
+
+
+def _group_edits(group_items: Sequence[EvalItem], edits: Mapping[str, Sequence[Edit]]) -> tuple[Edit, ...]:
+    """The edits that steer a group: those of every instruction of its items."""
+    return tuple(edit for name in group_items[0].instructions for edit in edits.get(name, ()))
+
+
+def _group_rows(group_items: Sequence[EvalItem], group_edits: Sequence[Edit]) -> list[tuple[EvalItem, Cell]]:
+    """The (item, cell) answers a group generates: no instruction-absent cells for items without such a prompt, and
+    no steered cells for a group nothing steers (they equal the unsteered ones)."""
+    return [
+        (item, cell)
+        for item in group_items
+        for cell in CELLS
+        if (cell.instruction_in_prompt or item.prompt_without is not None) and (not cell.steered or group_edits)
+    ]
+
+
+@dataclass(frozen=True)
+class EvaluationPlan:
+    """What an evaluation will generate, before it does: the table's answers and how many of them are generated."""
+
+    prompts: int  # items (test prompts over every instruction)
+    answers: int  # the answers the table holds (up to four per prompt)
+    generated: int  # the answers generated: steered cells of unsteered groups and repeated greedy prompts are reused
+    max_new_tokens: int
+    batch_size: int
+
+    def summary(self) -> str:
+        """``N prompts × up to 4 cells = K answers, J to generate``."""
+        text = f"{self.prompts} prompts × up to 4 cells = {self.answers:,} answers"
+        if self.generated < self.answers:
+            text += f", {self.generated:,} to generate (unsteered answers are shared where they coincide)"
+        return text
+
+    def to_dict(self) -> dict[str, Any]:
+        """The plan as JSON-ready data."""
+        return dataclasses.asdict(self)
+
+
+def plan_evaluation(
+    items: Sequence[EvalItem], edits: Mapping[str, Sequence[Edit]], config: GenerationConfig
+) -> EvaluationPlan:
+    """Count what :func:`evaluate` generates for ``items`` (greedy unsteered answers reused across groups)."""
+    by_group: dict[str, list[EvalItem]] = {}
+    for item in items:
+        by_group.setdefault(item.group, []).append(item)
+    answered: set[str] = set()  # prompts an earlier group answered unsteered
+    answers = generated = 0
+    for group_items in by_group.values():
+        rows = _group_rows(group_items, _group_edits(group_items, edits))
+        answers += sum(4 if item.prompt_without is not None else 2 for item in group_items)
+        unsteered = [_prompt(item, cell) for item, cell in rows if not cell.steered]
+        generated += sum(cell.steered for _, cell in rows)
+        generated += len(unsteered) if config.do_sample else sum(prompt not in answered for prompt in unsteered)
+        answered.update(unsteered)
+    return EvaluationPlan(len(items), answers, generated, config.max_new_tokens, config.batch_size)
+
+
+def plan_recipe_evaluation(
+    recipe: Recipe,
+    vectors: Mapping[str, SteeringVector],
+    *,
+    split: str = "test",
+    limit: int | None = None,
+    data: str | Path | None = None,
+) -> EvaluationPlan:
+    """What :func:`evaluate_recipe` will generate, from the recipe and its vector files alone (no model)."""
+    items, _, _ = evaluation_items(recipe, split, limit, data)
+    return plan_evaluation(items, instruction_edits(recipe, vectors), generation_config(recipe))
 
 
 def _prompt(item: EvalItem, cell: Cell) -> str:
@@ -339,19 +405,24 @@ def evaluate_recipe(
     items, skipped, source = evaluation_items(recipe, split, limit, data)
     if reference is None:
         reference = open_reference(recipe, handle)
+    config = generation_config(recipe)
+    meter = Metered(generator or generate)  # a real evaluation teaches the next plan this machine's rate
+    started = time.monotonic()
     result = evaluate(
         handle,
         items,
         edits,
-        config=generation_config(recipe),
+        config=config,
         reference=reference,
         judge=judge,
-        generator=generator,
+        generator=meter,
         checkpoint=checkpoint,
         progress=progress,
         split=split if data is None else "data",
         source=source,
     )
+    if generator is None:
+        record_run(handle_rate_key(handle, config.batch_size), meter, started, config.max_new_tokens)
     notes = {name: steering_note(recipe, vectors, name) for name in recipe.instructions}
     steering = {group: text if text != "none" else notes.get(group, "none") for group, text in result.steering.items()}
     return dataclasses.replace(result, skipped=skipped, steering=steering)
