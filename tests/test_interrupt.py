@@ -2,7 +2,7 @@
 leave no partial or temporary file behind, and a rerun of the same command picks up where the first one stopped.
 
 Each test runs the real entry point (``nsteer.cli.main``) on a tiny Llama saved to disk, raises KeyboardInterrupt
-from inside the work (the second instruction's extraction, the fourth sweep cell, the second evaluation group, or
+from inside the work (the second instruction's extraction, the third sweep batch, the second evaluation group, or
 the rename that publishes a file), and counts the work a rerun does.
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-import nsteer.evaluate.runner as runner_module
+import nsteer.evaluate.table as table_module
 import nsteer.pipeline as pipeline_module
 import nsteer.search as search_module
 from nsteer.cli import main
@@ -162,48 +162,40 @@ def test_interrupt_while_publishing_a_file_keeps_the_old_one(monkeypatch, capsys
 
 
 def sweep_describe(handle, prompts, *, row_edits, config, progress=None):
-    """(instruction, layer) of a sweep cell; (None, None) for the unsteered baseline."""
-    (cell,) = {(edits[0].name, edits[0].layer) if edits else (None, None) for edits in row_edits}
-    return cell
+    """The (instruction, layer) of every row of a sweep batch; (None, None) for an unsteered row."""
+    return tuple((edits[0].name, edits[0].layer) if edits else (None, None) for edits in row_edits)
 
 
-def test_interrupted_search_keeps_finished_cells_and_resumes(monkeypatch, capsys, tmp_path, model_dir) -> None:
+def test_interrupted_search_keeps_finished_batches_and_resumes(monkeypatch, capsys, tmp_path, model_dir) -> None:
     recipe = write_recipe(tmp_path, model_dir)
     out = tmp_path / "out"
     assert run(monkeypatch, capsys, "compute", str(recipe))[0] == 0
     checkpoint = out / "search" / "cells.jsonl"
     original = search_module.generate
 
-    # Two instructions x (baseline + layers 1, 2) = six cells (the baseline may be shared); Ctrl-C in the fourth call.
-    first = Counting(original, fail_on=4, describe=sweep_describe)
+    # The same 2 base prompts (instruction absent) for both instructions: 2 unsteered rows, shared, then
+    # shout at layers 1, 2 and whisper at layers 1, 2 on each: 10 rows in batches of 4; Ctrl-C in the third batch.
+    first = Counting(original, fail_on=3, describe=sweep_describe)
     monkeypatch.setattr(search_module, "generate", first)
     assert_interrupted(*run(monkeypatch, capsys, "search", str(recipe)))
-    assert len(first.calls) == 4
+    assert [len(call) for call in first.calls] == [4, 4, 2]
     lines = checkpoint.read_bytes().splitlines(keepends=True)
-    assert len(lines) == 3 and all(line.endswith(b"\n") for line in lines)  # three whole cells, no partial line
-    assert all(json.loads(line)["label"] == "search shout" for line in lines)
+    assert len(lines) == 2 and all(line.endswith(b"\n") for line in lines)  # two whole batches, no partial line
     assert leftovers(out) == []
     assert not (out / "search" / "search.json").exists()  # the report is written only once the search is complete
-    assert load_vector(out / "shout.safetensors").metadata.chosen is not None  # shout's sweep finished: recorded
+    assert load_vector(out / "shout.safetensors").metadata.chosen is None  # winners are chosen at the end
     assert load_vector(out / "whisper.safetensors").metadata.chosen is None
 
     again = Counting(original, describe=sweep_describe)
     monkeypatch.setattr(search_module, "generate", again)
     code, output = run(monkeypatch, capsys, "search", str(recipe))
     assert code == 0, output
-    # Only whisper's unfinished cells run again (its baseline too, unless it is shout's, shared from the checkpoint).
-    assert first.calls[:3] == [(None, None), ("shout", 1), ("shout", 2)]
-    assert set(again.calls) in ({("whisper", 1), ("whisper", 2)}, {(None, None), ("whisper", 1), ("whisper", 2)})
-    assert len(again.calls) == len(set(again.calls))
-    assert len(checkpoint.read_bytes().splitlines()) == 3 + len(again.calls)
+    assert first.calls[0][:2] == ((None, None), (None, None))  # the unsteered rows come first, once
+    assert again.calls == [(("whisper", 2), ("whisper", 2))]  # only the batch that had not finished
+    assert len(checkpoint.read_bytes().splitlines()) == 3
     assert (out / "search" / "search.json").exists() and (out / "search" / "search.md").exists()
+    assert load_vector(out / "shout.safetensors").metadata.chosen is not None
     assert load_vector(out / "whisper.safetensors").metadata.chosen is not None
-    assert leftovers(out) == []
-
-    third = Counting(original)
-    monkeypatch.setattr(search_module, "generate", third)
-    assert run(monkeypatch, capsys, "search", str(recipe))[0] == 0
-    assert third.calls == []  # every cell comes from the checkpoint
 
 
 def test_interrupted_eval_keeps_finished_groups_and_resumes(monkeypatch, capsys, tmp_path, model_dir) -> None:
@@ -211,11 +203,11 @@ def test_interrupted_eval_keeps_finished_groups_and_resumes(monkeypatch, capsys,
     out = tmp_path / "out"
     assert run(monkeypatch, capsys, "compute", str(recipe))[0] == 0
     checkpoint = out / "eval" / "cells.jsonl"
-    original = runner_module.generate
+    original = table_module.generate
     describe = lambda handle, prompts, **kwargs: len(prompts)  # noqa: E731
 
     first = Counting(original, fail_on=2, describe=describe)  # groups: shout, whisper, calm (one generation each)
-    monkeypatch.setattr(runner_module, "generate", first)
+    monkeypatch.setattr(table_module, "generate", first)
     assert_interrupted(*run(monkeypatch, capsys, "eval", str(recipe)))
     lines = checkpoint.read_bytes().splitlines(keepends=True)
     assert len(lines) == 1 and lines[0].endswith(b"\n") and json.loads(lines[0])["label"] == "eval shout"
@@ -224,7 +216,7 @@ def test_interrupted_eval_keeps_finished_groups_and_resumes(monkeypatch, capsys,
     vectors_before = {name: (out / f"{name}.safetensors").read_bytes() for name in INSTRUCTIONS}
 
     again = Counting(original, describe=describe)
-    monkeypatch.setattr(runner_module, "generate", again)
+    monkeypatch.setattr(table_module, "generate", again)
     code, output = run(monkeypatch, capsys, "eval", str(recipe))
     assert code == 0, output
     assert len(again.calls) == 2  # whisper and calm; shout's answers come from the checkpoint
