@@ -149,3 +149,26 @@ def test_rounds_rotate_so_every_variant_takes_every_slot() -> None:
     orders = [rotated(names, index) for index in range(len(names))]
     for slot in range(len(names)):
         assert sorted(order[slot] for order in orders) == names
+
+
+def test_search_benchmark_compares_winners_and_answers_cell_by_cell() -> None:
+    """The search benchmark's comparison: wall ratio, each differing winner named, identical and differing cells."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.search import pairwise
+
+    old = {
+        "wall_s": 30.0,
+        "winners": {"lowercase": "L14 set", "title": "no steering"},
+        "answers": {"lowercase / L14 set": ["a", "b"], "title / L6 set": ["c", "d"], "title / L10 set": ["e", "f"]},
+    }
+    new = {
+        "wall_s": 10.0,
+        "winners": {"lowercase": "L14 set", "title": "L6 set"},
+        # one cell identical, one differing, one scored on fewer prompts (dropped by halving): not compared
+        "answers": {"lowercase / L14 set": ["a", "b"], "title / L6 set": ["c", "x"], "title / L10 set": ["e"]},
+    }
+    (pair,) = pairwise({"old": old, "new": new}, ["old", "new"]).items()
+    assert pair[0] == "old vs new"
+    assert pair[1]["wall_ratio"] == 3.0
+    assert pair[1]["winners_differ"] == {"title": ["no steering", "L6 set"]}
+    assert pair[1]["answers"] == {"cells_compared": 2, "cells_identical": 1, "differing": ["title / L6 set"]}
