@@ -60,7 +60,7 @@ BOUNDED_RECIPE = {
     "search": {"layers": [12, 16], "weights": [20, 40], "condition": "present", "max_prompts": 4, "max_new_tokens": 48},
     "generation": {"max_new_tokens": 60},
 }
-FIRST_TOKEN = ["generate", "recipes/quickstart.yaml", "--prompt", "Why is the sky blue?", "--max-new-tokens", "1"]
+FIRST_TOKEN = ["generate", "quickstart.yaml", "--prompt", "Why is the sky blue?", "--max-new-tokens", "1"]
 
 
 def scaled_recipe(recipe: Path, only: list[str] | None, settings: list[str], folder: Path) -> Path:
@@ -124,8 +124,15 @@ def run_bounded(checkout: Path, env: dict) -> dict:
 
 
 def first_token(checkout: Path, env: dict, runs: int) -> list[float]:
-    """Wall times of ``nsteer generate`` to one new token (the recipe's vector is shipped), one process each."""
-    return [round(nsteer(checkout, FIRST_TOKEN, env, checkout)[0], 2) for _ in range(runs)]
+    """Wall times of ``nsteer generate`` to one new token with the checkout's quickstart recipe and its shipped
+    vector (copied where every version looks: the recipe's output folder), one process each."""
+    with tempfile.TemporaryDirectory(prefix="nsteer-first-token-bench-") as scratch:
+        folder = Path(scratch)
+        recipe = scaled_recipe(checkout / "recipes" / "quickstart.yaml", None, [], folder)
+        vectors = Path(yaml.safe_load(recipe.read_text())["output"]["dir"])
+        vectors.mkdir(parents=True)
+        shutil.copy(checkout / SHIPPED / "length_0.safetensors", vectors / "length_0.safetensors")
+        return [round(nsteer(checkout, FIRST_TOKEN, env, folder)[0], 2) for _ in range(runs)]
 
 
 def compare_answers(first: dict, other: dict) -> dict:
@@ -181,6 +188,13 @@ def pairwise(results: dict[str, dict], names: list[str]) -> dict:
                 "answers": compare_answers(results[a], results[b]),
             }
     return pairs
+
+
+def write(path: Path | None, summary: dict) -> None:
+    """Write the JSON so far (after each part: a later part that fails keeps what was measured)."""
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(summary, indent=1) + "\n")
 
 
 def main() -> None:
@@ -251,6 +265,7 @@ def main() -> None:
             )
         summary["recipe_search"] = rounds
         summary["load_average_after_recipe_search"] = load_average()
+        write(args.out, summary)
     if args.bounded:
         result = {}
         for name, checkout, _ in sides:
@@ -262,6 +277,7 @@ def main() -> None:
             "pairs": pairwise(result, names),
         }
         summary["load_average_after_bounded"] = load_average()
+        write(args.out, summary)
     if args.first_token:
         times = {name: first_token(checkout, env, args.first_token) for name, checkout, _ in sides}
         times[f"{names[-1]} NSTEER_NO_CACHE=1"] = first_token(
@@ -272,9 +288,7 @@ def main() -> None:
         summary["first_token"] = {"command": "nsteer " + " ".join(FIRST_TOKEN), "wall_s": times}
     summary["load_average_after"] = load_average()
     print(f"load average before {summary['load_average_before']}, after {summary['load_average_after']}")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(summary, indent=1) + "\n")
+    write(args.out, summary)
 
 
 if __name__ == "__main__":
