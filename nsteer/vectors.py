@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from nsteer.errors import NsteerError, VectorFileError, require
-from nsteer.fileio import atomic_write_bytes, folder_lock, parse_json, require_file
+from nsteer.fileio import MIB, atomic_write_bytes, folder_lock, parse_json, require_file
 from nsteer.models import FINGERPRINT_PREFIX, ModelHandle, float32_weights_fingerprint
 from nsteer.records import read_record, record_dict
 from nsteer.searched import (
@@ -252,12 +252,26 @@ def canonical_safetensors(payload: bytes) -> bytes:
     return len(header).to_bytes(8, "little") + header + payload[8 + size :]
 
 
+# A vector file's JSON header: three tensor entries and the nsteer metadata (about 2 KB; phrasings and searched
+# settings from a recipe of at most 1 MiB stay far below). A crafted 100 MB header (safetensors' own limit) of numbers
+# took minutes and gigabytes to load, in every `nsteer list` of its folder.
+MAX_HEADER_BYTES = 4 * MIB
+
+
 def load_vector(path: str | Path) -> SteeringVector:
     """Read and validate a vector file; every defect gets a VectorFileError that names it."""
     from safetensors import safe_open
 
     require(path, (str, os.PathLike), "path")
     path = require_file(path, "vector file", VectorFileError, "Compute one with `nsteer compute RECIPE`.")
+    with open(path, "rb") as stream:  # the header's length, before safetensors parses (up to 100 MB of) it
+        declared = int.from_bytes(stream.read(8).ljust(8, b"\0"), "little")
+    if declared > MAX_HEADER_BYTES:
+        raise VectorFileError(
+            f"{path} is not a readable safetensors vector file (truncated or another format: it declares a "
+            f"{declared:,}-byte header; a vector's is a few kilobytes, at most {MAX_HEADER_BYTES // MIB} MiB is read). "
+            "Recompute it with `nsteer compute`, or copy it again."
+        )
     try:
         with safe_open(str(path), framework="pt") as stream:
             header = stream.metadata() or {}

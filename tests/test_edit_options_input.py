@@ -29,7 +29,7 @@ from nsteer.limits import MAX_LAYERS, is_finite_number
 from nsteer.pipeline import steer_vector_path
 from nsteer.search import candidate_settings, search_recipe
 from nsteer.searched import SearchedSetting
-from nsteer.vectors import load_vector, save_vector
+from nsteer.vectors import MAX_HEADER_BYTES, load_vector, save_vector
 
 HUGE = 10**400  # a valid Python (and JSON) integer that float() cannot hold: math.isfinite raises OverflowError
 UNIT = torch.nn.functional.normalize(torch.ones(64), dim=0)
@@ -159,6 +159,21 @@ def test_a_crafted_searched_setting_is_refused_naming_its_field(tmp_path, change
     )
     with pytest.raises(VectorFileError, match=message):
         load_vector(_rewrite_chosen(good, tmp_path, "crafted", changes))
+
+
+def test_a_vector_file_with_a_huge_header_is_refused_before_safetensors_parses_it(tmp_path, monkeypatch):
+    """A 24 MB header of 12 million searched weights took 26 s and 1 GB to load (100 MB, safetensors' own limit:
+    minutes and several GB), in every `nsteer list` of its folder."""
+    import safetensors
+
+    good = save_vector(make_vector(chosen=SearchedSetting(layer=1, mode="add", weight=2.0)), tmp_path / "g.safetensors")
+    big = _rewrite_chosen(good, tmp_path, "big", {"weights_searched": "[" + ",".join(["1"] * 2_500_000) + "]"})
+    assert big.stat().st_size > MAX_HEADER_BYTES
+    monkeypatch.setattr(safetensors, "safe_open", lambda *a, **k: pytest.fail("the header was parsed"))
+    with pytest.raises(
+        VectorFileError, match=r"not a readable .* declares a 5,.*-byte header; .* at most 4 MiB is read\)"
+    ):
+        load_vector(big)
 
 
 @pytest.mark.parametrize(
