@@ -38,7 +38,7 @@ import torch
 from nsteer.constants import __version__
 from nsteer.edits import Edit
 from nsteer.errors import ArgumentError, NsteerError, VectorFileError, require
-from nsteer.fileio import atomic_write, parse_json, require_file
+from nsteer.fileio import MIB, atomic_write, parse_json, require_file
 from nsteer.limits import MAX_LAYERS, MAX_WIDTH, is_finite_number
 from nsteer.models import ModelHandle
 from nsteer.searched import SearchedSetting
@@ -48,6 +48,8 @@ ARCHITECTURE = "controlvector"
 MODEL_HINT_KEY = f"{ARCHITECTURE}.model_hint"
 LAYER_COUNT_KEY = f"{ARCHITECTURE}.layer_count"
 NSTEER_KEY = "nsteer.source"  # JSON: where the vector came from, and how it was scaled
+MAX_SOURCE_CHARS = 1 << 20  # the nsteer.source JSON an export writes is about 1 KB
+MAX_CONTROL_VECTOR_BYTES = MAX_LAYERS * MAX_WIDTH * 4 + 16 * MIB  # the largest control vector nsteer describes
 DIRECTION_PREFIX = "direction."
 GGUF_MAGIC = b"GGUF"
 FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -209,6 +211,13 @@ def read_control_vector(path: str | Path) -> ControlVectorFile:
         raise VectorFileError(
             f"{path} is not a GGUF file (it does not start with 'GGUF'); give a llama.cpp control vector."
         )
+    size = path.stat().st_size
+    if size > MAX_CONTROL_VECTOR_BYTES:  # every float32 tensor is copied out: a model GGUF would be read whole
+        raise VectorFileError(
+            f"{path} is {size:,} bytes; a control vector holds at most {MAX_LAYERS} layers x {MAX_WIDTH} float32 "
+            f"values ({MAX_CONTROL_VECTOR_BYTES // MIB} MiB with its metadata). Is it a model GGUF? Give a llama.cpp "
+            "control vector."
+        )
     try:
         reader = gguf.GGUFReader(str(path))
         architecture = _field(reader, "general.architecture")
@@ -310,6 +319,11 @@ _SOURCE_FIELDS: dict[str, Any] = {
 def _source_record(text: Any, path: Path) -> dict[str, Any]:
     """The nsteer.source JSON of an exported file, every known field type-checked: it decides what gets allocated
     (``n_layers`` x width floats), so a claim the file cannot back is refused, never trusted."""
+    if isinstance(text, str) and len(text) > MAX_SOURCE_CHARS:  # an export writes about 1 KB
+        raise VectorFileError(
+            f"{path}: the {NSTEER_KEY} metadata is {len(text):,} characters (an export writes about a kilobyte; at "
+            f"most {MAX_SOURCE_CHARS:,} are read); export the vector again."
+        )
     try:
         data = parse_json(text) if isinstance(text, str) else None
     except ValueError:

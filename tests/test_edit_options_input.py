@@ -24,7 +24,12 @@ from nsteer.edits import Edit, EditOptions, edit_from_vector, mean_vector, vecto
 from nsteer.errors import ArgumentError, NsteerError, RecipeError, VectorFileError
 from nsteer.evaluate.quality import assess
 from nsteer.generate import GenerationConfig
-from nsteer.interop import export_llama_cpp, export_weight_and_layers, read_control_vector
+from nsteer.interop import (
+    MAX_CONTROL_VECTOR_BYTES,
+    export_llama_cpp,
+    export_weight_and_layers,
+    read_control_vector,
+)
 from nsteer.limits import MAX_LAYERS, is_finite_number
 from nsteer.pipeline import steer_vector_path
 from nsteer.search import candidate_settings, search_recipe
@@ -221,6 +226,26 @@ def test_a_control_vector_whose_source_weight_is_a_400_digit_number_is_refused(t
     source = '{"n_layers": 4, "hidden_size": 64, "model_id": "m", "weight": 1' + "0" * 400 + "}"
     path = write_gguf(tmp_path / "w.gguf", {"direction.1": np.ones(64, np.float32)}, source=source)
     with pytest.raises(VectorFileError, match="nsteer.source field weight is 1000.*, not a finite number"):
+        read_control_vector(path)
+
+
+def test_a_control_vector_larger_than_any_control_vector_is_refused_before_it_is_read(tmp_path, monkeypatch):
+    """`nsteer import model.gguf` by mistake: every float32 tensor was copied out of the file."""
+    import gguf
+
+    path = tmp_path / "model.gguf"
+    with path.open("wb") as stream:  # sparse: no disk is used
+        stream.write(b"GGUF")
+        stream.truncate(MAX_CONTROL_VECTOR_BYTES + 1)
+    monkeypatch.setattr(gguf, "GGUFReader", lambda *a, **k: pytest.fail("the file was read"))
+    with pytest.raises(VectorFileError, match="a control vector holds at most 1024 layers .* Is it a model GGUF?"):
+        read_control_vector(path)
+
+
+def test_a_control_vector_whose_source_record_is_huge_is_refused(tmp_path):
+    source = json.dumps({"n_layers": 4, "hidden_size": 64, "model_id": "m", "note": "x" * (1 << 20)})
+    path = write_gguf(tmp_path / "w.gguf", {"direction.1": np.ones(64, np.float32)}, source=source)
+    with pytest.raises(VectorFileError, match="nsteer.source metadata is 1,048,.* characters"):
         read_control_vector(path)
 
 
