@@ -22,7 +22,9 @@ from test_vectors import make_vector
 
 from nsteer.edits import Edit, EditOptions, edit_from_vector, mean_vector, vector_edits
 from nsteer.errors import ArgumentError, NsteerError, RecipeError, VectorFileError
+from nsteer.evaluate.checkpoint import append_checkpoint
 from nsteer.evaluate.quality import assess
+from nsteer.evaluate.runner import Row, Unit, generate_units, unit_key
 from nsteer.generate import GenerationConfig
 from nsteer.interop import (
     MAX_CONTROL_VECTOR_BYTES,
@@ -328,3 +330,25 @@ def test_the_quality_measure_stays_linear_on_long_hostile_answers():
     for answer in answers:
         assess(answer, words)  # echo against a prompt as long as the answer
     assert time.perf_counter() - started < 60
+
+
+@pytest.mark.parametrize(("length", "reused"), [(4 * 256, True), (4 * 256 + 1, False)])
+def test_a_cached_answer_longer_than_the_model_could_give_is_generated_again(
+    handle,  # noqa: F811
+    tmp_path,
+    length,
+    reused,
+):
+    """A checkpoint line may be 256 MiB; an answer longer than max_new_tokens x 256 characters is not the model's."""
+    unit = Unit("x", (Row("What is a cat?"),))
+    config = GenerationConfig(max_new_tokens=4)
+    path = tmp_path / "cells.jsonl"
+    append_checkpoint(path, {"key": unit_key(handle, unit, config, "eval"), "answers": ["a" * length]})
+    calls = []
+
+    def generator(h, prompts, *, row_edits, config, progress=None):
+        calls.append(prompts)
+        return ["fresh"] * len(prompts)
+
+    answers = generate_units(handle, [unit], kind="eval", config=config, generator=generator, checkpoint=path)
+    assert answers == ([["a" * length]] if reused else [["fresh"]]) and bool(calls) != reused

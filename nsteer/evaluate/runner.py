@@ -222,7 +222,7 @@ def generate_units(
     pending: list[int] = []
     for index, (unit, key) in enumerate(zip(units, keys)):
         record = finished.get(key)
-        if record is not None and _holds_answers(record, len(unit.rows)):
+        if record is not None and _holds_answers(record, len(unit.rows), config.max_new_tokens * MAX_TOKEN_CHARS):
             finish(index, list(record["answers"]))
             bars.advance(unit.label, len(unit.rows))
         else:
@@ -268,10 +268,19 @@ def generate_units(
     return [list(texts or ()) for texts in answers]
 
 
-def _holds_answers(record: Mapping[str, Any], count: int) -> bool:
-    """Whether a checkpoint record holds ``count`` answers as strings (a damaged record is generated again)."""
+# No vocabulary's token decodes to more characters than this: a longer cached answer is not one the model gave.
+MAX_TOKEN_CHARS = 256
+
+
+def _holds_answers(record: Mapping[str, Any], count: int, max_chars: int) -> bool:
+    """Whether a checkpoint record holds ``count`` answers as strings of at most ``max_chars`` characters (a damaged
+    record is generated again; an answer of up to 256 MiB from someone else's checkpoint line took minutes to score)."""
     texts = record.get("answers")
-    return isinstance(texts, list) and len(texts) == count and all(isinstance(text, str) for text in texts)
+    return (
+        isinstance(texts, list)
+        and len(texts) == count
+        and all(isinstance(text, str) and len(text) <= max_chars for text in texts)
+    )
 
 
 def score_units(
