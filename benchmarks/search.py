@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -83,29 +84,44 @@ def scaled_recipe(recipe: Path, only: list[str] | None, settings: list[str], fol
     return target
 
 
-def nsteer(checkout: Path, arguments: list[str], env: dict, cwd: Path) -> tuple[float, subprocess.CompletedProcess]:
-    """Run ``checkout``'s own CLI with this interpreter; its wall time and the finished process (fails loudly)."""
+def nsteer(
+    checkout: Path, arguments: list[str], env: dict, cwd: Path
+) -> tuple[float, float, subprocess.CompletedProcess]:
+    """Run ``checkout``'s own CLI with this interpreter; its wall time, its CPU time (user + system, all its threads:
+    with one thread it barely moves with other processes' load) and the finished process (fails loudly)."""
     command = [sys.executable, "-m", "nsteer.cli", *arguments]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     done = subprocess.run(command, cwd=cwd, env={**env, "PYTHONPATH": str(checkout)}, capture_output=True, text=True)
     wall = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     if done.returncode != 0:
         raise SystemExit(f"{checkout}: nsteer {arguments[0]} failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    return wall, done
+    return wall, cpu, done
 
 
-def search_summary(wall: float, report: dict, stderr: str) -> dict:
+def search_summary(wall: float, cpu: float, report: dict, stderr: str) -> dict:
     """What one search run cost and chose: wall time, answers scored, winners, the plan line, every cell's answers."""
     answers = sum(cell["n"] for sweep in report["sweeps"] for cell in sweep["cells"])
     return {
         "wall_s": round(wall, 2),
+        "cpu_s": round(cpu, 2),
         "search_elapsed_s": report.get("elapsed_s"),
         "answers_scored": answers,
         "answers_per_s": round(answers / wall, 3),
         "winners": {sweep["instruction"]: sweep["winner"] for sweep in report["sweeps"]},
         "plan": next((line for line in stderr.splitlines() if line.startswith("plan:")), None),
+        # Scores of every cell (why a winner differs), and its answers by prompt (the order of rows may differ).
+        "cells": {
+            f"{sweep['instruction']} / {cell['label']}": {
+                key: cell.get(key) for key in ("n", "loose", "strict", "rejected", "dropped")
+            }
+            for sweep in report["sweeps"]
+            for cell in sweep["cells"]
+        },
         "answers": {
-            f"{sweep['instruction']} / {cell['label']}": cell.get("answers")
+            f"{sweep['instruction']} / {cell['label']}": sorted(zip(cell.get("prompts", ()), cell.get("answers", ())))
             for sweep in report["sweeps"]
             for cell in sweep["cells"]
         },
@@ -119,8 +135,8 @@ def run_bounded(checkout: Path, env: dict) -> dict:
         recipe = folder / "my-first.yaml"
         recipe.write_text(yaml.safe_dump(BOUNDED_RECIPE, sort_keys=False))
         nsteer(checkout, ["compute", str(recipe)], env, folder)
-        wall, done = nsteer(checkout, ["search", str(recipe), "--out", str(folder / "search")], env, folder)
-        return search_summary(wall, json.loads((folder / "search" / "search.json").read_text()), done.stderr)
+        wall, cpu, done = nsteer(checkout, ["search", str(recipe), "--out", str(folder / "search")], env, folder)
+        return search_summary(wall, cpu, json.loads((folder / "search" / "search.json").read_text()), done.stderr)
 
 
 def first_token(checkout: Path, env: dict, runs: int) -> list[float]:
@@ -136,11 +152,12 @@ def first_token(checkout: Path, env: dict, runs: int) -> list[float]:
 
 
 def compare_answers(first: dict, other: dict) -> dict:
-    """Cells whose answers are identical to the first side's (cells both ran on the same number of prompts)."""
+    """Cells whose answers are identical to the first side's, prompt by prompt (cells both ran on the same number of
+    prompts)."""
     shared = [
         key
         for key, answers in other["answers"].items()
-        if answers is not None and len(answers) == len(first["answers"].get(key) or [])
+        if answers and len(answers) == len(first["answers"].get(key) or [])
     ]
     same = [key for key in shared if other["answers"][key] == first["answers"][key]]
     return {"cells_compared": len(shared), "cells_identical": len(same), "differing": sorted(set(shared) - set(same))}
@@ -157,8 +174,8 @@ def run_search(checkout: Path, recipe: Path, only: list[str] | None, settings: l
         for name in data["instructions"]:
             shutil.copy(checkout / SHIPPED / f"{name}.safetensors", vectors / f"{name}.safetensors")
         out = folder / "search"
-        wall, done = nsteer(checkout, ["search", str(copy), "--out", str(out)], env, folder)
-        return search_summary(wall, json.loads((out / "search.json").read_text()), done.stderr)
+        wall, cpu, done = nsteer(checkout, ["search", str(copy), "--out", str(out)], env, folder)
+        return search_summary(wall, cpu, json.loads((out / "search.json").read_text()), done.stderr)
 
 
 def commit_of(checkout: Path) -> str | None:
@@ -184,6 +201,7 @@ def pairwise(results: dict[str, dict], names: list[str]) -> dict:
             }
             pairs[f"{a} vs {b}"] = {
                 "wall_ratio": round(results[a]["wall_s"] / results[b]["wall_s"], 3),
+                "cpu_ratio": round(results[a]["cpu_s"] / results[b]["cpu_s"], 3),
                 "winners_differ": differing,
                 "answers": compare_answers(results[a], results[b]),
             }
@@ -248,12 +266,14 @@ def main() -> None:
             for name in rotated(names, number):
                 checkout, settings = by_name[name]
                 result[name] = run_search(checkout, args.recipe.resolve(), only, settings, env)
-                print(f"round {number + 1} {name}: {result[name]['wall_s']} s, {result[name]['answers_scored']} scored")
+                one = result[name]
+                print(f"round {number + 1} {name}: {one['wall_s']} s (cpu {one['cpu_s']} s), n={one['answers_scored']}")
             pairs = pairwise(result, names)
             for pair, facts in pairs.items():
                 same = facts["answers"]
                 print(
-                    f"round {number + 1} {pair}: wall {facts['wall_ratio']}x, winners differ: "
+                    f"round {number + 1} {pair}: wall {facts['wall_ratio']}x, cpu {facts['cpu_ratio']}x, "
+                    f"winners differ: "
                     f"{facts['winners_differ'] or 'none'}, answers identical in "
                     f"{same['cells_identical']}/{same['cells_compared']} cells"
                 )
@@ -270,7 +290,8 @@ def main() -> None:
         result = {}
         for name, checkout, _ in sides:
             result[name] = run_bounded(checkout, env)
-            print(f"bounded {name}: {result[name]['wall_s']} s, winner {result[name]['winners']}")
+            one = result[name]
+            print(f"bounded {name}: {one['wall_s']} s (cpu {one['cpu_s']} s), winner {one['winners']}")
         summary["bounded_search"] = {
             "recipe": BOUNDED_RECIPE,
             "sides": {name: {k: v for k, v in result[name].items() if k != "answers"} for name in names},

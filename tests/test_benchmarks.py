@@ -158,17 +158,19 @@ def test_search_benchmark_compares_winners_and_answers_cell_by_cell() -> None:
 
     old = {
         "wall_s": 30.0,
+        "cpu_s": 20.0,
         "winners": {"lowercase": "L14 set", "title": "no steering"},
         "answers": {"lowercase / L14 set": ["a", "b"], "title / L6 set": ["c", "d"], "title / L10 set": ["e", "f"]},
     }
     new = {
         "wall_s": 10.0,
+        "cpu_s": 8.0,
         "winners": {"lowercase": "L14 set", "title": "L6 set"},
         # one cell identical, one differing, one scored on fewer prompts (dropped by halving): not compared
         "answers": {"lowercase / L14 set": ["a", "b"], "title / L6 set": ["c", "x"], "title / L10 set": ["e"]},
     }
     (pair,) = pairwise({"old": old, "new": new}, ["old", "new"]).items()
     assert pair[0] == "old vs new"
-    assert pair[1]["wall_ratio"] == 3.0
+    assert pair[1]["wall_ratio"] == 3.0 and pair[1]["cpu_ratio"] == 2.5
     assert pair[1]["winners_differ"] == {"title": ["no steering", "L6 set"]}
     assert pair[1]["answers"] == {"cells_compared": 2, "cells_identical": 1, "differing": ["title / L6 set"]}
