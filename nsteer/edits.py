@@ -43,6 +43,7 @@ import torch
 from nsteer.constants import MODES, POSITIONS
 from nsteer.errors import ArgumentError, NsteerError, require
 from nsteer.limits import MAX_CLAMP, MAX_LAYERS, is_finite_number
+from nsteer.searched import options_words
 from nsteer.vectors import SteeringVector
 
 PROMPT, GENERATED = 0, 1  # the two phases of a generation: the prefill (step 0) and each later step
@@ -277,12 +278,7 @@ class EditOptions:
     @property
     def label(self) -> str:
         """The options that are on, in words (empty when none is)."""
-        parts = [f"block {self.block}"] if self.block > 1 else []
-        parts += [f"gate {self.gate:g}"] if self.gate is not None else []
-        parts += [f"clamp {self.clamp:g}"] if self.clamp is not None else []
-        parts += ["skip first"] if self.skip_first else []
-        parts += ["centered"] if self.centered else []
-        return ", ".join(parts)
+        return options_words(self.block, self.gate, self.clamp, self.skip_first, self.centered)
 
 
 def _is_number(value: object) -> bool:

@@ -286,6 +286,18 @@ def edit_list(edits: object, what: str = "edits") -> list[Edit]:
     return list(edits)
 
 
+def edits_per_row(
+    prompts: Sequence[str], edits: Sequence[Edit], row_edits: Sequence[Sequence[Edit]] | None
+) -> list[list[Edit]]:
+    """One checked edit list per prompt: ``edits`` for every prompt, or ``row_edits`` (one list per prompt)."""
+    if row_edits is None:
+        return [edit_list(edits)] * len(prompts)
+    rows = [edit_list(row, "each entry of row_edits") for row in row_edits]
+    if len(rows) != len(prompts):
+        raise ArgumentError(f"row_edits has {len(rows)} entries for {len(prompts)} prompts: give one per prompt.")
+    return rows
+
+
 def generate_tokens(
     handle: ModelHandle,
     prompts: Sequence[str],
@@ -302,15 +314,8 @@ def generate_tokens(
     On NDIF several batches travel in one request (see ``ModelHandle.batches_per_request``).
     """
     require(handle, ModelHandle, "handle", "Open one with nsteer.open_model.")
-    prompts, edits = prompt_list(prompts), edit_list(edits)
-    if row_edits is None:
-        row_edits = [edits] * len(prompts)
-    else:
-        row_edits = [edit_list(row, "each entry of row_edits") for row in row_edits]
-        if len(row_edits) != len(prompts):
-            raise ArgumentError(
-                f"row_edits has {len(row_edits)} entries for {len(prompts)} prompts: give one per prompt."
-            )
+    prompts = prompt_list(prompts)
+    row_edits = edits_per_row(prompts, edits, row_edits)
     if not isinstance(config, GenerationConfig):
         raise ArgumentError(f"config must be a GenerationConfig, got {type(config).__name__}.")
     batches = generation_batches(

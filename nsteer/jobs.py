@@ -22,7 +22,7 @@ import torch
 from nnsight.intervention.backends.remote import RemoteError as NnsightRemoteError
 
 from nsteer.edits import Edit
-from nsteer.errors import ArgumentError, NsteerError, RemoteError
+from nsteer.errors import NsteerError, RemoteError
 from nsteer.execution.errors import DeadlinePassed, safe_cause, translate_error
 from nsteer.execution.ndif import NdifBackend, Submitted, ndif_host, require_api_key
 from nsteer.execution.results import expect_list, expect_tensor
@@ -30,7 +30,7 @@ from nsteer.extract import MeanDifference, direction_statistics, mean_difference
 from nsteer.fileio import MAX_DATA_BYTES, atomic_write_bytes, expand_user, parse_json, path_kind, read_text
 from nsteer.generate import (
     GenerationConfig,
-    edit_list,
+    edits_per_row,
     eos_ids,
     generation_batches,
     prompt_list,
@@ -310,10 +310,7 @@ def submit_generation(
     """Submit steered generation for ``prompts`` as one NDIF job; ``collect`` returns the answers."""
     config = config or GenerationConfig()
     prompts = prompt_list(prompts)
-    if row_edits is None:
-        row_edits = [edit_list(edits)] * len(prompts)
-    elif len(row_edits) != len(prompts):
-        raise ArgumentError(f"row_edits has {len(row_edits)} entries for {len(prompts)} prompts: give one per prompt.")
+    row_edits = edits_per_row(prompts, edits, row_edits)
     if not prompts:
         raise NsteerError("No prompt to generate for.")
     batches = generation_batches(

@@ -28,6 +28,16 @@ _LAYERS = {"layer": True}
 _ALWAYS = ("layer", "mode", "weight", "positions")
 
 
+def options_words(block: int, gate: float | None, clamp: float | None, skip_first: bool, centered: bool) -> str:
+    """Edit options that are on, in words (``block 2, gate 0.5``); empty when none is."""
+    parts = [f"block {block}"] if block > 1 else []
+    parts += [f"gate {gate:g}"] if gate is not None else []
+    parts += [f"clamp {clamp:g}"] if clamp is not None else []
+    parts += ["skip first"] if skip_first else []
+    parts += ["centered"] if centered else []
+    return ", ".join(parts)
+
+
 @dataclass(frozen=True)
 class SharedSearch:
     """A setting searched once on several vectors' pooled answers and recorded in each of them."""
@@ -85,12 +95,7 @@ class SearchedSetting:
     @property
     def options_label(self) -> str:
         """The edit options the setting was searched with, in words (``block 2, gate 0.5``), empty when none."""
-        parts = [f"block {self.block}"] if self.block > 1 else []
-        parts += [f"gate {self.gate:g}"] if self.gate is not None else []
-        parts += [f"clamp {self.clamp:g}"] if self.clamp is not None else []
-        parts += ["skip first"] if self.skip_first else []
-        parts += ["centered"] if self.centered else []
-        return ", ".join(parts)
+        return options_words(self.block, self.gate, self.clamp, self.skip_first, self.centered)
 
     def to_dict(self) -> dict[str, Any]:
         """The setting as written into a vector file's metadata (fields at their default left out)."""
