@@ -8,9 +8,10 @@ the guard. The rule, exactly: a steered setting is rejected when
 - ``search.min_perplexity_ratio > 0`` and the median perplexity of its answers under the reference model is below
   ``min_perplexity_ratio`` times the baseline's median (repetitive text is improbably predictable).
 
-The winner is the setting with the highest loose accuracy, then the highest strict accuracy, among the baseline and
-the settings not rejected; a steered setting must beat the baseline outright (ties go to no steering) and, among
-steered settings, the first in sweep order wins a tie. The winner is written into the vector file's metadata. Only
+A steered setting can win only if the guard accepts it and it has more substantive passes (loose passes that are
+neither degenerate, nor hollow, nor an echo of the prompt: ``evaluate/quality.py``) than the baseline; among those,
+the winner has the most substantive passes, then the highest loose, then strict accuracy, and the first in sweep
+order wins a tie. Without such a setting, no steering wins. The winner is written into the vector file's metadata. Only
 the validation split is ever read.
 
 **One batched sweep.** Every entry's candidates are generated together: each candidate is one Edit shared by all of
@@ -24,7 +25,7 @@ sweep resumes at the first unfinished batch. On NDIF the same batches travel in 
 ``halving_start`` validation pairs (under the search's condition: with ``both``, each pair gives two prompts); each
 next round doubles the pairs seen, the last round ends at all of them (``max_prompts``). After every round but the last,
 each entry ranks its remaining candidates on all the pairs seen so far — the ones the guard accepts (against the
-baseline on the same prompts) above the ones it rejects, then by loose, then strict accuracy, ties in sweep order —
+baseline on the same prompts) above the ones it rejects, then by substantive, loose, then strict, ties in sweep order —
 and keeps the better half, rounded up; the baseline always stays. Dropped candidates keep their partial scores in the
 report and cannot win: the winner is chosen by the rule above among the candidates scored on every validation prompt.
 """
@@ -224,7 +225,10 @@ def guard_rule(margin: float, min_perplexity_ratio: float) -> str:
     rule = f"reject if degenerate share > baseline share + {margin:g}"
     if min_perplexity_ratio > 0:
         rule += f", or median perplexity < {min_perplexity_ratio:g} x baseline median"
-    return rule + "; best loose (then strict) accuracy wins; ties go to no steering"
+    return (
+        rule
+        + "; a steered setting needs more substantive passes than no steering; most substantive, then loose, then strict wins"
+    )
 
 
 def guard(cell: SweepCell, baseline: SweepCell, margin: float, min_perplexity_ratio: float) -> str | None:
@@ -248,12 +252,21 @@ def guard(cell: SweepCell, baseline: SweepCell, margin: float, min_perplexity_ra
 
 def choose(baseline: SweepCell, cells: Sequence[SweepCell]) -> SweepCell:
     """The winner: the baseline unless an accepted setting judged on every validation prompt (not dropped by
-    successive halving) has strictly higher (loose, strict) accuracy."""
+    successive halving) has more substantive passes than the baseline (passes on looping, hollow or echoing answers
+    do not justify steering) and, among such settings, the highest (substantive, loose, strict) scores."""
     best = baseline
     for cell in cells:
-        if cell.rejected is None and cell.dropped is None and (cell.loose, cell.strict) > (best.loose, best.strict):
+        if cell.rejected is not None or cell.dropped is not None or rank_key(cell)[0] <= rank_key(baseline)[0]:
+            continue
+        if best is baseline or rank_key(cell) > rank_key(best):
             best = cell
     return best
+
+
+def rank_key(cell: SweepCell) -> tuple[float, float, float]:
+    """What a setting is ranked by: substantive passes, then loose, then strict accuracy (NaN ranks lowest)."""
+    substantive = cell.substantive if math.isfinite(cell.substantive) else -1.0
+    return (substantive, cell.loose, cell.strict)
 
 
 def searched_weights(settings: Sequence[Setting]) -> tuple[list[float], bool]:
@@ -461,7 +474,7 @@ def _sweep(
                 answers_so_far = scored[(entry.index, setting)]
                 cell = _sweep_cell(entry.settings[setting], [a.prompt for a in answers_so_far], answers_so_far)
                 rejected = guard(cell, baseline, margin, min_perplexity_ratio)
-                ranked.append(((rejected is None, cell.loose, cell.strict, -setting), setting))
+                ranked.append(((rejected is None, *rank_key(cell), -setting), setting))
             ranked.sort(reverse=True)
             keep = survivors_after(len(ranked))
             for _, setting in ranked[keep:]:

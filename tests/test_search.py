@@ -384,6 +384,24 @@ def test_guard_rules() -> None:
     assert guard(cell(1, 0.0, math.nan), baseline, 0.1, 0.5) is None
 
 
+def test_the_winner_is_ranked_by_substantive_passes_before_loose_accuracy() -> None:
+    """A setting whose extra passes are loops, hollow headings or echoes does not beat one with fewer, real passes."""
+    from nsteer.search import choose
+
+    def cell(layer, loose, substantive, **changes):
+        base = SweepCell(Setting(layer), loose, loose, 0.0, math.nan, (), (), (), substantive=substantive)
+        return dataclasses.replace(base, **changes)
+
+    baseline = cell(None, 0.25, 0.25)
+    hollow, real = cell(1, 0.75, 0.25), cell(2, 0.5, 0.5)
+    assert choose(baseline, [hollow, real]) is real
+    assert choose(baseline, [hollow]) is baseline  # more loose passes, no more substantive ones: a tie, no steering
+    assert choose(baseline, [cell(3, 0.5, 0.5, rejected="degenerate")]) is baseline
+    assert choose(baseline, [cell(3, 0.5, 0.5, dropped="round 1")]) is baseline
+    assert choose(baseline, [cell(3, 0.5, 0.5), cell(4, 0.75, 0.5)]).setting.layer == 4  # then loose
+    assert choose(baseline, [cell(5, 1.0, math.nan)]) is baseline  # no substantive score ranks lowest
+
+
 def test_search_settings_errors(setup, handle, tmp_path) -> None:
     assert candidate_layers(30) == list(range(6, 30, 2))
     with pytest.raises(EvaluationError, match="out of range"):
