@@ -13,7 +13,7 @@ wrote. Rounds rotate the order of the sides. Every side uses the same de-quantiz
 ``--bounded`` also times, per side, a small search of one's own instruction (2 layers x 2 absolute add weights +
 baseline, 4 prompts with the instruction, 48 tokens; its vector is computed first, untimed). ``--first-token N``
 times ``nsteer generate`` to its first (and only) token N times per side with the warm cache, and N times on the last
-side with the cache turned off (``NSTEER_NO_CACHE=1``).
+side with the cache turned off (``NSTEER_NO_CACHE=1``): to the answer's line on stdout and to the process's exit.
 Time it on a quiet machine under `flock /tmp/nsteer-heavy.lock`; the JSON records the load average before and after.
 """
 
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import shutil
@@ -139,16 +140,51 @@ def run_bounded(checkout: Path, env: dict) -> dict:
         return search_summary(wall, cpu, json.loads((folder / "search" / "search.json").read_text()), done.stderr)
 
 
-def first_token(checkout: Path, env: dict, runs: int) -> list[float]:
-    """Wall times of ``nsteer generate`` to one new token with the checkout's quickstart recipe and its shipped
-    vector (copied where every version looks: the recipe's output folder), one process each."""
+def first_token(checkout: Path, env: dict, runs: int) -> dict[str, list[float]]:
+    """``nsteer generate`` to one new token with the checkout's quickstart recipe and its shipped vector (copied where
+    every version looks: the recipe's output folder), one process each: seconds from the start to the answer's line
+    on stdout (the first token) and to the process's exit."""
     with tempfile.TemporaryDirectory(prefix="nsteer-first-token-bench-") as scratch:
         folder = Path(scratch)
         recipe = scaled_recipe(checkout / "recipes" / "quickstart.yaml", None, [], folder)
         vectors = Path(yaml.safe_load(recipe.read_text())["output"]["dir"])
         vectors.mkdir(parents=True)
         shutil.copy(checkout / SHIPPED / "length_0.safetensors", vectors / "length_0.safetensors")
-        return [round(nsteer(checkout, FIRST_TOKEN, env, folder)[0], 2) for _ in range(runs)]
+        times: dict[str, list[float]] = {"first_token_s": [], "exit_s": []}
+        for _ in range(runs):
+            answer, exit_ = answer_line_time(checkout, FIRST_TOKEN, env, folder)
+            times["first_token_s"].append(round(answer, 2))
+            times["exit_s"].append(round(exit_, 2))
+        return times
+
+
+def answer_line_time(checkout: Path, arguments: list[str], env: dict, cwd: Path) -> tuple[float, float]:
+    """Seconds from starting ``nsteer generate`` to the line after its ``=== prompt`` header on stdout (the answer,
+    printed as soon as it is generated), and to the process's exit."""
+    command = [sys.executable, "-m", "nsteer.cli", *arguments]
+    answer = math.nan
+    header = False
+    with tempfile.TemporaryFile() as stderr:  # a file, not a pipe: a full pipe would stall the process
+        started = time.perf_counter()
+        process = subprocess.Popen(
+            # Unbuffered: a pipe would otherwise hold the answer until exit, which a terminal (line-buffered) does not.
+            command,
+            cwd=cwd,
+            env={**env, "PYTHONPATH": str(checkout), "PYTHONUNBUFFERED": "1"},
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+        )
+        assert process.stdout is not None
+        for line in process.stdout:
+            if header and math.isnan(answer):
+                answer = time.perf_counter() - started
+            header = header or line.startswith(b"=== ")
+        if process.wait() != 0 or math.isnan(answer):
+            stderr.seek(0)
+            raise SystemExit(
+                f"{checkout}: nsteer {arguments[0]} failed ({process.returncode}):\n{stderr.read()[-3000:]!r}"
+            )
+    return answer, time.perf_counter() - started
 
 
 def compare_answers(first: dict, other: dict) -> dict:
@@ -305,8 +341,8 @@ def main() -> None:
             sides[-1][1], {**env, "NSTEER_NO_CACHE": "1"}, args.first_token
         )
         for name, values in times.items():
-            print(f"first token {name}: {values} s")
-        summary["first_token"] = {"command": "nsteer " + " ".join(FIRST_TOKEN), "wall_s": times}
+            print(f"first token {name}: {values['first_token_s']} s (exit {values['exit_s']} s)")
+        summary["first_token"] = {"command": "nsteer " + " ".join(FIRST_TOKEN), "seconds": times}
     summary["load_average_after"] = load_average()
     print(f"load average before {summary['load_average_before']}, after {summary['load_average_after']}")
     write(args.out, summary)
