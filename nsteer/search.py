@@ -225,10 +225,8 @@ def guard_rule(margin: float, min_perplexity_ratio: float) -> str:
     rule = f"reject if degenerate share > baseline share + {margin:g}"
     if min_perplexity_ratio > 0:
         rule += f", or median perplexity < {min_perplexity_ratio:g} x baseline median"
-    return (
-        rule
-        + "; a steered setting needs more substantive passes than no steering; most substantive, then loose, then strict wins"
-    )
+    needs = "; a steered setting needs more substantive passes than no steering"
+    return rule + needs + "; most substantive, then loose, then strict wins"
 
 
 def guard(cell: SweepCell, baseline: SweepCell, margin: float, min_perplexity_ratio: float) -> str | None:
