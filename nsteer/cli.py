@@ -493,6 +493,8 @@ def _describe_setting(chosen: SearchedSetting | None) -> str:
             text += f" (file steers layers {list(chosen.layers)})"
     if chosen.score is not None and chosen.baseline_score is not None:
         text += f"; validation loose {chosen.score:.2f} vs {chosen.baseline_score:.2f} unsteered"
+        if chosen.substantive_score is not None and chosen.baseline_substantive_score is not None:
+            text += f", substantive {chosen.substantive_score:.2f} vs {chosen.baseline_substantive_score:.2f}"
         if chosen.n_prompts is not None:
             text += f" on {chosen.n_prompts} prompts"
         if chosen.condition is not None:

@@ -299,6 +299,8 @@ def searched_setting(sweep: InstructionSweep, layers: Sequence[int]) -> Searched
         degenerate_share=winner.degenerate_share,
         baseline_score=sweep.baseline.loose,
         baseline_degenerate_share=sweep.baseline.degenerate_share,
+        substantive_score=_share_or_none(winner.substantive),
+        baseline_substantive_score=_share_or_none(sweep.baseline.substantive),
         split="validation",
         condition=sweep.condition,
         n_prompts=winner.n,
@@ -309,6 +311,11 @@ def searched_setting(sweep: InstructionSweep, layers: Sequence[int]) -> Searched
         modes_searched=tuple(dict.fromkeys(cell.setting.mode for cell in sweep.cells)),
         rule=sweep.rule,
     )
+
+
+def _share_or_none(value: float) -> float | None:
+    """A share for the record, None where none was measured (NaN)."""
+    return value if math.isfinite(value) else None
 
 
 def validation_pairs(recipe: Recipe, name: str) -> tuple[PromptPair, ...]:

@@ -68,6 +68,10 @@ class SearchedSetting:
     degenerate_share: float | None = field(default=None, metadata=_SHARE)
     baseline_score: float | None = field(default=None, metadata=_SHARE)
     baseline_degenerate_share: float | None = field(default=None, metadata=_SHARE)
+    # Shares of substantive passes (loose passes on answers neither degenerate, hollow nor an echo), what the search
+    # ranks by first; None in files searched before it did.
+    substantive_score: float | None = field(default=None, metadata=_SHARE)
+    baseline_substantive_score: float | None = field(default=None, metadata=_SHARE)
     split: str | None = None
     condition: str | None = field(default=None, metadata={"choices": ("absent", "present", "both")})
     n_prompts: int | None = field(default=None, metadata={"range": (0, float("inf"))})

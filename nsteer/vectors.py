@@ -483,6 +483,8 @@ def listing_row(vector: ShippedVector, root: str | Path | None = None) -> dict[s
         "positions": chosen.positions if chosen else None,
         "score": chosen.score if chosen else None,
         "baseline_score": chosen.baseline_score if chosen else None,
+        "substantive_score": chosen.substantive_score if chosen else None,
+        "baseline_substantive_score": chosen.baseline_substantive_score if chosen else None,
         "condition": chosen.condition if chosen else None,
         "shared_search": list(chosen.shared_search.words) if chosen and chosen.shared_search else [],
         "searched_for": sorted(meta.chosen_for),  # other instructions that borrow this vector, with their own setting

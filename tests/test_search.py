@@ -114,6 +114,7 @@ def test_an_accepted_better_layer_wins_and_is_used_by_layer_auto(setup, handle, 
     assert sweep.winner.setting == Setting(3, "set", 1.0, "all") and sweep.winner.loose == 1.0
     chosen = load_vector(vector_path(recipe, "lowercase")).metadata.chosen
     assert chosen.layer == 3 and chosen.split == "validation" and chosen.baseline_score == 0.0
+    assert (chosen.substantive_score, chosen.baseline_substantive_score) == (sweep.winner.substantive, 0.0)
     assert chosen.layers_searched == (1, 2, 3)
     (edit,) = recipe_edits(recipe, load_recipe_vectors(recipe, handle))
     assert (edit.layer, edit.mode, edit.weight) == (3, "set", 1.0)

@@ -121,6 +121,8 @@ BAD_SETTINGS = [
     ({"weight": math.nan}, "chosen.weight: expected a finite number, got nan"),
     ({"weight": math.inf}, "chosen.weight: expected a finite number, got inf"),
     ({"score": 1.5}, "chosen.score: expected a value from 0.0 to 1.0, got 1.5"),
+    ({"substantive_score": -0.1}, "chosen.substantive_score: expected a value from 0.0 to 1.0, got -0.1"),
+    ({"baseline_substantive_score": math.nan}, "chosen.baseline_substantive_score: expected a finite number"),
     ({"n_prompts": -2}, "chosen.n_prompts: expected a value from 0 to inf, got -2"),
     ({"n_prompts": 2.5}, "chosen.n_prompts: expected an integer, got 2.5"),
     ({"condition": "sometimes"}, "chosen.condition: expected one of absent, present, both"),
