@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -30,6 +31,7 @@ from nsteer.prompts import (
     split_pairs,
 )
 from nsteer.recipe import Recipe, RelativeWeight, SteerEntry, vector_file_name
+from nsteer.searched import SearchedSetting
 from nsteer.vectors import SteeringVector, check_compatible, load_vector, replace_vector, same_model
 
 
@@ -302,17 +304,61 @@ def entry_options(entry: SteerEntry) -> EditOptions:
     )
 
 
-def recipe_center(recipe: Recipe, vectors: Mapping[str, SteeringVector]) -> torch.Tensor | None:
+def recipe_center(recipe: Recipe, vectors: Mapping[str, SteeringVector], force: bool = False) -> torch.Tensor | None:
     """The mean vector ``[L, H]`` of the vectors the recipe's steer entries use (each once), for entries with
-    ``direction: centered``; None when no entry is centered."""
-    if not any(entry.direction == "centered" for entry in recipe.steer):
+    ``direction: centered``; None when no entry is centered (and not ``force``)."""
+    if not force and not any(entry.direction == "centered" for entry in recipe.steer):
         return None
     used = dict.fromkeys(entry.vector or entry.instruction for entry in recipe.steer)
     try:
         return mean_vector([vectors[key] for key in used])
     except NsteerError as error:
-        index = next(i for i, entry in enumerate(recipe.steer) if entry.direction == "centered")
+        index = next((i for i, entry in enumerate(recipe.steer) if entry.direction == "centered"), 0)
         raise recipe.error(("steer", index, "direction"), f"{error} The recipe steers with {len(used)}.") from None
+
+
+def center_names(recipe: Recipe, vectors: Mapping[str, SteeringVector]) -> tuple[str, ...]:
+    """The instruction ids of the vectors :func:`recipe_center` averages, sorted."""
+    used = dict.fromkeys(entry.vector or entry.instruction for entry in recipe.steer)
+    return tuple(sorted({vectors[key].instruction_id for key in used}))
+
+
+def searched_shape(recipe: Recipe, index: int, chosen: SearchedSetting) -> tuple[str, EditOptions]:
+    """The positions and edit options of `layer: auto` entry ``index``: those its setting was searched with.
+
+    An entry that leaves one out takes the searched one (a format vector searched on the prompt only, centered, is
+    used that way by `{instruction: title, layer: auto}`); an entry that names another is an error, since a layer and
+    weight found for one shape of edit say nothing about another. An imported control vector was never searched:
+    the entry's own shape is used.
+    """
+    entry = recipe.steer[index]
+    if chosen.imported:
+        return entry.positions, entry_options(entry)
+    searched: dict[str, Any] = {
+        "positions": chosen.positions,
+        "block": chosen.block,
+        "gate": chosen.gate,
+        "clamp": chosen.clamp,
+        "skip_first": chosen.skip_first,
+        "direction": "centered" if chosen.centered else "own",
+    }
+    for name, value in searched.items():
+        given = getattr(entry, name)
+        if name in entry.model_fields_set and given != value:
+            raise recipe.error(
+                ("steer", index, name),
+                f"the setting searched for '{entry.instruction}' (layer {chosen.layer}) used {name} {value}, not "
+                f"{given}. Leave {name} out to use the searched one, or run `nsteer search` again with {name} "
+                f"{given}.",
+            )
+    options = EditOptions(
+        block=chosen.block,
+        gate=chosen.gate,
+        clamp=chosen.clamp,
+        skip_first=chosen.skip_first,
+        centered=chosen.centered,
+    )
+    return chosen.positions, options
 
 
 def steer_entry_edits(recipe: Recipe, vectors: Mapping[str, SteeringVector], index: int) -> tuple[Edit, ...]:
@@ -322,12 +368,14 @@ def steer_entry_edits(recipe: Recipe, vectors: Mapping[str, SteeringVector], ind
     With ``layer: auto`` the entry takes the setting searched for ITS instruction: for a borrowed vector (word
     exclusion on the include:<word> vector) that is the setting recorded under ``chosen_for``, never the vector's own.
     The searched mode is used when the entry names none (an entry naming another mode is an error), and an entry
-    that gives no weight or target scale of its own takes the searched ones too. The block, gate, clamp, skip-first
-    and direction are always the entry's own (the search applies them as the entry gives them).
+    that gives no weight or target scale of its own takes the searched ones too. Positions, block, gate, clamp,
+    skip-first and direction are the searched ones (:func:`searched_shape`), and a centered setting must be centered
+    on the vectors it was searched with.
     """
     entry = recipe.steer[index]
     vector = vectors[entry.vector or entry.instruction]
     layer, mode, weight, target_scale = entry.layer, entry.mode, entry.weight, entry.target_scale
+    positions, options = entry.positions, entry_options(entry)
     if layer == "auto":
         chosen = vector.choice(entry.instruction)
         if chosen is not None and chosen.no_steering:
@@ -365,6 +413,17 @@ def steer_entry_edits(recipe: Recipe, vectors: Mapping[str, SteeringVector], ind
             )
         if "target_scale" not in entry.model_fields_set and chosen.mode == mode:
             target_scale = chosen.target_scale
+        positions, options = searched_shape(recipe, index, chosen)
+        if options.centered and chosen.centered_on is not None:
+            steered = center_names(recipe, vectors)
+            if steered != chosen.centered_on:
+                raise recipe.error(
+                    ("steer", index, "direction"),
+                    f"the setting searched for '{entry.instruction}' is centered on the mean of "
+                    f"{len(chosen.centered_on)} vectors ({', '.join(chosen.centered_on)}); this recipe steers with "
+                    f"{len(steered)} ({', '.join(steered)}), which gives another direction. Steer with the same "
+                    "instructions (as the recipe that searched it does), or search this recipe.",
+                )
     if not 0 <= layer < vector.metadata.n_layers:
         raise recipe.error(
             ("steer", index, "layer"), f"layer {layer} is out of range (0..{vector.metadata.n_layers - 1})."
@@ -377,10 +436,10 @@ def steer_entry_edits(recipe: Recipe, vectors: Mapping[str, SteeringVector], ind
             mode=mode,
             weight=0.0 if relative is not None else float(weight),
             weight_relative=relative,
-            positions=entry.positions,
+            positions=positions,
             target_scale=target_scale,
-            options=entry_options(entry),
-            center=recipe_center(recipe, vectors) if entry.direction == "centered" else None,
+            options=options,
+            center=recipe_center(recipe, vectors, force=True) if options.centered else None,
         )
     except RecipeError:
         raise

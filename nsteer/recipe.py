@@ -169,7 +169,12 @@ class SteerEntry(Strict):
     """One edit: an instruction's vector at a layer, with a mode, a weight and positions."""
 
     instruction: str = Field(description="A key of `instructions`.")
-    layer: int | Literal["auto"] = Field("auto", description="Layer index, or auto for the searched layer.")
+    layer: int | Literal["auto"] = Field(
+        "auto",
+        description="Layer index, or auto for the searched setting: its layer, and its mode, weight, positions and "
+        "options (block, gate, clamp, skip_first, direction) where the entry gives none; an entry giving another is "
+        "refused.",
+    )
     mode: Literal["set", "add", "ablate"] = Field(
         "set", description="set the projection, add the direction, or ablate it."
     )

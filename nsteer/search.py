@@ -49,6 +49,7 @@ from nsteer.evaluate.runner import Generator, Reference, Row, ScoredAnswer, Unit
 from nsteer.generate import GenerationConfig, generate
 from nsteer.models import ModelHandle
 from nsteer.pipeline import (
+    center_names,
     entry_options,
     generation_config,
     instruction_splits,
@@ -274,11 +275,14 @@ def searched_weights(settings: Sequence[Setting]) -> tuple[list[float], bool]:
     return [float(weight) for weight in weights if weight is not None], relative
 
 
-def searched_setting(sweep: InstructionSweep, layers: Sequence[int]) -> SearchedSetting:
+def searched_setting(
+    sweep: InstructionSweep, layers: Sequence[int], centered_on: Sequence[str] | None = None
+) -> SearchedSetting:
     """The record of this sweep's winner that goes into the vector file (its ``chosen`` or ``chosen_for`` entry).
 
     ``weight`` is always the absolute weight the winner applied; ``weight_relative`` is its k when the weights were
     searched on the vector's scale (``weights_searched`` then lists the ks, with ``weights_relative``).
+    ``centered_on`` names the vectors a centered direction was taken against (recorded only for a centered winner).
     """
     winner, setting = sweep.winner, sweep.winner.setting
     weights, relative = searched_weights([cell.setting for cell in sweep.cells])
@@ -294,6 +298,7 @@ def searched_setting(sweep: InstructionSweep, layers: Sequence[int]) -> Searched
         clamp=setting.options.clamp,
         skip_first=setting.options.skip_first,
         centered=setting.options.centered,
+        centered_on=tuple(sorted(centered_on)) if centered_on is not None and setting.options.centered else None,
         score=winner.loose,
         strict_score=winner.strict,
         degenerate_share=winner.degenerate_share,
@@ -783,7 +788,8 @@ def search_recipe(
             # Only into the vector searched: re-read under a lock, refused if recomputed or replaced meanwhile, and
             # what other entries (or other searches) recorded in the same file is kept.
             vector = vectors[recipe.steer[index].vector or item.instruction]
-            record_choice(paths[index], vector, searched_setting(sweep, layers), item.instruction)
+            centered_on = center_names(recipe, vectors) if center is not None else None
+            record_choice(paths[index], vector, searched_setting(sweep, layers, centered_on), item.instruction)
         sweeps.append(sweep)
     return SearchResult(
         model_id=handle.model_id,

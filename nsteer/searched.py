@@ -62,6 +62,9 @@ class SearchedSetting:
     clamp: float | None = field(default=None, metadata={"range": (-MAX_CLAMP, MAX_CLAMP)})
     skip_first: bool = False
     centered: bool = False
+    # A centered setting's direction is u_l minus the mean of these vectors (instruction ids, sorted): the same layer
+    # and weight say nothing about a direction centered on other vectors.
+    centered_on: tuple[str, ...] | None = None
     # The evidence: validation scores of the winner and of the unsteered baseline, and what was searched how.
     score: float | None = field(default=None, metadata=_SHARE)
     strict_score: float | None = field(default=None, metadata=_SHARE)

@@ -802,3 +802,42 @@ def test_successive_halving_keeps_the_better_half_and_judges_the_winner_on_every
     assert dropped[(1, 2.0)].n == 2 and dropped[(3, 1.0)].n == 2 and dropped[(1, 1.0)].n == 4
     assert (sweep.winner.setting.layer, sweep.winner.setting.weight) == (2, 1.0) and sweep.winner.loose == 1.0
     assert "successive halving" in sweep.rule
+
+
+def test_layer_auto_takes_the_searched_positions_and_direction_and_refuses_others(setup, handle, tmp_path) -> None:
+    """A vector searched as a centered prompt-only add is used that way by a plain `layer: auto` entry; an entry that
+    names another shape, or centers on other vectors, is refused instead of steering with an unsearched edit."""
+    three = {"lowercase": {}, "uppercase": {}, "no_comma": {}}
+    shaped = {"mode": "add", "positions": "prompt", "direction": "centered"}
+    recipe = setup(
+        instructions=three,
+        steer=[{"instruction": name, "layer": "auto", **shaped} for name in three],
+        search={"layers": [2], "weights": {"relative": [1.0]}, "max_prompts": 2},
+    )
+    search_recipe(recipe, handle, generator=ByLayer({None: TITLE, 2: PASS_LOWER}), reference=None)
+    chosen = load_vector(vector_path(recipe, "lowercase")).metadata.chosen
+    assert (chosen.layer, chosen.positions, chosen.centered) == (2, "prompt", True)
+    assert chosen.centered_on == ("lowercase", "no_comma", "uppercase")
+    searched = recipe_edits(recipe, load_recipe_vectors(recipe, handle))
+
+    def variant(entry_changes, names=tuple(three)):
+        data = recipe.model_dump(exclude_unset=True)
+        data["steer"] = [{"instruction": name, "layer": "auto", **entry_changes} for name in names]
+        data["instructions"] = {name: {} for name in names}
+        return recipe_from_dict(data)
+
+    plain = variant({})  # no mode, positions or direction: all three come from the files
+    adopted = recipe_edits(plain, load_recipe_vectors(plain, handle))
+    assert len(adopted) == len(searched) == 1  # only lowercase passes at layer 2; the others keep no steering
+    for mine, theirs in zip(adopted, searched):
+        assert (mine.layer, mine.mode, mine.weight, mine.positions) == (theirs.layer, "add", theirs.weight, "prompt")
+        assert torch.equal(mine.direction, theirs.direction)
+    with pytest.raises(RecipeError, match=r"steer\[0\].positions: the setting searched for 'lowercase' \(layer 2\) "):
+        recipe_edits(variant({"positions": "all"}), load_recipe_vectors(plain, handle))
+    with pytest.raises(RecipeError, match=r"steer\[0\].direction: .*used direction centered, not own"):
+        recipe_edits(variant({"direction": "own"}), load_recipe_vectors(plain, handle))
+    with pytest.raises(RecipeError, match=r"steer\[0\].gate: .*used gate None, not 0.5"):
+        recipe_edits(variant({"gate": 0.5}), load_recipe_vectors(plain, handle))
+    pair = variant({}, names=("lowercase", "uppercase"))
+    with pytest.raises(RecipeError, match=r"centered on the mean of 3 vectors .* this recipe steers with 2"):
+        recipe_edits(pair, load_recipe_vectors(pair, handle))
