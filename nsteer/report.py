@@ -196,6 +196,12 @@ class SweepPoints:
     winner: tuple[float, float] | None
 
 
+def plotted_score(cell: SweepCell) -> float:
+    """What a sweep plot shows for a setting: its share of substantive passes (what the search ranks by first), or
+    its loose accuracy where no substantive share was measured."""
+    return cell.substantive if math.isfinite(cell.substantive) else cell.loose
+
+
 def sweep_points(sweep: InstructionSweep) -> SweepPoints:
     """The plotted position of every setting of ``sweep`` (see :class:`SweepPoints`)."""
 
@@ -218,7 +224,7 @@ def sweep_points(sweep: InstructionSweep) -> SweepPoints:
         offset = (number - (len(weights) - 1) / 2) * dodge
         cells = sorted((c for c in sweep.cells if series(c) == weight), key=lambda c: c.setting.layer)
         for cell in cells:
-            position[id(cell)] = (cell.setting.layer + offset, cell.loose)
+            position[id(cell)] = (cell.setting.layer + offset, plotted_score(cell))
         lines.append((series_label(weight, relative), tuple(position[id(cell)] for cell in cells)))
     return SweepPoints(
         lines=tuple(lines),
@@ -229,8 +235,8 @@ def sweep_points(sweep: InstructionSweep) -> SweepPoints:
 
 
 def sweep_png(result: SearchResult) -> bytes:
-    """Loose accuracy against layer per instruction: one line per weight, the baseline dashed, rejected settings
-    crossed in red, the winner ringed (or the baseline drawn bold when no steering won)."""
+    """Substantive passes (:func:`plotted_score`) against layer per instruction: one line per weight, the baseline
+    dashed, rejected settings crossed in red, the winner ringed (or the baseline drawn bold when no steering won)."""
     count = max(len(result.sweeps), 1)
     columns = min(4, count)
     rows = math.ceil(count / columns)
@@ -260,7 +266,7 @@ def sweep_png(result: SearchResult) -> bytes:
             axes.plot([], [], "o", markersize=9, markerfacecolor="none", markeredgecolor="black", label="winner")
         baseline_won = points.winner is None
         axes.axhline(
-            sweep.baseline.loose,
+            plotted_score(sweep.baseline),
             linestyle="--",
             color="black" if baseline_won else "gray",
             linewidth=2.0 if baseline_won else 1.0,
@@ -273,7 +279,7 @@ def sweep_png(result: SearchResult) -> bytes:
         axes.set_xlabel("layer", fontsize=8)
         axes.tick_params(labelsize=7)
         if index == 0:
-            axes.set_ylabel("loose accuracy (validation)", fontsize=8)
+            axes.set_ylabel("substantive passes (validation)", fontsize=8)
         axes.legend(fontsize=6)
     figure.suptitle(
         f"{_plot_text(result.model_id)}: layer sweep (winner ringed; red x: rejected by the quality guard)", fontsize=9

@@ -473,6 +473,10 @@ def test_the_plot_keeps_the_winner_and_a_rejected_setting_with_the_same_score_ap
     assert 1 < points.winner[0] < rejected[0] < 4  # one layer's weights sit side by side, before the next layer
     assert [label for label, _ in points.lines] == ["w=4", "w=8"]
     assert all(len(line) == 2 for _, line in points.lines)
+    # The plot shows what the search ranks by: substantive passes where measured, not the loose passes of loops.
+    hollow = dataclasses.replace(winner, substantive=0.25)
+    hollow_sweep = dataclasses.replace(sweep, cells=(cells[0], cells[1], hollow, cells[3]), winner=hollow)
+    assert sweep_points(hollow_sweep).winner[1] == 0.25
     no_steering = dataclasses.replace(sweep, winner=baseline)
     assert sweep_points(no_steering).winner is None
     scaled = tuple(
