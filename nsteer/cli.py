@@ -1043,6 +1043,7 @@ def _eval_composition(
             "strict": r.strict,
             "joint_loose": r.joint_loose,
             "degenerate_share": r.degenerate_share,
+            "substantive": r.substantive,
             "median_perplexity": r.median_perplexity,
         }
         for r in result.rows()
@@ -1065,12 +1066,13 @@ def _eval_composition(
                 (
                     name,
                     "yes" if present else "no",
-                    *(f"{c.loose:.2f} ({c.strict:.2f})" if c else "–" for c in cells),
+                    *(f"{c.loose:.2f} ({c.strict:.2f}) {c.substantive:.2f}" if c else "–" for c in cells),
                     f"{cells[2].joint_loose:.2f}" if cells[2] else "–",
                 )
             )
     columns = ("instruction", "in prompt", "unsteered", "alone", "composed", "composed: all followed")
-    output.table(f"composed vs alone, loose (strict) accuracy, {result.split}", columns, table, right=columns[2:])
+    title = f"composed vs alone, loose (strict) accuracy and substantive passes, {result.split}"
+    output.table(title, columns, table, right=columns[2:])
     for kind, path in paths.items():
         output.line(f"{kind}: {path}")
 

@@ -20,8 +20,9 @@ from safetensors.torch import load_file
 
 from nsteer.errors import EvaluationError
 from nsteer.evaluate.checkers import CheckSpec, check_all
-from nsteer.evaluate.composition import evaluate_composition, evaluate_recipe_composition
+from nsteer.evaluate.composition import composition_markdown, evaluate_composition, evaluate_recipe_composition
 from nsteer.evaluate.inputs import instruction_edits, recipe_items
+from nsteer.evaluate.quality import assess
 from nsteer.generate import GenerationConfig, generate, generate_tokens
 from nsteer.pipeline import compute_recipe_vectors, load_recipe_vectors, recipe_edits, vector_path
 from nsteer.recipe import load_recipe, recipe_from_dict
@@ -225,9 +226,35 @@ def test_composition_evaluation_scores_the_right_generations(tiny, vectors_dir):
                 (CheckSpec(*_check("lowercase")), CheckSpec(*_check("length_0"))), answer.answer, answer.prompt
             )
             assert answer.loose == own[0].loose and answer.joint_loose == all(r.loose for r in joint)
+            quality = assess(answer.answer)  # degeneracy and hollowness do not depend on the prompt
+            if answer.substantive:  # a substantive pass is a loose pass on an answer neither degenerate nor hollow
+                assert answer.loose and quality.degenerate is None and quality.hollow is None
     rows = result.rows()
     assert len(rows) == 2 * 2 * 3 and all(row.n == 2 for row in rows)
+    for row in rows:
+        picked = [
+            a
+            for a in result.answers
+            if (a.instruction, a.instruction_in_prompt, a.steering)
+            == (row.instruction, row.instruction_in_prompt, row.steering)
+        ]
+        assert row.substantive == sum(a.substantive for a in picked) / len(picked) <= row.loose
+    assert "| substantive |" in composition_markdown(result)
     assert result.to_dict()["composed"].startswith("lowercase@1 set")
+
+
+def test_composition_counts_a_looping_pass_as_loose_but_not_substantive(tiny, vectors_dir):
+    handle = tiny("llama")
+    recipe = make_recipe(vectors_dir, [steer(SET, 1), steer(ADD, 3)])
+    loop = "the cat sat on the mat " * 8  # all lowercase: the lowercase checker passes it
+
+    def looping(handle, prompts, *, row_edits, config, progress=None):
+        return [loop for _ in prompts]
+
+    result = evaluate_recipe_composition(recipe, handle, limit=2, generator=looping)
+    lowercase = [row for row in result.rows() if row.instruction == "lowercase"]
+    assert lowercase and all(row.loose == 1.0 and row.substantive == 0.0 for row in lowercase)
+    assert "| 1.00 (1.00) | 0.00 |" in composition_markdown(result)
 
 
 def _check(name: str) -> tuple[str, dict]:

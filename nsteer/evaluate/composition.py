@@ -54,6 +54,7 @@ class CompositionAnswer:
     perplexity: float
     sentences: int
     words: int
+    substantive: bool = False  # a loose pass of its own checker on an answer neither degenerate, hollow nor an echo
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,7 @@ class CompositionRow:
     loose: float
     joint_loose: float
     degenerate_share: float
+    substantive: float
     median_perplexity: float
     median_words: float
     median_sentences: float
@@ -137,6 +139,7 @@ def _summarize(name: str, present: bool, steering: str, answers: Sequence[Compos
         loose=sum(a.loose for a in answers) / count,
         joint_loose=sum(a.joint_loose for a in answers) / count,
         degenerate_share=sum(a.degeneracy is not None for a in answers) / count,
+        substantive=sum(a.substantive for a in answers) / count,
         median_perplexity=_median([a.perplexity for a in answers]),
         median_words=_median([float(a.words) for a in answers]),
         median_sentences=_median([float(a.sentences) for a in answers]),
@@ -236,6 +239,10 @@ def evaluate_composition(
                     perplexity=answer.perplexity,
                     sentences=answer.sentences,
                     words=answer.words,
+                    substantive=all(r.loose for r in own)
+                    and answer.degeneracy is None
+                    and answer.hollow is None
+                    and answer.echo is None,
                 )
             )
     return CompositionResult(
@@ -289,21 +296,23 @@ def evaluate_recipe_composition(
 
 
 def composition_markdown(result: CompositionResult) -> str:
-    """The composed-vs-alone table: loose (strict) accuracy, joint accuracy, quality and lengths per row."""
+    """The composed-vs-alone table: loose (strict) accuracy, substantive passes, joint accuracy, quality and lengths
+    per row."""
     lines = [
         f"Model {markdown_text(result.model_id)}, {result.split} split; composed edits (in order): "
         f"{markdown_text(result.composed)}.",
         "",
-        "| instruction | instruction in prompt | steering | n | loose (strict) | all steered instructions (loose) "
-        "| degenerate | median ppl | median words | median sentences |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| instruction | instruction in prompt | steering | n | loose (strict) | substantive "
+        "| all steered instructions (loose) | degenerate | median ppl | median words | median sentences |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in result.rows():
         ppl = "n/a" if not math.isfinite(row.median_perplexity) else f"{row.median_perplexity:.1f}"
         lines.append(
             f"| {markdown_text(row.instruction)} | {'yes' if row.instruction_in_prompt else 'no'} | {row.steering} "
             f"| {row.n} "
-            f"| {row.loose:.2f} ({row.strict:.2f}) | {row.joint_loose:.2f} | {row.degenerate_share:.0%} | {ppl} "
+            f"| {row.loose:.2f} ({row.strict:.2f}) | {row.substantive:.2f} | {row.joint_loose:.2f} "
+            f"| {row.degenerate_share:.0%} | {ppl} "
             f"| {row.median_words:g} | {row.median_sentences:g} |"
         )
     lines.append("")
