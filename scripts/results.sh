@@ -12,8 +12,8 @@ $NSTEER eval scripts/results/format-late.yaml --out runs/results/format-late
 $NSTEER eval scripts/results/format-late-gate.yaml --out runs/results/format-late-gate
 step "format 2x2 at 256 new tokens (4 prompts per instruction)"
 $NSTEER eval scripts/results/format-late-256.yaml --limit 4 --out runs/results/format-late-256
-step "format 2x2, the searched one-layer set (the previous setting)"
-$NSTEER eval scripts/results/format-eval.yaml --out runs/results/format
+step "format 2x2, the shipped vectors at their searched settings"
+$NSTEER eval scripts/results/format-eval.yaml --out runs/results/format-searched
 step "length curve"
 $PY scripts/length_curve.py --out runs/results/length-curve
 step "verbosity curve (384 tokens)"
