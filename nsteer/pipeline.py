@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from nsteer.edits import Edit, EditOptions, mean_vector, vector_edits
-from nsteer.errors import NsteerError, RecipeError
+from nsteer.errors import NsteerError, RecipeError, VectorFileError
 from nsteer.extract import compute_vector
 from nsteer.fileio import builtin_name, input_path
 from nsteer.generate import GenerationConfig
@@ -304,26 +304,45 @@ def entry_options(entry: SteerEntry) -> EditOptions:
     )
 
 
-def recipe_center(recipe: Recipe, vectors: Mapping[str, SteeringVector], force: bool = False) -> torch.Tensor | None:
+def recipe_center(
+    recipe: Recipe, vectors: Mapping[str, SteeringVector], index: int | None = None
+) -> torch.Tensor | None:
     """The mean vector ``[L, H]`` of the vectors the recipe's steer entries use (each once), for entries with
-    ``direction: centered``; None when no entry is centered (and not ``force``)."""
-    if not force and not any(entry.direction == "centered" for entry in recipe.steer):
+    ``direction: centered``; None when no entry is centered. ``index`` asks for it on behalf of that steer entry
+    (a `layer: auto` entry whose searched setting is centered), which a failure then names."""
+    if index is None and not any(entry.direction == "centered" for entry in recipe.steer):
         return None
     used = dict.fromkeys(entry.vector or entry.instruction for entry in recipe.steer)
     try:
         return mean_vector([vectors[key] for key in used])
     except NsteerError as error:
-        index = next((i for i, entry in enumerate(recipe.steer) if entry.direction == "centered"), 0)
-        raise recipe.error(("steer", index, "direction"), f"{error} The recipe steers with {len(used)}.") from None
+        if index is None:
+            index = next(i for i, entry in enumerate(recipe.steer) if entry.direction == "centered")
+            why = ""
+        else:
+            why = " (its searched setting steers along a centered direction)"
+        raise recipe.error(("steer", index, "direction"), f"{error} The recipe steers with {len(used)}{why}.") from None
 
 
 def center_names(recipe: Recipe, vectors: Mapping[str, SteeringVector]) -> tuple[str, ...]:
-    """The instruction ids of the vectors :func:`recipe_center` averages, sorted."""
+    """The instruction ids of the vectors :func:`recipe_center` averages, one per vector averaged (a vector reached
+    under two names counts twice there, and here), sorted."""
     used = dict.fromkeys(entry.vector or entry.instruction for entry in recipe.steer)
-    return tuple(sorted({vectors[key].instruction_id for key in used}))
+    return tuple(sorted(vectors[key].instruction_id for key in used))
 
 
-def searched_shape(recipe: Recipe, index: int, chosen: SearchedSetting) -> tuple[str, EditOptions]:
+def _in_words(value: Any) -> str:
+    """A setting's value as a recipe would write it (none, true, 0.5, prompt)."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def searched_shape(
+    recipe: Recipe, index: int, chosen: SearchedSetting, vector: SteeringVector
+) -> tuple[str, EditOptions]:
     """The positions and edit options of `layer: auto` entry ``index``: those its setting was searched with.
 
     An entry that leaves one out takes the searched one (a format vector searched on the prompt only, centered, is
@@ -333,6 +352,12 @@ def searched_shape(recipe: Recipe, index: int, chosen: SearchedSetting) -> tuple
     """
     entry = recipe.steer[index]
     if chosen.imported:
+        if not vector.metadata.imported_from:
+            raise VectorFileError(
+                f"The vector file of steer[{index}] ('{vector.instruction_id}') says its setting was imported, but it "
+                "names no source it was imported from, so its searched shape cannot be set aside. Import the control "
+                "vector again (`nsteer import`), or use a vector file nsteer wrote."
+            )
         return entry.positions, entry_options(entry)
     searched: dict[str, Any] = {
         "positions": chosen.positions,
@@ -347,9 +372,9 @@ def searched_shape(recipe: Recipe, index: int, chosen: SearchedSetting) -> tuple
         if name in entry.model_fields_set and given != value:
             raise recipe.error(
                 ("steer", index, name),
-                f"the setting searched for '{entry.instruction}' (layer {chosen.layer}) used {name} {value}, not "
-                f"{given}. Leave {name} out to use the searched one, or run `nsteer search` again with {name} "
-                f"{given}.",
+                f"the setting searched for '{entry.instruction}' (layer {chosen.layer}) used {name} "
+                f"{_in_words(value)}, not {_in_words(given)}. Leave {name} out to use the searched one, or run "
+                f"`nsteer search` again with {name} {_in_words(given)}.",
             )
     options = EditOptions(
         block=chosen.block,
@@ -413,10 +438,10 @@ def steer_entry_edits(recipe: Recipe, vectors: Mapping[str, SteeringVector], ind
             )
         if "target_scale" not in entry.model_fields_set and chosen.mode == mode:
             target_scale = chosen.target_scale
-        positions, options = searched_shape(recipe, index, chosen)
+        positions, options = searched_shape(recipe, index, chosen, vector)
         if options.centered and chosen.centered_on is not None:
             steered = center_names(recipe, vectors)
-            if steered != chosen.centered_on:
+            if steered != tuple(sorted(chosen.centered_on)):
                 raise recipe.error(
                     ("steer", index, "direction"),
                     f"the setting searched for '{entry.instruction}' is centered on the mean of "
@@ -439,7 +464,7 @@ def steer_entry_edits(recipe: Recipe, vectors: Mapping[str, SteeringVector], ind
             positions=positions,
             target_scale=target_scale,
             options=options,
-            center=recipe_center(recipe, vectors, force=True) if options.centered else None,
+            center=recipe_center(recipe, vectors, index) if options.centered else None,
         )
     except RecipeError:
         raise

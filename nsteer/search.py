@@ -255,11 +255,18 @@ def choose(baseline: SweepCell, cells: Sequence[SweepCell]) -> SweepCell:
     do not justify steering) and, among such settings, the highest (substantive, loose, strict) scores."""
     best = baseline
     for cell in cells:
-        if cell.rejected is not None or cell.dropped is not None or rank_key(cell)[0] <= rank_key(baseline)[0]:
+        if cell.rejected is not None or cell.dropped is not None or not beats_baseline(cell, baseline):
             continue
         if best is baseline or rank_key(cell) > rank_key(best):
             best = cell
     return best
+
+
+def beats_baseline(cell: SweepCell, baseline: SweepCell) -> bool:
+    """More substantive passes than no steering; where either share was not measured (NaN), more loose passes."""
+    if math.isfinite(cell.substantive) and math.isfinite(baseline.substantive):
+        return cell.substantive > baseline.substantive
+    return cell.loose > baseline.loose
 
 
 def rank_key(cell: SweepCell) -> tuple[float, float, float]:

@@ -129,6 +129,16 @@ def read_setting(data: Any, path: str, context: Mapping[str, Any]) -> SearchedSe
         )
     if setting.centered and (setting.mode == "set" or setting.clamp is not None):
         raise FieldProblem(f"{path}.centered", "a centered direction is searched with mode add or ablate, no clamp.")
+    if setting.centered_on is not None:
+        if not setting.centered:
+            raise FieldProblem(f"{path}.centered_on", "only a centered setting names the vectors it was centered on.")
+        if len(setting.centered_on) < 3:
+            raise FieldProblem(
+                f"{path}.centered_on",
+                f"a centered direction is taken against 3 or more vectors, not {len(setting.centered_on)}.",
+            )
+    if setting.imported and setting.layers is None:
+        raise FieldProblem(f"{path}.imported", "only an imported control vector's setting, with its layers, says so.")
     return setting
 
 

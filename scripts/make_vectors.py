@@ -110,6 +110,7 @@ def pooled_cell(cells):
         loose=statistics.fmean(cell.loose for cell in cells),
         strict=statistics.fmean(cell.strict for cell in cells),
         degenerate_share=statistics.fmean(cell.degenerate_share for cell in cells),
+        substantive=statistics.fmean(cell.substantive for cell in cells),  # what the winner is ranked by first
         median_perplexity=statistics.median(finite) if finite else float("nan"),
         prompts=tuple(p for cell in cells for p in cell.prompts),
         answers=tuple(a for cell in cells for a in cell.answers),

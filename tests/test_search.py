@@ -11,7 +11,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from nsteer.errors import EvaluationError, RecipeError
+from nsteer.errors import EvaluationError, RecipeError, VectorFileError
 from nsteer.evaluate.runner import Reference
 from nsteer.execution.backend import Execution
 from nsteer.pipeline import (
@@ -400,7 +400,27 @@ def test_the_winner_is_ranked_by_substantive_passes_before_loose_accuracy() -> N
     assert choose(baseline, [cell(3, 0.5, 0.5, rejected="degenerate")]) is baseline
     assert choose(baseline, [cell(3, 0.5, 0.5, dropped="round 1")]) is baseline
     assert choose(baseline, [cell(3, 0.5, 0.5), cell(4, 0.75, 0.5)]).setting.layer == 4  # then loose
-    assert choose(baseline, [cell(5, 1.0, math.nan)]) is baseline  # no substantive score ranks lowest
+    assert choose(baseline, [cell(5, 1.0, math.nan)]).setting.layer == 5  # unmeasured: more loose passes decide
+    unmeasured = cell(None, 0.5, math.nan)
+    assert choose(unmeasured, [cell(6, 0.0, 0.0)]) is unmeasured  # 0 passes never beat a baseline's 0.5
+
+
+def test_the_shared_word_search_pools_substantive_passes_so_a_pooled_setting_can_win() -> None:
+    """make_vectors pools the word sweeps' cells; a pooled cell without its substantive share could never win."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from make_vectors import pooled_cell
+
+    from nsteer.search import choose
+
+    def cell(layer, share):
+        return SweepCell(Setting(layer), share, share, 0.0, 10.0, ("p",), ("a",), (10.0,), substantive=share)
+
+    baseline = pooled_cell([cell(None, 0.1), cell(None, 0.2)])
+    steered = pooled_cell([cell(12, 0.9), cell(12, 0.8)])
+    assert steered.substantive == pytest.approx(0.85) and baseline.substantive == pytest.approx(0.15)
+    assert choose(baseline, [steered]) is steered
 
 
 def test_search_settings_errors(setup, handle, tmp_path) -> None:
@@ -840,8 +860,41 @@ def test_layer_auto_takes_the_searched_positions_and_direction_and_refuses_other
         recipe_edits(variant({"positions": "all"}), load_recipe_vectors(plain, handle))
     with pytest.raises(RecipeError, match=r"steer\[0\].direction: .*used direction centered, not own"):
         recipe_edits(variant({"direction": "own"}), load_recipe_vectors(plain, handle))
-    with pytest.raises(RecipeError, match=r"steer\[0\].gate: .*used gate None, not 0.5"):
-        recipe_edits(variant({"gate": 0.5}), load_recipe_vectors(plain, handle))
     pair = variant({}, names=("lowercase", "uppercase"))
     with pytest.raises(RecipeError, match=r"centered on the mean of 3 vectors .* this recipe steers with 2"):
         recipe_edits(pair, load_recipe_vectors(pair, handle))
+    # One vector reached under two names counts twice in the mean: another center, refused too.
+    data = plain.model_dump(exclude_unset=True)
+    data["steer"] = [*data["steer"], {"instruction": "lowercase", "vector": str(vector_path(recipe, "lowercase")),
+                                      "layer": 1, "mode": "add", "weight": 1.0}]  # fmt: skip
+    twice = recipe_from_dict(data)
+    with pytest.raises(RecipeError, match=r"steers with 4 \(lowercase, lowercase, no_comma, uppercase\)"):
+        recipe_edits(twice, load_recipe_vectors(twice, handle))
+    with pytest.raises(RecipeError, match=r"steer\[0\].gate: .*used gate none, not 0.5. Leave gate out"):
+        recipe_edits(variant({"gate": 0.5}), load_recipe_vectors(plain, handle))
+
+
+def test_a_centered_setting_without_its_vector_list_names_the_auto_entry(setup, handle) -> None:
+    """An older file's centered setting (no centered_on) in a recipe with too few vectors: the error names the
+    `layer: auto` entry whose searched setting is centered, not the first entry of the recipe."""
+    three = {"lowercase": {}, "uppercase": {}, "no_comma": {}}
+    recipe = setup(
+        instructions=three,
+        steer=[{"instruction": name, "layer": "auto", "mode": "add", "positions": "prompt", "direction": "centered"}
+               for name in three],
+        search={"layers": [2], "weights": {"relative": [1.0]}, "max_prompts": 2},
+    )  # fmt: skip
+    search_recipe(recipe, handle, generator=ByLayer({None: TITLE, 2: PASS_LOWER}), reference=None)
+    vectors = load_recipe_vectors(recipe, handle)
+    lower = vectors["lowercase"]
+    older = lower.with_choice(dataclasses.replace(lower.choice(), centered_on=None))
+    data = recipe.model_dump(exclude_unset=True)
+    data["steer"] = [{"instruction": "uppercase", "layer": 1, "mode": "add", "weight": 1.0},
+                     {"instruction": "lowercase", "layer": "auto"}]  # fmt: skip
+    pair = recipe_from_dict(data)
+    with pytest.raises(RecipeError, match=r"steer\[1\].direction: .*its searched setting steers along a centered"):
+        recipe_edits(pair, {"lowercase": older, "uppercase": vectors["uppercase"]})
+    # A file claiming an imported setting (whose shape the entry would choose) must say where it was imported from.
+    claimed = lower.with_choice(dataclasses.replace(lower.choice(), imported=True, layers=(2,)))
+    with pytest.raises(VectorFileError, match=r"steer\[1\] \('lowercase'\) says its setting was imported"):
+        recipe_edits(pair, {"lowercase": claimed, "uppercase": vectors["uppercase"]})

@@ -136,6 +136,10 @@ BAD_SETTINGS = [
     ({"no_steering": True}, "chosen.no_steering: true contradicts layer 2"),
     ({"sparkle": 0.5}, r"chosen.sparkle: this nsteer does not know this field \(written by a newer nsteer\?\)"),
     ({"imported": "yes"}, "chosen.imported: expected true or false"),
+    ({"imported": True}, "chosen.imported: only an imported control vector's setting, with its layers, says so"),
+    ({"centered_on": ["a", "b", "c"]}, "chosen.centered_on: only a centered setting names the vectors"),
+    ({"centered": True, "centered_on": ["a", "b"]}, "chosen.centered_on: .* 3 or more vectors, not 2"),
+    ({"centered": True, "centered_on": [1, 2, 3]}, r"chosen.centered_on\[0\]: expected a string"),
 ]
 
 
