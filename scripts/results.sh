@@ -14,6 +14,8 @@ step "format 2x2 at 256 new tokens (4 prompts per instruction)"
 $NSTEER eval scripts/results/format-late-256.yaml --limit 4 --out runs/results/format-late-256
 step "format 2x2, the shipped vectors at their searched settings"
 $NSTEER eval scripts/results/format-eval.yaml --out runs/results/format-searched
+step "the same at 256 new tokens (12 prompts per instruction)"
+$NSTEER eval scripts/results/format-eval-256.yaml --limit 12 --out runs/results/format-searched-256
 step "length curve"
 $PY scripts/length_curve.py --out runs/results/length-curve
 step "verbosity curve (384 tokens)"
