@@ -24,10 +24,12 @@ sweep resumes at the first unfinished batch. On NDIF the same batches travel in 
 **Successive halving** (``search.halving``), exactly: round 1 scores every candidate and the baseline on the first
 ``halving_start`` validation pairs (under the search's condition: with ``both``, each pair gives two prompts); each
 next round doubles the pairs seen, the last round ends at all of them (``max_prompts``). After every round but the last,
-each entry ranks its remaining candidates on all the pairs seen so far — the ones the guard accepts (against the
-baseline on the same prompts) above the ones it rejects, then by substantive, loose, then strict, ties in sweep order —
-and keeps the better half, rounded up; the baseline always stays. Dropped candidates keep their partial scores in the
-report and cannot win: the winner is chosen by the rule above among the candidates scored on every validation prompt.
+each entry ranks its remaining candidates on all the pairs seen so far by substantive passes, then loose, then strict,
+ties in sweep order, and keeps the better half, rounded up; the baseline always stays. The guard is not applied to a
+partial slice (one looping answer in eight is already over a 0.1 margin): a looping answer is never a substantive
+pass, so such settings rank low anyway, and the guard judges the survivors on every prompt. Dropped candidates keep
+their partial scores in the report and cannot win: the winner is chosen by the rule above among the candidates scored
+on every validation prompt.
 """
 
 from __future__ import annotations
@@ -484,14 +486,12 @@ def _sweep(
             counts = schedule[entry.index]
             if number >= len(counts) - 1:
                 continue  # its last round is done: every survivor has seen every validation prompt
-            so_far = scored[(entry.index, -1)]
-            baseline = _sweep_cell(entry.baseline, [answer.prompt for answer in so_far], so_far)
             ranked = []
             for setting in alive[entry.index]:
                 answers_so_far = scored[(entry.index, setting)]
                 cell = _sweep_cell(entry.settings[setting], [a.prompt for a in answers_so_far], answers_so_far)
-                rejected = guard(cell, baseline, margin, min_perplexity_ratio)
-                ranked.append(((rejected is None, *rank_key(cell), -setting), setting))
+                # No guard on a partial slice (see the module doc): it dropped the full sweep's winner for one loop.
+                ranked.append(((*rank_key(cell), -setting), setting))
             ranked.sort(reverse=True)
             keep = survivors_after(len(ranked))
             for _, setting in ranked[keep:]:

@@ -828,6 +828,30 @@ def test_successive_halving_keeps_the_better_half_and_judges_the_winner_on_every
     assert "successive halving" in sweep.rule
 
 
+def test_halving_does_not_drop_the_best_setting_for_one_looping_answer_on_the_first_slice(setup, handle) -> None:
+    """On a first slice of 4 answers one loop is 25% degenerate, over the guard's 0.1 margin; the guard judges only
+    on every prompt, so the setting with the most substantive passes survives the round and wins."""
+    recipe = setup(
+        steer=[{"instruction": "lowercase", "layer": "auto", "mode": "add"}],
+        search={"layers": [1, 2, 3], "weights": [1.0], "max_prompts": 8, "condition": "absent",
+                "halving": True, "halving_start": 4, "min_perplexity_ratio": 0.0, "margin": 0.2},
+    )  # fmt: skip
+    pairs = instruction_splits(recipe, "lowercase").validation[:8]
+    first = pairs[0].without_instruction
+
+    def answer(prompt, edit):
+        if edit is None or edit.layer == 1:
+            return TITLE
+        if edit.layer == 3:  # passes everywhere, but loops once, on the very first prompt
+            return LOOP_LOWER if prompt == first else PASS_LOWER
+        return PASS_LOWER if prompt == first else TITLE  # layer 2: one pass, no loop
+
+    (sweep,) = search_recipe(recipe, handle, generator=per_row(answer), reference=None).sweeps
+    best = next(c for c in sweep.cells if c.setting.layer == 3)
+    assert best.dropped is None and best.n == 8 and best.degenerate_share == 1 / 8 and best.rejected is None
+    assert sweep.winner is best
+
+
 def test_layer_auto_takes_the_searched_positions_and_direction_and_refuses_others(setup, handle, tmp_path) -> None:
     """A vector searched as a centered prompt-only add is used that way by a plain `layer: auto` entry; an entry that
     names another shape, or centers on other vectors, is refused instead of steering with an unsearched edit."""
