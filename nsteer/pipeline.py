@@ -312,7 +312,7 @@ def recipe_center(
     (a `layer: auto` entry whose searched setting is centered), which a failure then names."""
     if index is None and not any(entry.direction == "centered" for entry in recipe.steer):
         return None
-    used = dict.fromkeys(entry.vector or entry.instruction for entry in recipe.steer)
+    used = _center_keys(recipe)
     try:
         return mean_vector([vectors[key] for key in used])
     except NsteerError as error:
@@ -324,11 +324,15 @@ def recipe_center(
         raise recipe.error(("steer", index, "direction"), f"{error} The recipe steers with {len(used)}{why}.") from None
 
 
+def _center_keys(recipe: Recipe) -> list[str]:
+    """The keys of the vectors a centered direction is taken against: each vector the steer entries use, once."""
+    return list(dict.fromkeys(entry.vector or entry.instruction for entry in recipe.steer))
+
+
 def center_names(recipe: Recipe, vectors: Mapping[str, SteeringVector]) -> tuple[str, ...]:
     """The instruction ids of the vectors :func:`recipe_center` averages, one per vector averaged (a vector reached
     under two names counts twice there, and here), sorted."""
-    used = dict.fromkeys(entry.vector or entry.instruction for entry in recipe.steer)
-    return tuple(sorted(vectors[key].instruction_id for key in used))
+    return tuple(sorted(vectors[key].instruction_id for key in _center_keys(recipe)))
 
 
 def _in_words(value: Any) -> str:

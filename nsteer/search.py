@@ -723,6 +723,7 @@ def search_recipe(
     checkpoint = out_dir / CHECKPOINT_NAME
     rule = guard_rule(settings.margin, settings.min_perplexity_ratio)
     center = recipe_center(recipe, vectors)
+    centered_on = center_names(recipe, vectors) if center is not None else None  # recorded with a centered winner
     if settings.halving:
         rule += f"; successive halving from {settings.halving_start} prompt pairs (see nsteer.search)"
     work = []
@@ -795,7 +796,6 @@ def search_recipe(
             # Only into the vector searched: re-read under a lock, refused if recomputed or replaced meanwhile, and
             # what other entries (or other searches) recorded in the same file is kept.
             vector = vectors[recipe.steer[index].vector or item.instruction]
-            centered_on = center_names(recipe, vectors) if center is not None else None
             record_choice(paths[index], vector, searched_setting(sweep, layers, centered_on), item.instruction)
         sweeps.append(sweep)
     return SearchResult(

@@ -239,10 +239,7 @@ def evaluate_composition(
                     perplexity=answer.perplexity,
                     sentences=answer.sentences,
                     words=answer.words,
-                    substantive=all(r.loose for r in own)
-                    and answer.degeneracy is None
-                    and answer.hollow is None
-                    and answer.echo is None,
+                    substantive=all(r.loose for r in own) and answer.sound,
                 )
             )
     return CompositionResult(

@@ -84,9 +84,14 @@ class ScoredAnswer:
     echo: str | None = None  # the prompt restated with next to nothing of its own (why)
 
     @property
+    def sound(self) -> bool:
+        """The answer is neither degenerate nor hollow nor an echo of the prompt (whatever the checks say)."""
+        return self.degeneracy is None and self.hollow is None and self.echo is None
+
+    @property
     def substantive(self) -> bool:
-        """A substantive pass: every check passes (loose) on an answer neither degenerate nor hollow nor an echo."""
-        return self.loose and self.degeneracy is None and self.hollow is None and self.echo is None
+        """A substantive pass: every check passes (loose) on a sound answer."""
+        return self.loose and self.sound
 
     @property
     def strict(self) -> bool:
