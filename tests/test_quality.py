@@ -41,6 +41,9 @@ GOOD = [
     "मेरा नाम मैरी है और मैं दस साल से दिल्ली में रहती हूँ। मुझे किताबें पढ़ना बहुत पसंद है।",
     "私の名前はマリーです。東京に十年住んでいます。毎朝、公園を散歩して、コーヒーを飲みます。日本の四季はとても美しいです。",
     "Bonjour ! Je m'appelle Marie et j'habite à Paris depuis dix ans.",
+    # Punctuation inside a word: compounds, digit groups, paths and table borders repeat no unit with a letter.
+    "A state-of-the-art, well-to-do, up-to-date answer: 1,000,000,000,000 people, see https://example.com/a/b/c/d/e.",
+    "|---|---|---|\n|Ada|36|Alan|\n|Ada|41|Alan|",
 ]
 
 BAD = [
@@ -55,6 +58,9 @@ BAD = [
         "repetition",
     ),  # unit > 8 words
     ("东京" * 12, "repetition"),
+    ("abcdefg" * 20, "repetition"),  # a 7-letter unit inside one word
+    ("Here it is: " + "-".join(["Section"] * 12), "repetition"),  # a word looping with a hyphen, no spaces
+    ("Sure. " + "word/" * 40, "repetition"),
     ("!" * 64, "broken"),
     ("a" * 70, "broken"),
     ("#$%^&*()_+{}|:<>?~`,./;'[] @@ ## $$ %% ^^ && ** (( )) __", "broken"),

@@ -39,9 +39,12 @@ _NGRAM_MIN_DISTINCT = 0.35  # fluent text sits near 0.9 and above
 _MAX_CHAR_RUN = 50  # "aaaa…", "!!!!…"; markdown rules and table borders stay far shorter
 _BROKEN_MIN_CHARS = 16
 _BROKEN_MAX_SYMBOL_SHARE = 0.7  # JSON with short keys reaches about 0.7 symbols; garbage goes beyond
-# Inside one run of letters ("SUPERSUBSPUNPUPUPUP"): a unit of 2–6 characters repeated back to back. Words repeat
-# a syllable twice ("banana", "Mississippi" never reach 4 copies); laughter ("hahaha") stays shorter than 12 letters.
-_WORD_LOOP_MAX_UNIT = 6
+# Inside one run of non-space characters ("SUPERSUBSPUNPUPUPUP", "word-word-word-word"): a unit of 2–16 characters
+# with a letter in it, repeated back to back. Words repeat a syllable twice ("banana", "Mississippi" never reach 4
+# copies); laughter ("hahaha") stays shorter than 12 characters; digit groups ("1,000,000,000") and table borders
+# ("|---|---|") have no letter in their unit.
+_WORD_LOOP_MAX_UNIT = 16
+_NON_SPACE_RUN = re.compile(r"\S+")
 _WORD_LOOP_MIN_REPEATS = 4
 _WORD_LOOP_MIN_CHARS = 12
 # Sentences and lines: the same one three times is a loop, and so are three repeats spread over long ones (a
@@ -50,7 +53,6 @@ _SEGMENT_MIN_WORDS = 3
 _SEGMENT_MAX_COPIES = 2
 _LONG_SEGMENT_WORDS = 6
 _LONG_SEGMENT_MAX_REPEATS = 2  # copies beyond the first, summed over all sentences of 6+ words
-_LETTER_RUN = re.compile(r"[^\W\d_]+")
 _SEGMENT_END = re.compile(r"(?<=[.!?。！？])\s+|\n+")
 _WORD = re.compile(r"[^\W_]+")
 
@@ -75,16 +77,23 @@ def degeneracy(text: str) -> str | None:
 
 
 def _has_word_loop(text: str) -> bool:
-    """A run of letters in which a 2–6 character unit repeats at least 4 times back to back over 12+ characters."""
-    for run in _LETTER_RUN.findall(text):
+    """A run of non-space characters in which a 2–16 character unit holding a letter repeats at least 4 times back
+    to back over 12+ characters."""
+    for run in _NON_SPACE_RUN.findall(text):
         if len(run) < _WORD_LOOP_MIN_CHARS:
             continue
         folded = run.lower()
-        for period in range(2, _WORD_LOOP_MAX_UNIT + 1):
+        letters = [0]  # letters[i]: letters among the first i characters, so a unit's check is one subtraction
+        for char in folded:
+            letters.append(letters[-1] + char.isalpha())
+        if not letters[-1]:
+            continue
+        for period in range(2, min(_WORD_LOOP_MAX_UNIT, len(folded) // _WORD_LOOP_MIN_REPEATS) + 1):
+            needed = max(_WORD_LOOP_MIN_CHARS, _WORD_LOOP_MIN_REPEATS * period)
             stretch = 0
             for index in range(period, len(folded)):
                 stretch = stretch + 1 if folded[index] == folded[index - period] else 0
-                if stretch + period >= max(_WORD_LOOP_MIN_CHARS, _WORD_LOOP_MIN_REPEATS * period):
+                if stretch + period >= needed and letters[index + 1] > letters[index + 1 - period]:
                     return True
     return False
 
