@@ -40,6 +40,19 @@ except ImportError:  # pragma: no cover - platforms without flock: writes stay a
     fcntl = None  # type: ignore[assignment]
 
 
+def user_cache_dir() -> Path | None:
+    """nsteer's folder in the user's cache: ``$NSTEER_CACHE_DIR``, else ``$XDG_CACHE_HOME/nsteer``, else
+    ``~/.cache/nsteer``; None when there is no home directory to put it in. Nothing is created here."""
+    explicit = os.environ.get("NSTEER_CACHE_DIR", "").strip()
+    if explicit:
+        return Path(explicit).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME", "").strip()
+    try:
+        return (Path(base) if base else Path.home() / ".cache") / "nsteer"
+    except RuntimeError:
+        return None
+
+
 # ---------------------------------------------------------------------------------------------------------- paths
 
 

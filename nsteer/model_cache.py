@@ -34,7 +34,7 @@ try:
 except ImportError:  # Windows: no advisory locks, so killed writes' staging folders are left for the user to delete
     fcntl = None  # type: ignore[assignment]
 
-from nsteer.fileio import atomic_write_bytes, parse_json
+from nsteer.fileio import atomic_write_bytes, parse_json, user_cache_dir
 
 FORMAT = 1
 BLOCK = 64 * 1024 * 1024  # bytes per hashed block of a cached file
@@ -52,14 +52,7 @@ def cache_root() -> Path | None:
     """The cache folder (``$NSTEER_CACHE_DIR``, ``$XDG_CACHE_HOME/nsteer`` or ``~/.cache/nsteer``); None when off."""
     if os.environ.get("NSTEER_NO_CACHE", "").strip().lower() in ("1", "true", "yes", "on"):
         return None
-    explicit = os.environ.get("NSTEER_CACHE_DIR", "").strip()
-    if explicit:
-        return Path(explicit).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME", "").strip()
-    try:
-        return (Path(base) if base else Path.home() / ".cache") / "nsteer"
-    except RuntimeError:  # no home directory to put it in
-        return None
+    return user_cache_dir()
 
 
 @dataclass(frozen=True)

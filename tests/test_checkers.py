@@ -274,8 +274,10 @@ def test_count_sentences_agrees_with_an_independent_punkt() -> None:
         assert count_sentences(text) == len(punkt.sent_tokenize(text, "english"))
 
 
-def test_offline_with_empty_nltk_data_and_no_network(tmp_path: Path) -> None:
-    """A fresh process with no NLTK data anywhere and every socket refused still counts sentences."""
+@pytest.mark.parametrize("where", ["NSTEER_CACHE_DIR", "XDG_CACHE_HOME"])
+def test_offline_with_empty_nltk_data_and_no_network(tmp_path: Path, where: str) -> None:
+    """A fresh process with no NLTK data anywhere and every socket refused still counts sentences; the Punkt model
+    goes into nsteer's cache folder, the one the de-quantized model uses."""
     empty = tmp_path / "empty_nltk_data"
     empty.mkdir()
     home = tmp_path / "home"
@@ -301,13 +303,18 @@ def test_offline_with_empty_nltk_data_and_no_network(tmp_path: Path) -> None:
         """
     )
     env = {
-        **os.environ,
+        **{key: value for key, value in os.environ.items() if key not in ("NSTEER_CACHE_DIR", "XDG_CACHE_HOME")},
         "NLTK_DATA": str(empty),
         "HOME": str(home),
-        "XDG_CACHE_HOME": str(home / "cache"),
         "HF_HUB_OFFLINE": "1",
         "HF_DATASETS_OFFLINE": "1",
     }
+    if where == "NSTEER_CACHE_DIR":
+        env["NSTEER_CACHE_DIR"] = str(home / "nsteer-cache")
+        cache = home / "nsteer-cache"
+    else:
+        env["XDG_CACHE_HOME"] = str(home / "cache")
+        cache = home / "cache" / "nsteer"
     for _ in range(2):  # the first run writes the model, the second reuses it
         done = subprocess.run(
             [sys.executable, "-c", script],
@@ -322,7 +329,7 @@ def test_offline_with_empty_nltk_data_and_no_network(tmp_path: Path) -> None:
         assert result["sentences"] == 3
         assert result["capital_words"] is True
         assert str(empty) == result["path"][0]
-    model_dir = next((home / "cache" / "nsteer").glob("nltk_data-punkt-*")) / "tokenizers" / "punkt_tab" / "english"
+    model_dir = next(cache.glob("nltk_data-punkt-*")) / "tokenizers" / "punkt_tab" / "english"
     assert sorted(p.name for p in model_dir.iterdir()) == [
         "abbrev_types.txt",
         "collocations.tab",

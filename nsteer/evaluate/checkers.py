@@ -18,7 +18,6 @@ import contextlib
 import difflib
 import functools
 import inspect
-import os
 import re
 import shutil
 import tempfile
@@ -29,6 +28,7 @@ from typing import Any
 from nsteer.errors import EvaluationError
 from nsteer.evaluate.check_spec import CheckResult, CheckSpec
 from nsteer.evaluate.custom_checks import CustomCheck
+from nsteer.fileio import user_cache_dir
 
 _PUNKT_FILES = ("abbrev_types.txt", "collocations.tab", "ortho_context.tab", "sent_starters.txt")
 
@@ -273,7 +273,7 @@ def _ensure_punkt() -> None:
     except OSError as error:
         raise EvaluationError(
             f"Cannot write NLTK's Punkt model to {model_dir}: {error}. "
-            "Set XDG_CACHE_HOME to a writable directory private to this user."
+            "Set NSTEER_CACHE_DIR to a writable directory private to this user."
         ) from error
 
 
@@ -281,10 +281,13 @@ def _punkt_root() -> Path:
     """A private directory (mode 0700, as NLTK requires of data roots) to hold the Punkt model files."""
     import punkt
 
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    root = cache / "nsteer" / f"nltk_data-punkt-{punkt.__version__}"
+    cache = user_cache_dir()  # the folder the de-quantized model and the measured rates use
     try:
-        for directory in (cache, cache / "nsteer", root, root / "tokenizers", root / "tokenizers" / "punkt_tab"):
+        if cache is None:
+            raise OSError("no home directory")
+        root = cache / f"nltk_data-punkt-{punkt.__version__}"
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        for directory in (cache, root, root / "tokenizers", root / "tokenizers" / "punkt_tab"):
             if not directory.is_dir():
                 directory.mkdir(mode=0o700)
                 directory.chmod(0o700)  # mkdir's mode is masked by the umask
