@@ -6,6 +6,7 @@ import dataclasses
 import io
 import math
 import statistics
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -234,13 +235,22 @@ def sweep_points(sweep: InstructionSweep) -> SweepPoints:
     )
 
 
+def panel_title(instruction: str, setting: str, width: int = 46) -> str:
+    """A sweep panel's title: the instruction, then its chosen setting, each wrapped to ``width`` characters, so a long
+    name or setting stays above its own panel instead of running into the next one."""
+    options = {"width": width, "break_on_hyphens": False, "max_lines": 2, "placeholder": " …"}
+    lines = textwrap.wrap(_plot_text(instruction), **options) or [""]
+    lines += textwrap.wrap(f"→ {_plot_text(setting)}", **options)
+    return "\n".join(lines)
+
+
 def sweep_png(result: SearchResult) -> bytes:
     """Substantive passes (:func:`plotted_score`) against layer per instruction: one line per weight, the baseline
     dashed, rejected settings crossed in red, the winner ringed (or the baseline drawn bold when no steering won)."""
     count = max(len(result.sweeps), 1)
     columns = min(4, count)
     rows = math.ceil(count / columns)
-    figure = _figure(3.2 * columns, 2.6 * rows)
+    figure = _figure(3.2 * columns, 2.8 * rows)
     figure.set_layout_engine("constrained")  # keeps each panel's title clear of the x label above it
     for index, sweep in enumerate(result.sweeps):
         axes = figure.add_subplot(rows, columns, index + 1)
@@ -273,7 +283,7 @@ def sweep_png(result: SearchResult) -> bytes:
             label="no steering (winner)" if baseline_won else "no steering",
             zorder=1,
         )
-        axes.set_title(f"{_plot_text(sweep.instruction)} → {_plot_text(sweep.winner.setting.label)}", fontsize=8)
+        axes.set_title(panel_title(sweep.instruction, sweep.winner.setting.label), fontsize=8)
         axes.set_ylim(-0.02, 1.02)
         axes.set_xticks(sorted({c.setting.layer for c in sweep.cells}))
         axes.set_xlabel("layer", fontsize=8)

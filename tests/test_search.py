@@ -509,6 +509,16 @@ def test_the_plot_keeps_the_winner_and_a_rejected_setting_with_the_same_score_ap
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_a_panel_title_stays_within_its_panel() -> None:
+    from nsteer.report import panel_title
+
+    title = panel_title("highlighted_sections", "layer 27 add w=2×‖u‖=360 (centered)")
+    assert title == "highlighted_sections\n→ layer 27 add w=2×‖u‖=360 (centered)"
+    long = panel_title("x" * 300, "layer 24 add w=1×‖u‖=156 (centered) " * 5)
+    assert len(long.splitlines()) <= 4 and all(len(line) <= 46 for line in long.splitlines())
+    assert panel_title("a$b\x1b", "no steering").splitlines()[0] == "a\\$b\\x1b"  # literal, as every plotted text
+
+
 def test_dry_run_prints_the_plan_without_opening_the_model(setup, handle, tmp_path, monkeypatch) -> None:
     import nsteer.pipeline
     from nsteer.cli import app
