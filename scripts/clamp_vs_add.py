@@ -40,15 +40,27 @@ def mean_lift(
 
     lifts: list[float] = []
     generated: list[float] = []
+    block = handle.hf_model.get_submodule(handle.layers_path)[layer]
+    seen: list[torch.Tensor] = []
+
+    def read_output(module, inputs, output):  # the block's output as it leaves the block (no edit here)
+        seen.append((output[0] if isinstance(output, tuple) else output)[0].float())
+
+    device = next(handle.hf_model.parameters()).device
     for prompt, ids in zip(prompts, answer_ids):
         prompt_ids = chat_token_ids(handle.tokenizer, prompt)
         # The answer comes without its end token: every token of an answer that ended was read back (the next step
         # produced the end token); an answer cut at the budget never read its last one.
         read = list(ids) if len(ids) < max_new_tokens else list(ids[:-1])
         sequence = list(prompt_ids) + read
-        with torch.inference_mode():
-            out = handle.hf_model(torch.tensor([sequence]), output_hidden_states=True)
-        projection = out.hidden_states[layer + 1][0].float() @ direction.float()  # block `layer`'s output
+        seen.clear()
+        hook = block.register_forward_hook(read_output)
+        try:
+            with torch.inference_mode():
+                handle.hf_model(torch.tensor([sequence], device=device))
+        finally:
+            hook.remove()
+        projection = seen[0].cpu() @ direction.float().cpu()
         lift = torch.clamp(bound - projection, min=0.0).clamp(max=weight)
         lifts.extend(lift.tolist())
         generated.extend(lift[len(prompt_ids) :].tolist())
