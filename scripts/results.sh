@@ -14,8 +14,12 @@ step "format 2x2 at 256 new tokens (4 prompts per instruction)"
 $NSTEER eval scripts/results/format-late-256.yaml --limit 4 --out runs/results/format-late-256
 step "format 2x2, the shipped vectors at their searched settings"
 $NSTEER eval scripts/results/format-eval.yaml --out runs/results/format-searched
-step "the same at 256 new tokens (12 prompts per instruction)"
-$NSTEER eval scripts/results/format-eval-256.yaml --limit 12 --out runs/results/format-searched-256
+step "the same at 256 new tokens"
+$NSTEER eval scripts/results/format-eval-256.yaml --out runs/results/format-searched-256-full
+step "length 2x2, the shipped vectors at their searched settings"
+$NSTEER eval scripts/results/length-eval.yaml --out runs/results/length-eval
+step "clamped add against plain add of the same mean strength (validation)"
+$PY scripts/clamp_vs_add.py --layer 16 --k 2 --clamps 0,1 --prompts 16 --max-new-tokens 256 --out runs/results/clamp-vs-add
 step "length curve"
 $PY scripts/length_curve.py --out runs/results/length-curve
 step "verbosity curve (384 tokens)"
