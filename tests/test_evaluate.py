@@ -426,3 +426,4 @@ def test_eval_dry_run_prints_the_plan_without_opening_the_model(evaluated, monke
         "plan": {"prompts": 6, "answers": 24, "generated": 15, "max_new_tokens": 8, "batch_size": 4},
     }
     assert "plan: 6 prompts × up to 4 cells = 24 answers, 15 to generate" in err
+    assert not (recipe.output_dir / "eval").exists()  # a plan writes nothing, not even the report folder
