@@ -58,10 +58,21 @@ def with_output(recipe, out_dir: Path):
     return recipe.model_copy(update={"output": OutputSection(dir=str(out_dir))})
 
 
+def validation_answers(recipe, name: str) -> int:
+    """How many validation answers a search of ``name`` scores per setting (both conditions count twice)."""
+    from nsteer.pipeline import instruction_splits
+
+    count = len(instruction_splits(recipe, name).validation)
+    if recipe.search.max_prompts is not None:
+        count = min(count, recipe.search.max_prompts)
+    return count * (2 if recipe.search.condition == "both" else 1)
+
+
 def searched(recipe, names, n_layers: int) -> bool:
     """Whether every vector of ``names`` carries a chosen setting from a search with the recipe's current settings.
 
-    Changing the recipe's search layers, weights or condition makes the files stale, so they are searched again.
+    Changing the recipe's search layers, weights, condition or number of validation prompts makes the files stale, so
+    they are searched again.
     """
     from nsteer.errors import NsteerError
     from nsteer.pipeline import vector_path
@@ -78,6 +89,12 @@ def searched(recipe, names, n_layers: int) -> bool:
             return False
         chosen = vector.metadata.chosen
         if chosen is None or list(chosen.layers_searched or ()) != layers or chosen.condition != settings.condition:
+            return False
+        if chosen.shared_search:  # pooled over the shared words' validation answers
+            expected = sum(validation_answers(recipe, f"include:{word}") for word in chosen.shared_search.words)
+        else:
+            expected = validation_answers(recipe, name)
+        if chosen.n_prompts != expected:
             return False
         weights, relative = searched_weights(candidate_settings(recipe, indices[name], vector, layers))
         if (list(chosen.weights_searched or ()), chosen.weights_relative) != (weights, relative):
@@ -134,7 +151,17 @@ def search_words_shared(recipe, handle, runs_dir: Path, force: bool, words=SHARE
     missing = shared - set(names)
     if missing:
         raise SystemExit(f"{recipe.name}: the shared-search words {sorted(missing)} have no `layer: auto` entry.")
-    subset = recipe.model_copy(update={"steer": [entry for entry in recipe.steer if entry.instruction in shared]})
+    # Only the shared words are swept, but a centered direction is each word minus the mean of EVERY word the recipe
+    # steers with (what `layer: auto` later uses): the other words stay in as fixed entries, which a sweep leaves alone.
+    layers = candidate_layers(handle.n_layers, recipe.search.layers, recipe.search.layer_step)
+    fixed = {"layer": layers[0], "weight": 0.0}
+    subset = recipe.model_copy(
+        update={
+            "steer": [
+                entry if entry.instruction in shared else entry.model_copy(update=fixed) for entry in recipe.steer
+            ]
+        }
+    )
     out_dir = runs_dir / recipe.name / "search"
     result = search_recipe(subset, handle, out_dir=out_dir, write=False, progress=_progress)
     write_search_report(result, out_dir)
@@ -163,7 +190,6 @@ def search_words_shared(recipe, handle, runs_dir: Path, force: bool, words=SHARE
         winner=choose(baseline, cells),
         rule=result.sweeps[0].rule,
     )
-    layers = candidate_layers(handle.n_layers, settings.layers, settings.layer_step)
     chosen = dataclasses.replace(
         searched_setting(sweep, layers),
         shared_search=SharedSearch(
