@@ -137,7 +137,7 @@ def pooled_cell(cells):
 
 def search_words_shared(recipe, handle, runs_dir: Path, force: bool, words=SHARED_SEARCH_WORDS) -> None:
     """Sweep the shared words together, pool their cells, and write the pooled winner into every word vector."""
-    from nsteer.pipeline import vector_path
+    from nsteer.pipeline import center_names, vector_path
     from nsteer.report import write_search_report
     from nsteer.search import InstructionSweep, candidate_layers, choose, guard, search_recipe, searched_setting
     from nsteer.searched import SharedSearch
@@ -190,8 +190,11 @@ def search_words_shared(recipe, handle, runs_dir: Path, force: bool, words=SHARE
         winner=choose(baseline, cells),
         rule=result.sweeps[0].rule,
     )
+    vectors = {
+        entry.vector or entry.instruction: load_vector(vector_path(recipe, entry.instruction)) for entry in subset.steer
+    }
     chosen = dataclasses.replace(
-        searched_setting(sweep, layers),
+        searched_setting(sweep, layers, center_names(subset, vectors)),  # recorded only for a centered winner
         shared_search=SharedSearch(
             words=tuple(words),
             note="layer and weight searched once on these words' pooled validation answers "
