@@ -96,6 +96,10 @@ def searched(recipe, names, n_layers: int) -> bool:
             expected = validation_answers(recipe, name)
         if chosen.n_prompts != expected:
             return False
+        # A centered direction is taken against every vector the recipe steers with: a word added or removed
+        # changes it, so the setting found for the old set is stale.
+        if chosen.centered and tuple(chosen.centered_on or ()) != tuple(sorted(dict.fromkeys(names))):
+            return False
         weights, relative = searched_weights(candidate_settings(recipe, indices[name], vector, layers))
         if (list(chosen.weights_searched or ()), chosen.weights_relative) != (weights, relative):
             return False
