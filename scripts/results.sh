@@ -20,6 +20,8 @@ step "length 2x2, the shipped vectors at their searched settings"
 $NSTEER eval scripts/results/length-eval.yaml --out runs/results/length-eval
 step "clamped add against plain add of the same mean strength (validation)"
 $PY scripts/clamp_vs_add.py --layer 16 --k 2 --clamps 0,1 --prompts 16 --max-new-tokens 256 --out runs/results/clamp-vs-add
+step "accuracy against the number of training pairs (validation)"
+$PY scripts/pair_count.py --work runs/results/pair-count
 step "length curve"
 $PY scripts/length_curve.py --out runs/results/length-curve
 step "verbosity curve (384 tokens)"
