@@ -575,6 +575,8 @@ def evaluate(
     out_dir = out or recipe.output_dir / (
         "eval" if data is None and split == "test" else f"eval-{'data' if data else split}"
     )
+    if not dry_run:  # a plan touches nothing: no report folder is made
+        _writable(out_dir, files=(CHECKPOINT, *EVAL_REPORT_FILES))
     vectors = read_recipe_vectors(recipe) if recipe.steer else {}
     if data is None:
         for name in vectors_from_other_pairs(recipe, vectors):
@@ -585,11 +587,10 @@ def evaluate(
             )
     plan = plan_recipe_evaluation(recipe, vectors, split=split, limit=limit, data=data)
     output.note(f"plan: {plan.summary()} ({_estimate(recipe, remote, plan.generated, plan.max_new_tokens)}).")
-    if dry_run:  # prints the plan and touches nothing: no output folder is made
+    if dry_run:
         output.document({"command": "eval", "dry_run": True, "plan": plan.to_dict()})
         output.records([plan.to_dict()])
         return
-    _writable(out_dir, files=(CHECKPOINT, *EVAL_REPORT_FILES))
     handle = _open(output, recipe, remote)
     check_recipe_vectors(recipe, vectors, handle, allow_transfer=allow_transfer or None)
     with output.progress() as bars:
