@@ -430,6 +430,7 @@ class ShippedVector:
 
     path: Path
     metadata: VectorMetadata
+    norms: tuple[float, ...] = ()  # ‖u_l‖ per layer: a weight searched as k × ‖u_l‖ is k times this file's own norm
 
 
 def default_vectors_dir() -> Path:
@@ -455,10 +456,22 @@ def scan_vectors(directory: str | Path | None = None) -> tuple[list[ShippedVecto
     found, unreadable = [], []
     for path in sorted(root.rglob("*.safetensors")):
         try:
-            found.append(ShippedVector(path, load_vector(path).metadata))
+            vector = load_vector(path)
+            found.append(ShippedVector(path, vector.metadata, tuple(vector.norms.tolist())))
         except NsteerError as error:
             unreadable.append((path, str(error)))
     return found, unreadable
+
+
+def _own_weight(vector: ShippedVector) -> float | None:
+    """The weight the file's setting applies with it: k × its own ‖u_l‖ for a relative weight (a shared word setting
+    stores the absolute weight of the word it was searched on), else the stored weight; None when not searched."""
+    chosen = vector.metadata.chosen
+    if chosen is None:
+        return None
+    if chosen.weight_relative is None or chosen.layer is None or chosen.layer >= len(vector.norms):
+        return chosen.weight
+    return chosen.weight_relative * vector.norms[chosen.layer]
 
 
 def listing_row(vector: ShippedVector, root: str | Path | None = None) -> dict[str, Any]:
@@ -479,7 +492,8 @@ def listing_row(vector: ShippedVector, root: str | Path | None = None) -> dict[s
         "no_steering": chosen is not None and chosen.no_steering,
         "layer": chosen.layer if chosen else None,
         "mode": chosen.mode if chosen else None,
-        "weight": chosen.weight if chosen else None,
+        "weight": _own_weight(vector),
+        "weight_relative": chosen.weight_relative if chosen else None,
         "positions": chosen.positions if chosen else None,
         "score": chosen.score if chosen else None,
         "baseline_score": chosen.baseline_score if chosen else None,

@@ -111,11 +111,17 @@ def test_nsteer_list_shows_instructions_and_shipped_vectors(vectors, monkeypatch
     assert set(rows) == set(vectors)
     for name, item in vectors.items():
         chosen = item.metadata.chosen
-        assert (rows[name]["layer"], rows[name]["mode"], rows[name]["weight"]) == (
-            chosen.layer,
-            chosen.mode,
-            chosen.weight,
+        # The weight the file applies: a relative (shared) setting is k times this vector's own norm.
+        own = (
+            chosen.weight
+            if chosen.weight_relative is None or chosen.layer is None
+            else chosen.weight_relative * float(item.norms[chosen.layer])
         )
+        assert (rows[name]["layer"], rows[name]["mode"], rows[name]["weight"]) == pytest.approx(
+            (chosen.layer, chosen.mode, own)
+        )
+    words = {rows[name]["weight"] for name in rows if name.startswith("include:")}
+    assert len(words) > 1  # one shared k, a different weight per word
     code, out = _run_cli(monkeypatch, capsys, "list", "--vectors", str(SHIPPED))
     assert code == 0
     for name in ("lowercase", "language_fr", "length_0", "include:ocean", "exclude:<word>"):
