@@ -438,9 +438,9 @@ def inspect(
             for key in ("instruction", "category", "model", "architecture", "width", "layers", "pairs")
         ]
         (vector,) = vectors
-        rows.append(("searched", _describe_setting(vector.metadata.chosen)))
+        rows.append(("searched", _describe_setting(vector.metadata.chosen, vector.norms)))
         rows += [
-            (f"searched for {name}", _describe_setting(setting))
+            (f"searched for {name}", _describe_setting(setting, vector.norms))
             for name, setting in sorted(vector.metadata.chosen_for.items())
         ]
         if summary.get("imported_from"):
@@ -460,7 +460,7 @@ def inspect(
                 summary["model"],
                 f"{summary['layers']} x {summary['width']}",
                 str(summary["pairs"]),
-                _describe_setting(vector.metadata.chosen),
+                _describe_setting(vector.metadata.chosen, vector.norms),
             )
             for number, (summary, vector) in enumerate(zip(summaries, vectors))
         ],
@@ -476,14 +476,20 @@ def inspect(
     )
 
 
-def _describe_setting(chosen: SearchedSetting | None) -> str:
-    """A searched setting in words: ``layer 14, set, weight 1, all positions (validation 0.42 vs 0.30 unsteered)``."""
+def _describe_setting(chosen: SearchedSetting | None, norms: Any = None) -> str:
+    """A searched setting in words: ``layer 14, set, weight 1, all positions (validation 0.42 vs 0.30 unsteered)``.
+
+    A relative weight is shown as this vector's own k × ‖u_l‖ (``norms``): a setting shared by several vectors stores
+    the absolute weight of the one it was searched on."""
     if chosen is None:
         return "not searched"
     if chosen.no_steering:
         text = "no steering (nothing beat the unsteered model)"
     else:
-        text = f"layer {chosen.layer}, {chosen.mode}, weight {chosen.weight:g}"
+        weight = chosen.weight
+        if chosen.weight_relative is not None and norms is not None and chosen.layer is not None:
+            weight = chosen.weight_relative * float(norms[chosen.layer])
+        text = f"layer {chosen.layer}, {chosen.mode}, weight {weight:g}"
         if chosen.weight_relative is not None:
             text += f" ({chosen.weight_relative:g} x the layer's norm)"
         text += f", {chosen.positions} positions"

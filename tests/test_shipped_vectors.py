@@ -122,6 +122,12 @@ def test_nsteer_list_shows_instructions_and_shipped_vectors(vectors, monkeypatch
         )
     words = {rows[name]["weight"] for name in rows if name.startswith("include:")}
     assert len(words) > 1  # one shared k, a different weight per word
+    window = vectors["include:window"]
+    k, layer = window.metadata.chosen.weight_relative, window.metadata.chosen.layer
+    code, out = _run_cli(monkeypatch, capsys, "inspect", str(SHIPPED / "include-window.safetensors"))
+    assert code == 0 and f"weight {k * float(window.norms[layer]):g} ({k:g} x the layer's norm)" in " ".join(
+        out.split()
+    )
     code, out = _run_cli(monkeypatch, capsys, "list", "--vectors", str(SHIPPED))
     assert code == 0
     for name in ("lowercase", "language_fr", "length_0", "include:ocean", "exclude:<word>"):
