@@ -44,6 +44,9 @@ GOOD = [
     # Punctuation inside a word: compounds, digit groups, paths and table borders repeat no unit with a letter.
     "A state-of-the-art, well-to-do, up-to-date answer: 1,000,000,000,000 people, see https://example.com/a/b/c/d/e.",
     "|---|---|---|\n|Ada|36|Alan|\n|Ada|41|Alan|",
+    # Code, markup and formulas repeat a mixed unit a few times: not a loop below 8 copies.
+    "Hexane is CH3-CH2-CH2-CH2-CH2-CH3; use head.next.next.next.next or <br><br><br><br> or ff:ff:ff:ff:ff:ff here.",
+    "ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(__file__)))) and sin(sin(sin(sin(x))))",
 ]
 
 BAD = [

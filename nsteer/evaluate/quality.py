@@ -46,6 +46,7 @@ _BROKEN_MAX_SYMBOL_SHARE = 0.7  # JSON with short keys reaches about 0.7 symbols
 _WORD_LOOP_MAX_UNIT = 16
 _NON_SPACE_RUN = re.compile(r"\S+")
 _WORD_LOOP_MIN_REPEATS = 4
+_MIXED_LOOP_MIN_REPEATS = 8
 _WORD_LOOP_MIN_CHARS = 12
 # Sentences and lines: the same one three times is a loop, and so are three repeats spread over long ones (a
 # paragraph loop whose sentences each come back once). Short ones ("Lunch:", "Yes.") repeat in normal lists.
@@ -93,7 +94,12 @@ def _has_word_loop(text: str) -> bool:
             stretch = 0
             for index in range(period, len(folded)):
                 stretch = stretch + 1 if folded[index] == folded[index - period] else 0
-                if stretch + period >= needed and letters[index + 1] > letters[index + 1 - period]:
+                if stretch + period < needed:
+                    continue
+                unit_letters = letters[index + 1] - letters[index + 1 - period]
+                # A unit of letters alone loops at 4 copies; one with other characters ("CH2-", ".next", "<br>")
+                # is code, formulas or markup at 4 and only a loop at 8.
+                if unit_letters == period or (unit_letters and stretch + period >= _MIXED_LOOP_MIN_REPEATS * period):
                     return True
     return False
 
