@@ -481,14 +481,14 @@ def _describe_setting(chosen: SearchedSetting | None, norms: Any = None) -> str:
 
     A relative weight is shown as this vector's own k × ‖u_l‖ (``norms``): a setting shared by several vectors stores
     the absolute weight of the one it was searched on."""
+    from nsteer.vectors import applied_weight
+
     if chosen is None:
         return "not searched"
     if chosen.no_steering:
         text = "no steering (nothing beat the unsteered model)"
     else:
-        weight = chosen.weight
-        if chosen.weight_relative is not None and norms is not None and chosen.layer is not None:
-            weight = chosen.weight_relative * float(norms[chosen.layer])
+        weight = chosen.weight if norms is None else applied_weight(chosen, norms)
         text = f"layer {chosen.layer}, {chosen.mode}, weight {weight:g}"
         if chosen.weight_relative is not None:
             text += f" ({chosen.weight_relative:g} x the layer's norm)"

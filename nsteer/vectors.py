@@ -7,7 +7,7 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -463,15 +463,13 @@ def scan_vectors(directory: str | Path | None = None) -> tuple[list[ShippedVecto
     return found, unreadable
 
 
-def _own_weight(vector: ShippedVector) -> float | None:
-    """The weight the file's setting applies with it: k × its own ‖u_l‖ for a relative weight (a shared word setting
-    stores the absolute weight of the word it was searched on), else the stored weight; None when not searched."""
-    chosen = vector.metadata.chosen
-    if chosen is None:
-        return None
-    if chosen.weight_relative is None or chosen.layer is None or chosen.layer >= len(vector.norms):
+def applied_weight(chosen: SearchedSetting, norms: Sequence[float]) -> float:
+    """The weight a searched setting applies with the vector whose norms are ``norms``: k × its own ‖u_l‖ for a
+    relative weight (a shared word setting stores the absolute weight of the word it was searched on), else the
+    stored weight."""
+    if chosen.weight_relative is None or chosen.layer is None or not 0 <= chosen.layer < len(norms):
         return chosen.weight
-    return chosen.weight_relative * vector.norms[chosen.layer]
+    return chosen.weight_relative * float(norms[chosen.layer])
 
 
 def listing_row(vector: ShippedVector, root: str | Path | None = None) -> dict[str, Any]:
@@ -492,7 +490,7 @@ def listing_row(vector: ShippedVector, root: str | Path | None = None) -> dict[s
         "no_steering": chosen is not None and chosen.no_steering,
         "layer": chosen.layer if chosen else None,
         "mode": chosen.mode if chosen else None,
-        "weight": _own_weight(vector),
+        "weight": applied_weight(chosen, vector.norms) if chosen else None,
         "weight_relative": chosen.weight_relative if chosen else None,
         "positions": chosen.positions if chosen else None,
         "score": chosen.score if chosen else None,
