@@ -46,6 +46,13 @@ def _median_difference_ms(a: list[float], b: list[float], steps: int) -> float:
     return 1000 * statistics.median(x - y for x, y in zip(a, b)) / steps
 
 
+def _resolution_ms(a: list[float], b: list[float], steps: int) -> float:
+    """Median absolute deviation of the per-round (a - b), in ms per step; never below 1 microsecond."""
+    differences = [x - y for x, y in zip(a, b)]
+    centre = statistics.median(differences)
+    return max(1000 * statistics.median(abs(d - centre) for d in differences) / steps, 0.001)
+
+
 def bench_overhead(
     settings: OverheadSettings, device: str, generation: dict[str, Any] | None, targets: dict[str, float]
 ) -> dict[str, Any]:
@@ -104,7 +111,13 @@ def bench_overhead(
         for rows in settings.row_counts
     }
     smallest, largest = str(min(settings.row_counts)), str(max(settings.row_counts))
-    growth = edit_cost[largest] / edit_cost[smallest] if edit_cost[smallest] > 0 else float("nan")
+    # The 1-row cost is a difference of two noisy timings and can come out zero or negative; a ratio against it is
+    # then meaningless. Divide by at least its resolution (the spread of its per-round differences), so the growth
+    # stays finite and says "no larger than the noise allows".
+    resolution = _resolution_ms(
+        times.cpu[f"rows_{smallest}_distinct"], times.cpu[f"rows_{smallest}_unsteered"], steps
+    )
+    growth = edit_cost[largest] / max(edit_cost[smallest], resolution)
     result: dict[str, Any] = {
         "model": model.description,
         "new_tokens": steps,
@@ -129,6 +142,7 @@ def bench_overhead(
             },
             "edit_cost_ms_per_step": edit_cost,
             f"cost_{largest}_over_{smallest}": round(growth, 3),
+            f"resolution_{smallest}_ms_per_step": round(resolution, 3),
             "target": targets.get("edit_cost_rows_growth"),
             "met": growth <= targets.get("edit_cost_rows_growth", float("inf")),
         },

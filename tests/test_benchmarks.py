@@ -174,3 +174,14 @@ def test_search_benchmark_compares_winners_and_answers_cell_by_cell() -> None:
     assert pair[1]["wall_ratio"] == 3.0 and pair[1]["cpu_ratio"] == 2.5
     assert pair[1]["winners_differ"] == {"title": ["no steering", "L6 set"]}
     assert pair[1]["answers"] == {"cells_compared": 2, "cells_identical": 1, "differing": ["title / L6 set"]}
+
+
+def test_row_growth_divides_by_the_resolution_when_the_one_row_cost_is_noise() -> None:
+    from benchmarks.overhead import _resolution_ms
+
+    # Per-round CPU seconds over 10 steps: the 1-row edit costs -0.1 / +0.1 / 0.0 ms per step, i.e. nothing measurable.
+    distinct = [1.000, 1.002, 1.001]
+    unsteered = [1.001, 1.001, 1.001]
+    resolution = _resolution_ms(distinct, unsteered, steps=10)
+    assert math.isclose(resolution, 0.1, rel_tol=1e-6)
+    assert _resolution_ms([1.0, 1.0], [1.0, 1.0], steps=10) == 0.001  # identical timings: the floor, not zero
