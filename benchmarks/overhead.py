@@ -114,9 +114,7 @@ def bench_overhead(
     # The 1-row cost is a difference of two noisy timings and can come out zero or negative; a ratio against it is
     # then meaningless. Divide by at least its resolution (the spread of its per-round differences), so the growth
     # stays finite and says "no larger than the noise allows".
-    resolution = _resolution_ms(
-        times.cpu[f"rows_{smallest}_distinct"], times.cpu[f"rows_{smallest}_unsteered"], steps
-    )
+    resolution = _resolution_ms(times.cpu[f"rows_{smallest}_distinct"], times.cpu[f"rows_{smallest}_unsteered"], steps)
     growth = edit_cost[largest] / max(edit_cost[smallest], resolution)
     result: dict[str, Any] = {
         "model": model.description,
