@@ -30,7 +30,7 @@ class GenerationConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int | None = None
-    batch_size: int = 8
+    batch_size: int = 32
     truncate_prompts: bool = False
 
     def __post_init__(self) -> None:

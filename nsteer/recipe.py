@@ -263,7 +263,12 @@ class GenerationSection(Strict):
     """How answers are decoded."""
 
     max_new_tokens: int = Field(64, gt=0, le=MAX_NEW_TOKENS, description="Tokens generated per answer (at most).")
-    batch_size: int = Field(8, gt=0, le=MAX_BATCH_SIZE, description="Prompts per batched generation.")
+    batch_size: int = Field(
+        32,
+        gt=0,
+        le=MAX_BATCH_SIZE,
+        description="Prompts per batched generation (the search fills its batches with the rows of every candidate).",
+    )
     do_sample: bool = Field(False, description="Sample instead of greedy decoding.")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature (with do_sample).")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass (with do_sample).")
