@@ -173,8 +173,9 @@ def test_interrupted_search_keeps_finished_batches_and_resumes(monkeypatch, caps
     checkpoint = out / "search" / "cells.jsonl"
     original = search_module.generate
 
-    # The same 2 base prompts (instruction absent) for both instructions: 2 unsteered rows, shared, then
-    # shout at layers 1, 2 and whisper at layers 1, 2 on each: 10 rows in batches of 4; Ctrl-C in the third batch.
+    # The same 2 base prompts (instruction absent) for both instructions: 2 unsteered rows, shared, and shout at
+    # layers 1, 2 and whisper at layers 1, 2 on each: 10 rows, ordered by prompt length, in batches of 4; Ctrl-C in
+    # the third batch.
     first = Counting(original, fail_on=3, describe=sweep_describe)
     monkeypatch.setattr(search_module, "generate", first)
     assert_interrupted(*run(monkeypatch, capsys, "search", str(recipe)))
@@ -190,8 +191,12 @@ def test_interrupted_search_keeps_finished_batches_and_resumes(monkeypatch, caps
     monkeypatch.setattr(search_module, "generate", again)
     code, output = run(monkeypatch, capsys, "search", str(recipe))
     assert code == 0, output
-    assert first.calls[0][:2] == ((None, None), (None, None))  # the unsteered rows come first, once
-    assert again.calls == [(("whisper", 2), ("whisper", 2))]  # only the batch that had not finished
+    # Only the batch that had not finished runs again, with the same rows; over both runs every row ran once
+    # (the unsteered row of each prompt once, shared by both instructions).
+    assert again.calls == [first.calls[2]]
+    done = [row for call in (*first.calls[:2], *again.calls) for row in call]
+    expected = [(None, None)] * 2 + [(name, layer) for name in ("shout", "whisper") for layer in (1, 2)] * 2
+    assert sorted(done, key=repr) == sorted(expected, key=repr)
     assert len(checkpoint.read_bytes().splitlines()) == 3
     assert (out / "search" / "search.json").exists() and (out / "search" / "search.md").exists()
     assert load_vector(out / "shout.safetensors").metadata.chosen is not None

@@ -789,6 +789,24 @@ def test_one_edit_per_setting_and_one_baseline_for_instructions_sharing_prompts(
     assert [len(row_edits) for row_edits in batches] == [4, 4, 4, 3]  # 3 + 12 rows
 
 
+def test_the_sweep_batches_rows_of_similar_prompt_length_together(setup, handle) -> None:
+    """Rows are ordered by prompt length before they are cut into batches, so a batch pads little."""
+    from nsteer.extract import fitted_token_ids
+
+    recipe = setup(search={"layers": [1, 2, 3], "max_prompts": 4, "condition": "both"})
+    calls: list[list[str]] = []
+    recorded = ByLayer({})
+
+    def generator(h, prompts, *, row_edits, config, progress=None):
+        calls.append(list(prompts))
+        return recorded(h, prompts, row_edits=row_edits, config=config)
+
+    search_recipe(recipe, handle, generator=generator, reference=None, write=False)
+    lengths = [len(fitted_token_ids(handle, prompt)) for call in calls for prompt in call]
+    assert len(lengths) == 8 + 3 * 8  # the baseline and three layers on 4 pairs, with and without the instruction
+    assert len(set(lengths)) > 1 and lengths == sorted(lengths)
+
+
 def test_successive_halving_keeps_the_better_half_and_judges_the_winner_on_every_prompt(setup, handle) -> None:
     from nsteer.search import plan_search
 
