@@ -20,11 +20,11 @@ from benchmarks.harness import rounds, timed
 class EvaluationSettings:
     """Sizes and repeats of the evaluation-throughput section."""
 
-    prompts: int = 16
-    new_tokens: int = 24
-    batch_sizes: tuple[int, ...] = (1, 4, 8, 16)
+    prompts: int = 64
+    new_tokens: int = 32
+    batch_sizes: tuple[int, ...] = (8, 16, 32, 64)  # 8 was generation.batch_size's default before 32
     max_rounds: int = 2
-    budget_s: float = 60.0
+    budget_s: float = 120.0
 
 
 def bench_eval_throughput(

@@ -66,7 +66,7 @@ QUICK = Settings(
     generation=GenerationSettings(new_tokens=8, min_rounds=2, max_rounds=2, budgets_s=(5.0, 5.0)),
     overhead=OverheadSettings(layers=4, new_tokens=8, rounds=2),
     extraction=ExtractionSettings(pairs=16, full_forward_every=2, research_prompts=4),
-    evaluation=EvaluationSettings(prompts=16, new_tokens=4, max_rounds=1, budget_s=5.0),
+    evaluation=EvaluationSettings(prompts=16, new_tokens=4, batch_sizes=(1, 4, 8, 16), max_rounds=1, budget_s=5.0),
     memory=MemorySettings(pairs=(8, 64)),
 )
 # A GPU: batch 1 and 32 (the shapes), shorter runs; the check has minutes, not a quarter of an hour.
