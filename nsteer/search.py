@@ -16,10 +16,15 @@ the validation split is ever read.
 
 **One batched sweep.** Every entry's candidates are generated together: each candidate is one Edit shared by all of
 its rows, the rows of every entry and candidate (the unsteered ones included) are ordered by prompt length and cut
-into batches of ``generation.batch_size``, and each batch steers each of its rows by that row's own edit. The unsteered answer depends
-only on the prompt, so entries whose validation prompts coincide (the same base prompts, instruction absent) share it;
-perplexity is computed once per distinct answer. Each finished batch goes to a JSONL checkpoint, so an interrupted
-sweep resumes at the first unfinished batch. On NDIF the same batches travel in as few requests as the backend allows.
+into batches of ``generation.batch_size``, and each batch steers each of its rows by that row's own edit. The
+unsteered answer depends only on the prompt, so entries whose validation prompts coincide (the same base prompts,
+instruction absent) share it. Each finished batch goes to a JSONL checkpoint, so an interrupted sweep resumes at the
+first unfinished batch. On NDIF the same batches travel in as few requests as the backend allows.
+
+**Perplexity where it can decide.** The perplexity rule only ever rejects, so the reference model scores only the
+answers of settings that every other rule leaves able to win (scored on every prompt, within the degenerate margin,
+more substantive passes than the baseline) and their entry's baseline answers, each distinct answer once. The winner
+is the one scoring every answer would give; the other settings report no median perplexity (n/a).
 
 **Successive halving** (``search.halving``), exactly: round 1 scores every candidate and the baseline on the first
 ``halving_start`` validation pairs (under the search's condition: with ``both``, each pair gives two prompts); each
@@ -47,7 +52,16 @@ from nsteer.edits import Edit, EditOptions, relative_weight, vector_edits
 from nsteer.errors import EvaluationError
 from nsteer.evaluate.checkers import CheckSpec
 from nsteer.evaluate.inputs import open_reference
-from nsteer.evaluate.runner import Generator, Reference, Row, ScoredAnswer, Unit, generate_units, score_units
+from nsteer.evaluate.runner import (
+    Generator,
+    Reference,
+    Row,
+    ScoredAnswer,
+    Unit,
+    generate_units,
+    score_units,
+    with_perplexity,
+)
 from nsteer.extract import fitted_token_ids
 from nsteer.generate import GenerationConfig, generate
 from nsteer.models import ModelHandle
@@ -228,7 +242,10 @@ def guard_rule(margin: float, min_perplexity_ratio: float) -> str:
     """The guard's rule in words, as recorded with the result."""
     rule = f"reject if degenerate share > baseline share + {margin:g}"
     if min_perplexity_ratio > 0:
-        rule += f", or median perplexity < {min_perplexity_ratio:g} x baseline median"
+        rule += (
+            f", or median perplexity < {min_perplexity_ratio:g} x baseline median (measured for the settings the other"
+            " rules leave able to win)"
+        )
     needs = "; a steered setting needs more substantive passes than no steering"
     return rule + needs + "; most substantive, then loose, then strict wins"
 
@@ -400,8 +417,8 @@ def _generate_rows(
     once.
 
     Rows, ordered by prompt length, go into units of ``generation.batch_size`` (the last may be short): one
-    generation batch each, checkpointed as it finishes, so an interrupted sweep resumes at the first unfinished batch. On NDIF all units
-    travel in one call (grouped into as few requests as the backend allows).
+    generation batch each, checkpointed as it finishes, so an interrupted sweep resumes at the first unfinished
+    batch. On NDIF all units travel in one call (grouped into as few requests as the backend allows).
     """
     distinct = list(dict.fromkeys((prompt, edits) for prompt, edits in rows))
     # Rows of similar prompt length share a batch: every row is padded to its batch's longest prompt, and the pooled
@@ -491,7 +508,8 @@ def _sweep(
                 keys.append((entry.index, setting))
                 units.append(Unit(label, tuple(Row(p, edits, (entry.spec,)) for p in prompts)))
                 answers.append([texts[(p, id(edits))] for p in prompts])
-        for key, unit_scores in zip(keys, score_units(units, answers, reference=reference)):
+        # Perplexity comes later, and only where the guard's perplexity rule can change the winner.
+        for key, unit_scores in zip(keys, score_units(units, answers, reference=None)):
             scored.setdefault(key, []).extend(unit_scores)
         for entry in entries:
             counts = schedule[entry.index]
@@ -510,23 +528,47 @@ def _sweep(
                     f"dropped by successive halving after {counts[number]} of {len(entry.pairs)} prompt pairs"
                 )
             alive[entry.index] = sorted(setting for _, setting in ranked[:keep])
-    results = {}
-    for entry in entries:
-        base_answers = scored[(entry.index, -1)]
-        baseline = _sweep_cell(entry.baseline, [answer.prompt for answer in base_answers], base_answers)
-        cells = []
-        for number, setting in enumerate(entry.settings):
-            answers_so_far = scored.get((entry.index, number), [])
-            cell = _sweep_cell(setting, [a.prompt for a in answers_so_far], answers_so_far)
-            cells.append(
-                dataclasses.replace(
-                    cell,
-                    rejected=guard(cell, baseline, margin, min_perplexity_ratio),
-                    dropped=dropped.get((entry.index, number)),
-                )
+    if reference is not None and min_perplexity_ratio > 0:
+        # The perplexity rule only ever rejects, so it matters only for a setting that every other rule leaves able
+        # to win: scored on every prompt, not degenerate beyond the margin, more substantive passes than the
+        # baseline. Only those answers and their entry's baseline answers are scored under the reference model; the
+        # winner is the same as with every answer scored, at a fraction of the cost (a pass per answer otherwise).
+        needed = []
+        for entry in entries:
+            baseline, cells = _cells(entry, scored, dropped, margin, 0.0)
+            contenders = [
+                number
+                for number, cell in enumerate(cells)
+                if cell.rejected is None and cell.dropped is None and beats_baseline(cell, baseline)
+            ]
+            needed += [(entry.index, number) for number in ([-1, *contenders] if contenders else [])]
+        for key, answers in zip(needed, with_perplexity([scored[key] for key in needed], reference)):
+            scored[key] = list(answers)
+    return {entry.index: _cells(entry, scored, dropped, margin, min_perplexity_ratio) for entry in entries}
+
+
+def _cells(
+    entry: _Entry,
+    scored: Mapping[tuple[int, int], Sequence[ScoredAnswer]],
+    dropped: Mapping[tuple[int, int], str],
+    margin: float,
+    min_perplexity_ratio: float,
+) -> tuple[SweepCell, list[SweepCell]]:
+    """An entry's baseline cell and its candidates' cells, each judged by the guard."""
+    base_answers = scored[(entry.index, -1)]
+    baseline = _sweep_cell(entry.baseline, [answer.prompt for answer in base_answers], base_answers)
+    cells = []
+    for number, setting in enumerate(entry.settings):
+        answers_so_far = scored.get((entry.index, number), [])
+        cell = _sweep_cell(setting, [a.prompt for a in answers_so_far], answers_so_far)
+        cells.append(
+            dataclasses.replace(
+                cell,
+                rejected=guard(cell, baseline, margin, min_perplexity_ratio),
+                dropped=dropped.get((entry.index, number)),
             )
-        results[entry.index] = (baseline, cells)
-    return results
+        )
+    return baseline, cells
 
 
 def _sweep_cell(setting: Setting, prompts: Sequence[str], answers: Sequence[ScoredAnswer]) -> SweepCell:

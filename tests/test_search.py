@@ -126,6 +126,49 @@ def test_an_accepted_better_layer_wins_and_is_used_by_layer_auto(setup, handle, 
     assert "| lowercase | layer 3 set w=1 | 1.00 | 1.00 | 0% | 1.00 |" in paths["markdown"].read_text()
 
 
+def test_perplexity_is_scored_only_for_settings_that_can_win(setup, handle, monkeypatch) -> None:
+    """The perplexity rule only rejects: answers of settings other rules already keep from winning are not scored."""
+    import nsteer.search as search_module
+
+    scored: list[str] = []
+    original = search_module.with_perplexity
+
+    def recording(groups, reference):
+        scored.extend(answer.answer for group in groups for answer in group)
+        return original(groups, reference)
+
+    monkeypatch.setattr(search_module, "with_perplexity", recording)
+    recipe = setup()  # min_perplexity_ratio 0.5 by default
+    other = "this other lowercase answer talks about the weather in a different way."
+    generator = ByLayer({None: TITLE, 1: TITLE, 2: LOOP_LOWER, 3: other})  # 1 no better, 2 loops, 3 can win
+    (sweep,) = search_recipe(recipe, handle, generator=generator, reference=reference_of(handle)).sweeps
+    assert sorted(set(scored)) == sorted({TITLE, other}) and len(scored) == 12  # baseline and layer 3, 6 answers each
+    by_layer = {cell.setting.layer: cell for cell in sweep.cells}
+    assert math.isfinite(sweep.baseline.median_perplexity) and math.isfinite(by_layer[3].median_perplexity)
+    assert math.isnan(by_layer[1].median_perplexity) and math.isnan(by_layer[2].median_perplexity)
+    assert sweep.winner.setting.layer == 3
+
+
+def test_the_perplexity_rule_still_rejects_a_setting_that_would_win(setup, handle, monkeypatch) -> None:
+    import dataclasses
+
+    import nsteer.search as search_module
+
+    def fixed(groups, reference):  # the baseline's answers 10, the steered answers 4: below 0.5 x 10
+        return [
+            tuple(dataclasses.replace(a, perplexity=10.0 if a.answer == TITLE else 4.0) for a in group)
+            for group in groups
+        ]
+
+    monkeypatch.setattr(search_module, "with_perplexity", fixed)
+    recipe = setup()
+    generator = ByLayer({None: TITLE, 3: PASS_LOWER})
+    (sweep,) = search_recipe(recipe, handle, generator=generator, reference=reference_of(handle)).sweeps
+    layer3 = next(cell for cell in sweep.cells if cell.setting.layer == 3)
+    assert layer3.rejected == "median perplexity 4.00 < 0.5 x baseline 10.00"
+    assert sweep.winner.setting.no_steering
+
+
 def test_no_steering_wins_when_every_setting_is_worse(setup, handle) -> None:
     recipe = setup()
 

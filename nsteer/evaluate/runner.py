@@ -296,21 +296,21 @@ def score_units(
     judge: Judge | None = None,
 ) -> list[tuple[ScoredAnswer, ...]]:
     """Score each unit's answers (see the module doc); perplexity once per distinct (prompt, answer)."""
-    perplexities: dict[tuple[str, str], float] = {}
-    if reference is not None:
-        distinct = list(
-            dict.fromkeys(
-                (row.prompt, text) for unit, texts in zip(units, answers) for row, text in zip(unit.rows, texts)
-            )
-        )
-        values = perplexity(reference.model, reference.tokenizer, [p for p, _ in distinct], [a for _, a in distinct])
-        perplexities = dict(zip(distinct, values))
-    return [
-        tuple(
-            score_answer(row, text, perplexities.get((row.prompt, text), math.nan), judge)
-            for row, text in zip(unit.rows, texts)
-        )
+    scored = [
+        tuple(score_answer(row, text, math.nan, judge) for row, text in zip(unit.rows, texts))
         for unit, texts in zip(units, answers)
+    ]
+    return scored if reference is None else with_perplexity(scored, reference)
+
+
+def with_perplexity(groups: Sequence[Sequence[ScoredAnswer]], reference: Reference) -> list[tuple[ScoredAnswer, ...]]:
+    """The same answers with their perplexity under ``reference``, computed once per distinct (prompt, answer)."""
+    distinct = list(dict.fromkeys((answer.prompt, answer.answer) for group in groups for answer in group))
+    values = perplexity(reference.model, reference.tokenizer, [p for p, _ in distinct], [a for _, a in distinct])
+    perplexities = dict(zip(distinct, values))
+    return [
+        tuple(dataclasses.replace(answer, perplexity=perplexities[(answer.prompt, answer.answer)]) for answer in group)
+        for group in groups
     ]
 
 
