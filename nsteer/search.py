@@ -766,7 +766,7 @@ def search_recipe(
             "one searched setting per instruction. Give all but one of them a fixed layer.",
         )
     vectors = vectors if vectors is not None else load_recipe_vectors(recipe, handle)
-    if reference is None:
+    if reference is None and settings.min_perplexity_ratio > 0:  # ratio 0: the rule is off, nothing is scored
         reference = open_reference(recipe, handle)
     config = generation_config(recipe, max_new_tokens=settings.max_new_tokens)
     meter = Metered(generator or generate)  # a real search teaches the next plan this machine's rate

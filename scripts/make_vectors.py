@@ -174,6 +174,29 @@ def search_words_shared(recipe, handle, runs_dir: Path, force: bool, words=SHARE
     cells = [
         pooled_cell([sweep.cells[index] for sweep in result.sweeps]) for index in range(len(result.sweeps[0].cells))
     ]
+    if settings.min_perplexity_ratio > 0:
+        # The sweep scored perplexity only for each word's own contenders; the pooled rule needs it for the pooled ones
+        # (and the pooled baseline) on every word's answers.
+        from nsteer.evaluate.inputs import open_reference
+        from nsteer.evaluate.quality import perplexity
+        from nsteer.search import beats_baseline
+
+        needed = {
+            index
+            for index, cell in enumerate(cells)
+            if guard(cell, baseline, settings.margin, 0.0) is None and beats_baseline(cell, baseline)
+        }
+        if needed:
+            reference = open_reference(subset, handle)
+
+            def rescored(cell):
+                values = perplexity(reference.model, reference.tokenizer, list(cell.prompts), list(cell.answers))
+                finite = [value for value in values if value == value]
+                median = statistics.median(finite) if finite else float("nan")
+                return dataclasses.replace(cell, perplexities=tuple(values), median_perplexity=median)
+
+            baseline = rescored(baseline)
+            cells = [rescored(cell) if index in needed else cell for index, cell in enumerate(cells)]
     cells = [
         dataclasses.replace(cell, rejected=guard(cell, baseline, settings.margin, settings.min_perplexity_ratio))
         for cell in cells

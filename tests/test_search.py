@@ -993,3 +993,15 @@ def test_a_centered_setting_without_its_vector_list_names_the_auto_entry(setup, 
     claimed = lower.with_choice(dataclasses.replace(lower.choice(), imported=True, layers=(2,)))
     with pytest.raises(VectorFileError, match=r"steer\[1\] \('lowercase'\) says its setting was imported"):
         recipe_edits(pair, {"lowercase": claimed, "uppercase": vectors["uppercase"]})
+
+
+def test_with_the_perplexity_rule_off_no_reference_model_is_opened(setup, handle, monkeypatch) -> None:
+    import nsteer.search as search_module
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the reference model was opened although min_perplexity_ratio is 0")
+
+    monkeypatch.setattr(search_module, "open_reference", refuse)
+    recipe = setup(search={"min_perplexity_ratio": 0.0})
+    (sweep,) = search_recipe(recipe, handle, generator=ByLayer({None: TITLE, 3: PASS_LOWER}), write=False).sweeps
+    assert sweep.winner.setting.layer == 3
