@@ -24,7 +24,8 @@ first unfinished batch. On NDIF the same batches travel in as few requests as th
 **Perplexity where it can decide.** The perplexity rule only ever rejects, so the reference model scores only the
 answers of settings that every other rule leaves able to win (scored on every prompt, within the degenerate margin,
 more substantive passes than the baseline) and their entry's baseline answers, each distinct answer once. The winner
-is the one scoring every answer would give; the other settings report no median perplexity (n/a).
+is the one scoring every answer would give (perplexities batched differently may differ in their last bits); the
+other settings report no median perplexity (n/a).
 
 **Successive halving** (``search.halving``), exactly: round 1 scores every candidate and the baseline on the first
 ``halving_start`` validation pairs (under the search's condition: with ``both``, each pair gives two prompts); each
