@@ -121,18 +121,23 @@ def search_each(recipe, handle, runs_dir: Path, force: bool) -> None:
         log(f"{recipe.name}: {sweep.instruction} -> {sweep.winner.setting.label}")
 
 
+def finite_median(values):
+    """The median of the finite values (an empty answer's perplexity is NaN); NaN when there are none."""
+    finite = [value for value in values if value == value]
+    return statistics.median(finite) if finite else float("nan")
+
+
 def pooled_cell(cells):
     """One SweepCell holding the answers of several words' cells of the same setting (equal prompt counts)."""
     from nsteer.search import SweepCell
 
-    finite = [value for cell in cells for value in cell.perplexities if value == value]
     return SweepCell(
         setting=cells[0].setting,
         loose=statistics.fmean(cell.loose for cell in cells),
         strict=statistics.fmean(cell.strict for cell in cells),
         degenerate_share=statistics.fmean(cell.degenerate_share for cell in cells),
         substantive=statistics.fmean(cell.substantive for cell in cells),  # what the winner is ranked by first
-        median_perplexity=statistics.median(finite) if finite else float("nan"),
+        median_perplexity=finite_median([value for cell in cells for value in cell.perplexities]),
         prompts=tuple(p for cell in cells for p in cell.prompts),
         answers=tuple(a for cell in cells for a in cell.answers),
         perplexities=tuple(v for cell in cells for v in cell.perplexities),
@@ -188,12 +193,19 @@ def search_words_shared(recipe, handle, runs_dir: Path, force: bool, words=SHARE
         }
         if needed:
             reference = open_reference(subset, handle)
+            pairs = list(
+                dict.fromkeys(  # each distinct answer once, in one call
+                    pair
+                    for cell in (baseline, *(cells[index] for index in needed))
+                    for pair in zip(cell.prompts, cell.answers)
+                )
+            )
+            values = perplexity(reference.model, reference.tokenizer, [p for p, _ in pairs], [a for _, a in pairs])
+            by_pair = dict(zip(pairs, values))
 
             def rescored(cell):
-                values = perplexity(reference.model, reference.tokenizer, list(cell.prompts), list(cell.answers))
-                finite = [value for value in values if value == value]
-                median = statistics.median(finite) if finite else float("nan")
-                return dataclasses.replace(cell, perplexities=tuple(values), median_perplexity=median)
+                per_answer = tuple(by_pair[pair] for pair in zip(cell.prompts, cell.answers))
+                return dataclasses.replace(cell, perplexities=per_answer, median_perplexity=finite_median(per_answer))
 
             baseline = rescored(baseline)
             cells = [rescored(cell) if index in needed else cell for index, cell in enumerate(cells)]
