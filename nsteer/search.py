@@ -21,11 +21,11 @@ unsteered answer depends only on the prompt, so entries whose validation prompts
 instruction absent) share it. Each finished batch goes to a JSONL checkpoint, so an interrupted sweep resumes at the
 first unfinished batch. On NDIF the same batches travel in as few requests as the backend allows.
 
-**Perplexity where it can decide.** The perplexity rule only ever rejects, so the reference model scores only the
-answers of settings that every other rule leaves able to win (scored on every prompt, within the degenerate margin,
-more substantive passes than the baseline) and their entry's baseline answers, each distinct answer once. The winner
-is the one scoring every answer would give (perplexities batched differently may differ in their last bits); the
-other settings report no median perplexity (n/a).
+**Perplexity where it can decide.** The perplexity rule only ever rejects, so it can change the winner only by
+rejecting it. The reference model scores the answers of the setting that would win if it passed (best-ranked first)
+together with its entry's baseline answers, each distinct answer once; only when the rule rejects that setting is the
+next one scored, and so on. The winner is the one scoring every answer would give (perplexities batched differently
+may differ in their last bits); the settings never scored report no median perplexity (n/a).
 
 **Successive halving** (``search.halving``), exactly: round 1 scores every candidate and the baseline on the first
 ``halving_start`` validation pairs (under the search's condition: with ``both``, each pair gives two prompts); each
@@ -244,8 +244,8 @@ def guard_rule(margin: float, min_perplexity_ratio: float) -> str:
     rule = f"reject if degenerate share > baseline share + {margin:g}"
     if min_perplexity_ratio > 0:
         rule += (
-            f", or median perplexity < {min_perplexity_ratio:g} x baseline median (measured for the settings the other"
-            " rules leave able to win)"
+            f", or median perplexity < {min_perplexity_ratio:g} x baseline median (measured best-ranked setting first,"
+            " until one passes)"
         )
     needs = "; a steered setting needs more substantive passes than no steering"
     return rule + needs + "; most substantive, then loose, then strict wins"
@@ -530,21 +530,30 @@ def _sweep(
                 )
             alive[entry.index] = sorted(setting for _, setting in ranked[:keep])
     if reference is not None and min_perplexity_ratio > 0:
-        # The perplexity rule only ever rejects, so it matters only for a setting that every other rule leaves able
-        # to win: scored on every prompt, not degenerate beyond the margin, more substantive passes than the
-        # baseline. Only those answers and their entry's baseline answers are scored under the reference model; the
-        # winner is the same as with every answer scored, at a fraction of the cost (a pass per answer otherwise).
-        needed = []
-        for entry in entries:
-            baseline, cells = _cells(entry, scored, dropped, margin, 0.0)
-            contenders = [
-                number
-                for number, cell in enumerate(cells)
-                if cell.rejected is None and cell.dropped is None and beats_baseline(cell, baseline)
-            ]
-            needed += [(entry.index, number) for number in ([-1, *contenders] if contenders else [])]
-        for key, answers in zip(needed, with_perplexity([scored[key] for key in needed], reference)):
-            scored[key] = list(answers)
+        # The perplexity rule only ever rejects, so it can change the winner only by rejecting it. Each pass scores,
+        # for every entry still open, the setting that would win if every unscored setting passed the rule (plus the
+        # entry's baseline, once); an entry closes when that setting passes, or when no steered setting is left able
+        # to win. The winner is the one scoring every answer would give, at the cost of one or two settings' answers.
+        unscored = {entry.index: {-1, *range(len(entry.settings))} for entry in entries}
+        open_entries = list(entries)
+        while open_entries:
+            needed, still_open = [], []
+            for entry in open_entries:
+                baseline, cells = _cells(entry, scored, dropped, margin, min_perplexity_ratio)
+                winner = choose(baseline, cells)
+                if winner is baseline:
+                    continue
+                number = next(number for number, cell in enumerate(cells) if cell is winner)
+                if number not in unscored[entry.index]:
+                    continue  # scored, and it passed
+                for key in [-1, number] if -1 in unscored[entry.index] else [number]:
+                    unscored[entry.index].discard(key)
+                    needed.append((entry.index, key))
+                still_open.append(entry)
+            if needed:
+                for key, answers in zip(needed, with_perplexity([scored[key] for key in needed], reference)):
+                    scored[key] = list(answers)
+            open_entries = still_open
     return {entry.index: _cells(entry, scored, dropped, margin, min_perplexity_ratio) for entry in entries}
 
 

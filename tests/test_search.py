@@ -169,6 +169,31 @@ def test_the_perplexity_rule_still_rejects_a_setting_that_would_win(setup, handl
     assert sweep.winner.setting.no_steering
 
 
+def test_perplexity_is_scored_best_first_until_a_setting_passes(setup, handle, monkeypatch) -> None:
+    """Best-ranked setting first, with the baseline; scoring stops at the first setting the rule accepts, and the
+    winner is the one scoring every answer gives."""
+    import nsteer.search as search_module
+
+    other = "this other lowercase answer talks about the weather in a different way."
+    # All three steered settings pass everything, so they tie and rank 1, 2, 3 (the first of equals wins).
+    values = {TITLE: 10.0, PASS_LOWER: 4.0, other: 8.0}  # layer 1 falls below 0.5 x the baseline, 2 and 3 do not
+    calls: list[list[str]] = []
+
+    def fixed(groups, reference):
+        calls.append(sorted({a.answer for group in groups for a in group}))
+        return [tuple(dataclasses.replace(a, perplexity=values[a.answer]) for a in group) for group in groups]
+
+    monkeypatch.setattr(search_module, "with_perplexity", fixed)
+    recipe = setup()
+    generator = ByLayer({None: TITLE, 1: PASS_LOWER, 2: other, 3: other})
+    (sweep,) = search_recipe(recipe, handle, generator=generator, reference=reference_of(handle)).sweeps
+    assert calls == [sorted([TITLE, PASS_LOWER]), [other]]  # layer 3 (tied with 2, which comes first) never scored
+    by_layer = {cell.setting.layer: cell for cell in sweep.cells}
+    assert by_layer[1].rejected == "median perplexity 4.00 < 0.5 x baseline 10.00"
+    assert by_layer[2].median_perplexity == 8.0 and math.isnan(by_layer[3].median_perplexity)
+    assert sweep.winner.setting.layer == 2
+
+
 def test_no_steering_wins_when_every_setting_is_worse(setup, handle) -> None:
     recipe = setup()
 
