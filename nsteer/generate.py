@@ -334,6 +334,8 @@ def generate_tokens(
     generate_kwargs = config.generate_kwargs(handle.tokenizer.pad_token_id)
     group = handle.batches_per_request("generation")
     done = 0
+    if progress is not None:
+        progress(0, len(prompts))  # the clock of "elapsed" and "left" starts with the first batch, not after it
     for start in range(0, len(batches), group):
         chunk = batches[start : start + group]
         outputs = steered_generate_batches(
