@@ -15,11 +15,14 @@ baseline, 4 prompts with the instruction, 48 tokens; its vector is computed firs
 times ``nsteer generate`` to its first (and only) token N times per side with the warm cache, and N times on the last
 side with the cache turned off (``NSTEER_NO_CACHE=1``): to the answer's line on stdout and to the process's exit.
 Time it on a quiet machine under `flock /tmp/nsteer-heavy.lock`; the JSON records the load average before and after.
+``--neighbours N`` keeps N other processes spinning on the CPU during every timed run (a shared machine, reproducibly):
+each side then runs with the thread count it would choose for itself.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -29,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import yaml
@@ -244,6 +248,18 @@ def pairwise(results: dict[str, dict], names: list[str]) -> dict:
     return pairs
 
 
+@contextlib.contextmanager
+def neighbours(count: int) -> Iterator[None]:
+    """``count`` other processes, each keeping one core busy, for as long as the block runs."""
+    spinning = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]
+    try:
+        yield
+    finally:
+        for process in spinning:
+            process.kill()
+            process.wait()
+
+
 def write(path: Path | None, summary: dict) -> None:
     """Write the JSON so far (after each part: a later part that fails keeps what was measured)."""
     if path:
@@ -269,8 +285,15 @@ def main() -> None:
     )
     parser.add_argument("--bounded", action="store_true", help="also time the small search of one's own instruction")
     parser.add_argument("--first-token", type=int, default=0, help="time generate to its first token N times per side")
+    parser.add_argument("--neighbours", type=int, default=0, help="other processes spinning during the timed runs")
     parser.add_argument("--out", type=Path, help="JSON file to write")
     args = parser.parse_args()
+    with neighbours(args.neighbours):
+        measure(args)
+
+
+def measure(args: argparse.Namespace) -> None:
+    """Every part asked for, with the sides side by side; the JSON written after each part."""
     sides = []
     for text in args.side:
         name, _, rest = text.partition("=")
@@ -293,6 +316,7 @@ def main() -> None:
             for name, path, settings in sides
         ],
         "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "omp_num_threads": env.get("OMP_NUM_THREADS")},
+        "neighbours": args.neighbours,
         "load_average_before": load_average(),
     }
     if not args.no_recipe:

@@ -10,15 +10,18 @@ from __future__ import annotations
 import gc
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import typer
 
 from nsteer.errors import NsteerError
+from nsteer.progress import ProgressCallback, ProgressFactory
 from nsteer.searched import SearchedSetting
 from nsteer.terminal import Output
+from nsteer.threads import ThreadGovernor, read_sample
 
 app = typer.Typer(
     add_completion=False,
@@ -41,6 +44,7 @@ def _print_version(value: bool) -> None:
 
 @app.callback()
 def _options(
+    ctx: typer.Context,
     version: bool = typer.Option(
         False, "--version", "-V", is_eager=True, callback=_print_version, help="Print the version and exit."
     ),
@@ -51,8 +55,8 @@ def _options(
         max=MAX_THREADS,
         metavar="N",
         envvar="NSTEER_THREADS",
-        help="CPU threads torch may use (default: torch's, one per core; or $NSTEER_THREADS). On a machine other "
-        "jobs keep busy, 1 is often several times faster.",
+        help="CPU threads torch may use (or $NSTEER_THREADS). Default: one per core that other processes leave free, "
+        "measured between batches.",
     ),
 ) -> None:
     """Steer language models toward following instructions."""
@@ -61,6 +65,7 @@ def _options(
 
         # The process's own command line, not the SDK: a library call never changes the caller's thread count.
         torch.set_num_threads(threads)
+        ctx.obj = None  # a count the user chose: no governor changes it
 
 
 # ------------------------------------------------------------------------------------------------ shared options
@@ -179,13 +184,51 @@ def _recipe(path: Path, overrides: Sequence[Any] = ()) -> Any:
     return override_recipe(load_recipe(path), list(overrides))
 
 
-def _open(output: Output, recipe: Any, remote: bool) -> Any:
-    """Open the recipe's model (on NDIF with ``remote``), saying which."""
+def _open(ctx: typer.Context, output: Output, recipe: Any, remote: bool) -> Any:
+    """Open the recipe's model (on NDIF with ``remote``), saying which, and give torch the cores other processes
+    leave free (saying so when that is fewer than torch's own choice)."""
     from nsteer.pipeline import open_recipe_model
 
     use_remote = remote or recipe.model.backend == "ndif"
     output.note(f"Opening {recipe.model.id if use_remote else recipe.model_location} ...")
-    return open_recipe_model(recipe, remote=remote or None)
+    handle = open_recipe_model(recipe, remote=remote or None)
+    governor = _governor(ctx, handle)
+    threads = governor.adjust() if governor is not None else None
+    if governor is not None and threads is not None and threads < governor.initial:
+        output.note(
+            f"other processes keep CPU cores busy: torch runs {threads} thread{'s' if threads > 1 else ''} instead of "
+            f"{governor.initial}, re-checked between batches (--threads N fixes the count)."
+        )
+    return handle
+
+
+def _governor(ctx: typer.Context, handle: Any) -> ThreadGovernor | None:
+    """The invocation's thread governor, when there is one and the model runs here on the CPU."""
+    governor = ctx.obj if isinstance(ctx.obj, ThreadGovernor) else None
+    if governor is None or handle.remote or str(handle.device) != "cpu":
+        return None
+    return governor
+
+
+@contextmanager
+def _progress(ctx: typer.Context, output: Output, handle: Any) -> Iterator[ProgressFactory]:
+    """The output's progress bars; each update (a finished batch) also lets the governor re-check the free cores."""
+    governor = _governor(ctx, handle)
+    with output.progress() as bars:
+        if governor is None:
+            yield bars
+            return
+
+        def factory(label: str) -> ProgressCallback:
+            update = bars(label)
+
+            def governed(done: int, total: int) -> None:
+                update(done, total)
+                governor.adjust()
+
+            return governed
+
+        yield factory
 
 
 def _run(recipe: Any, handle: Any, **extra: Any) -> dict[str, Any]:
@@ -232,6 +275,7 @@ def _check_split(split: str) -> None:
 
 @app.command()
 def compute(
+    ctx: typer.Context,
     recipe_path: Path = RECIPE,
     force: bool = typer.Option(False, "--force", help="Recompute vectors that are already up to date."),
     model: str | None = MODEL,
@@ -260,13 +304,13 @@ def compute(
     recipe = _recipe(recipe_path, overrides)
     _check_no_wait(no_wait, remote, recipe)
     _writable(recipe.output_dir)
-    handle = _open(output, recipe, remote)
+    handle = _open(ctx, output, recipe, remote)
     run = _run(recipe, handle)
     output.line(_describe_run(run))
     if no_wait:
         return _submit_vectors(output, recipe, handle, run, force=force)
     records = []
-    with output.progress() as bars:
+    with _progress(ctx, output, handle) as bars:
         for task in vector_tasks(recipe, handle, force=force):
             if task.keep:
                 record = {"instruction": task.name, "path": str(task.path), "status": "kept"}
@@ -283,6 +327,7 @@ def compute(
 
 @app.command()
 def generate(
+    ctx: typer.Context,
     recipe_path: Path = RECIPE,
     prompt: list[str] | None = typer.Option(
         None, "--prompt", "-p", metavar="TEXT", help="A prompt (repeatable); default: the recipe's demo_prompts."
@@ -337,7 +382,7 @@ def generate(
         raise NsteerError(f"{recipe_path} has no `steer` entries; add one, or pass --no-steer.")
     _check_no_wait(no_wait, remote, recipe)
     vectors = {} if no_steer else read_recipe_vectors(recipe)  # a missing file is refused before the model loads
-    handle = _open(output, recipe, remote)
+    handle = _open(ctx, output, recipe, remote)
     check_recipe_vectors(recipe, vectors, handle, allow_transfer=allow_transfer or None)
     config = generation_config(recipe)
     edits = [] if no_steer else recipe_edits(recipe, vectors)
@@ -352,7 +397,7 @@ def generate(
     if no_wait:
         output.line(_describe_run(run))
         return _submit_generation(output, handle, prompts, edits, config, compare=compare)
-    with output.progress() as bars:
+    with _progress(ctx, output, handle) as bars:
         steered = run_generate(handle, prompts, edits, config=config, progress=bars("generate"))
         plain = (
             run_generate(handle, prompts, [], config=config, progress=bars("unsteered")) if compare and edits else None
@@ -510,6 +555,7 @@ def _describe_setting(chosen: SearchedSetting | None, norms: Any = None) -> str:
 
 @app.command("eval")
 def evaluate(
+    ctx: typer.Context,
     recipe_path: Path = RECIPE,
     data: Path | None = typer.Option(
         None, "--data", metavar="FILE.jsonl", help="Score on an IFEval-format JSONL file instead of the recipe's split."
@@ -567,6 +613,7 @@ def evaluate(
         if data is not None or remote:
             raise NsteerError("--composition scores the recipe's own split locally; drop --data and --remote.")
         return _eval_composition(
+            ctx,
             recipe_path,
             overrides,
             split=split,
@@ -597,9 +644,9 @@ def evaluate(
         output.document({"command": "eval", "dry_run": True, "plan": plan.to_dict()})
         output.records([plan.to_dict()])
         return
-    handle = _open(output, recipe, remote)
+    handle = _open(ctx, output, recipe, remote)
     check_recipe_vectors(recipe, vectors, handle, allow_transfer=allow_transfer or None)
-    with output.progress() as bars:
+    with _progress(ctx, output, handle) as bars:
         result = evaluate_recipe(
             recipe,
             handle,
@@ -653,6 +700,7 @@ def evaluate(
 
 @app.command()
 def search(
+    ctx: typer.Context,
     recipe_path: Path = RECIPE,
     out: Path | None = typer.Option(
         None, "--out", metavar="DIR", help="Report and checkpoint folder; default <output>/search."
@@ -720,9 +768,9 @@ def search(
         *(steer_vector_path(recipe, index).parent for index in searched),
         files=(CHECKPOINT_NAME, *SEARCH_REPORT_FILES),
     )
-    handle = _open(output, recipe, remote)
+    handle = _open(ctx, output, recipe, remote)
     check_recipe_vectors(recipe, vectors, handle, allow_transfer=allow_transfer or None)
-    with output.progress() as bars:
+    with _progress(ctx, output, handle) as bars:
         result = search_recipe(recipe, handle, vectors=vectors, out_dir=out_dir, progress=bars)
     paths = write_search_report(result, out_dir)
     columns = ("instruction", "setting", "loose", "strict", "degenerate", "substantive", "median ppl", "verdict")
@@ -975,6 +1023,7 @@ def import_vector(
 
 @app.command("eval-composition")
 def eval_composition(
+    ctx: typer.Context,
     recipe_path: Path = typer.Argument(
         ..., metavar="RECIPE", help="A recipe whose steer entries cover two or more instructions."
     ),
@@ -994,6 +1043,7 @@ def eval_composition(
 ) -> None:
     """Each instruction's accuracy with its own edits alone beside its accuracy with all the recipe's edits composed."""
     _eval_composition(
+        ctx,
         recipe_path,
         _model_overrides(model, device, dtype),
         split=split,
@@ -1005,6 +1055,7 @@ def eval_composition(
 
 
 def _eval_composition(
+    ctx: typer.Context,
     recipe_path: Path,
     overrides: Sequence[Any],
     *,
@@ -1026,9 +1077,9 @@ def _eval_composition(
     out_dir = out or recipe.output_dir / ("composition" if split == "test" else f"composition-{split}")
     _writable(out_dir, files=(CHECKPOINT, *COMPOSITION_REPORT_FILES))
     vectors = read_recipe_vectors(recipe)
-    handle = _open(output, recipe, False)
+    handle = _open(ctx, output, recipe, False)
     check_recipe_vectors(recipe, vectors, handle, allow_transfer=allow_transfer or None)
-    with output.progress() as bars:
+    with _progress(ctx, output, handle) as bars:
         result = evaluate_recipe_composition(
             recipe,
             handle,
@@ -1194,12 +1245,20 @@ def _usage_error(error: Any) -> None:
 
 
 def main() -> None:
-    """Entry point: run the app; user errors print one paragraph and exit non-zero, never a traceback."""
+    """Entry point: run the app; user errors print one paragraph and exit non-zero, never a traceback. torch's thread
+    count is left as it was found."""
+    started = read_sample()  # before the imports, so the first look at the free cores spans the whole start
     _quiet_libraries()
+    import torch
+
+    governor = None
+    if not os.environ.get("OMP_NUM_THREADS"):  # a count set for OpenMP is the user's choice too
+        governor = ThreadGovernor(torch.get_num_threads, torch.set_num_threads, sample=read_sample, start=started)
+    threads = torch.get_num_threads()
     output = Output()
     try:
         # Without standalone mode typer turns Ctrl-C (and typer.Exit) into a returned exit code instead of raising.
-        code = app(standalone_mode=False)
+        code = app(standalone_mode=False, obj=governor)
         if code == 130:
             raise KeyboardInterrupt
         if isinstance(code, int) and code:
@@ -1238,6 +1297,8 @@ def main() -> None:
             _usage_error(error)
             raise SystemExit(error.exit_code) from None
         raise
+    finally:
+        torch.set_num_threads(threads)
 
 
 def run() -> None:

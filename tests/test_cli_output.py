@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -285,18 +286,67 @@ def test_version(monkeypatch, capsys, flag):
     assert code == 0 and out == f"nsteer {nsteer.__version__}\n"
 
 
+def _recording_set_num_threads(monkeypatch) -> list[int]:
+    calls: list[int] = []
+    real = torch.set_num_threads
+
+    def recording(count: int) -> None:
+        calls.append(count)
+        real(count)
+
+    monkeypatch.setattr(torch, "set_num_threads", recording)
+    return calls
+
+
 @pytest.mark.parametrize("how", ["option", "environment"])
-def test_threads_sets_torch_threads_for_the_run(monkeypatch, capsys, how):
+def test_threads_sets_torch_threads_for_the_run_and_main_puts_them_back(monkeypatch, capsys, how):
     before = torch.get_num_threads()
     wanted = 1 if before != 1 else 2
+    calls = _recording_set_num_threads(monkeypatch)
+    if how == "environment":
+        monkeypatch.setenv("NSTEER_THREADS", str(wanted))
+        code, out, err = run_cli(monkeypatch, capsys, "list", "--jsonl")
+    else:
+        code, out, err = run_cli(monkeypatch, capsys, "--threads", str(wanted), "list", "--jsonl")
+    assert code == 0, err
+    assert calls == [wanted, before]  # the run's count, then the process's own again
+    assert torch.get_num_threads() == before
+
+
+def _busy_neighbours(monkeypatch) -> None:
+    """CPU counters in which other processes keep every core busy: 2 s apart, 64 cores' worth busy, none of it ours."""
+    from nsteer.threads import CpuSample
+
+    ticks = iter(range(1000))
+
+    def sample() -> CpuSample:
+        tick = next(ticks)
+        return CpuSample(busy_s=128.0 * tick, own_s=0.0, at_s=2.0 * tick)
+
+    monkeypatch.setattr(sys.modules["nsteer.cli"], "read_sample", sample)
+    monkeypatch.delenv("NSTEER_THREADS", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+
+
+def test_on_a_busy_machine_the_run_gets_one_thread_says_so_and_main_puts_them_back(monkeypatch, capsys, recipe):
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
     try:
-        if how == "environment":
-            monkeypatch.setenv("NSTEER_THREADS", str(wanted))
-            code, out, err = run_cli(monkeypatch, capsys, "list", "--jsonl")
-        else:
-            code, out, err = run_cli(monkeypatch, capsys, "--threads", str(wanted), "list", "--jsonl")
+        code, out, err = run_cli(monkeypatch, capsys, "compute", str(recipe))
         assert code == 0, err
-        assert torch.get_num_threads() == wanted
+        _busy_neighbours(monkeypatch)
+        calls = _recording_set_num_threads(monkeypatch)
+        code, out, err = run_cli(monkeypatch, capsys, "generate", str(recipe), "--max-new-tokens", "2")
+        assert code == 0, err
+        assert calls == [1, 2]  # one thread for the run (the cores were busy at every look), then torch's two again
+        assert "torch runs 1 thread instead of 2" in err and "--threads N" in err
+        # A count the user chose is theirs: no governor, no note.
+        calls.clear()
+        code, out, err = run_cli(
+            monkeypatch, capsys, "--threads", "2", "generate", str(recipe), "--max-new-tokens", "2"
+        )
+        assert code == 0, err
+        assert calls == [2, 2] and "instead of" not in err
     finally:
         torch.set_num_threads(before)
 

@@ -22,6 +22,7 @@ LAYERS: dict[str, int] = {
     "nsteer.constants": 0,
     "nsteer.errors": 0,
     "nsteer.progress": 0,
+    "nsteer.threads": 0,
     "nsteer.fileio": 0,
     "nsteer.limits": 0,
     "nsteer.text": 0,

@@ -1,0 +1,137 @@
+"""How many CPU threads the command line gives torch: one per core that other processes leave free.
+
+torch's worker threads wait for each other by spinning, so a thread whose core another process holds stalls every
+parallel step. With one busy process beside it on a 2-core machine, the embedded model generated 2.4-7x slower with
+torch's default two threads than with one (docs/performance.md, "CPU threads"). So, unless the user fixes the count
+(``--threads``, ``NSTEER_THREADS``, ``OMP_NUM_THREADS``), the command line measures between batches how much CPU time
+other processes took on the cores this process may use, and gives torch the cores they leave free, at most as many as
+torch chose itself. It reads Linux's ``/proc/stat``; where that is missing it leaves torch's choice alone.
+
+The SDK never calls this: a library does not change its caller's thread count.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+BUSY = 0.3  # cores other processes must keep busy on average before a thread gives its core up
+MIN_WINDOW_S = 1.0  # shorter windows say little: /proc/stat counts in ticks of 10 ms
+
+
+@dataclass(frozen=True)
+class CpuSample:
+    """CPU time counters at one moment: the allowed cores' busy time (every process), this process's own CPU time
+    (all its threads), both in seconds, and a monotonic clock."""
+
+    busy_s: float
+    own_s: float
+    at_s: float
+
+
+def busy_seconds(proc_stat: str, cpus: Iterable[int], ticks_per_s: float) -> float | None:
+    """Seconds the cores ``cpus`` spent busy since boot, from the text of ``/proc/stat``; None if a core is missing.
+
+    Busy is user, nice, system, irq, softirq and steal (time a hypervisor gave to another machine is not ours either);
+    idle and iowait are free.
+    """
+    wanted = {f"cpu{number}" for number in cpus}
+    total, found = 0, set()
+    for line in proc_stat.splitlines():
+        name, _, rest = line.partition(" ")
+        if name not in wanted:
+            continue
+        fields = rest.split()
+        if len(fields) < 4 or not all(field.isdigit() for field in fields):
+            return None
+        values = [int(field) for field in fields[:8]] + [0] * (8 - min(len(fields), 8))
+        user, nice, system, _idle, _iowait, irq, softirq, steal = values
+        total += user + nice + system + irq + softirq + steal
+        found.add(name)
+    return total / ticks_per_s if found == wanted and wanted else None
+
+
+def allowed_cores(cpu_max: str | None, cpus: int) -> int:
+    """The cores this process may use: its CPU affinity, capped by a cgroup quota (``cpu.max``: ``quota period``)."""
+    if cpu_max:
+        quota, _, period = cpu_max.strip().partition(" ")
+        if quota.isdigit() and period.isdigit() and int(period) > 0:
+            return max(1, min(cpus, math.ceil(int(quota) / int(period))))
+    return max(1, cpus)
+
+
+def read_sample() -> CpuSample | None:
+    """The counters now, or None where the system does not expose them (not Linux, a restricted ``/proc``)."""
+    try:
+        cpus = os.sched_getaffinity(0)
+        busy = busy_seconds(Path("/proc/stat").read_text(), cpus, os.sysconf("SC_CLK_TCK"))
+    except (OSError, AttributeError, ValueError):
+        return None
+    if busy is None:
+        return None
+    own = os.times()
+    return CpuSample(busy, own.user + own.system, time.monotonic())
+
+
+def free_threads(before: CpuSample, after: CpuSample, cores: int, most: int) -> int | None:
+    """Threads for the cores other processes left free between two samples (at least 1, at most ``most``); None
+    when the window is too short to tell."""
+    window = after.at_s - before.at_s
+    if window < MIN_WINDOW_S:
+        return None
+    others = max(0.0, (after.busy_s - before.busy_s) - (after.own_s - before.own_s)) / window
+    taken = max(0, math.ceil(others - BUSY - 1e-9))  # cores others hold; a little background work takes none
+    return max(1, min(most, cores - taken))
+
+
+def _cpu_max() -> str | None:
+    try:
+        return Path("/sys/fs/cgroup/cpu.max").read_text()
+    except OSError:
+        return None
+
+
+class ThreadGovernor:
+    """Gives torch the free cores, re-measured each time :meth:`adjust` is called (between batches). One per
+    command-line invocation; it holds only its last sample."""
+
+    def __init__(
+        self,
+        get_threads: Callable[[], int],
+        set_threads: Callable[[int], None],
+        *,
+        sample: Callable[[], CpuSample | None] = read_sample,
+        start: CpuSample | None = None,
+        cores: int | None = None,
+    ) -> None:
+        self._get, self._set, self._sample = get_threads, set_threads, sample
+        self.initial = get_threads()
+        if cores is None:
+            try:
+                cores = allowed_cores(_cpu_max(), len(os.sched_getaffinity(0)))
+            except AttributeError:  # no affinity outside Linux: read_sample gives None there anyway
+                cores = os.cpu_count() or 1
+        self.cores = cores
+        self._last = start if start is not None else sample()
+
+    def adjust(self) -> int | None:
+        """Measure the window since the last sample and set torch's threads to the free cores; the count set, or None
+        when nothing changed."""
+        if self._last is None:
+            return None
+        now = self._sample()
+        if now is None:
+            return None
+        threads = free_threads(self._last, now, self.cores, self.initial)
+        if threads is None:
+            return None  # keep the window open until it says something
+        self._last = now
+        current = self._get()
+        if threads == current:
+            return None
+        self._set(threads)
+        return threads
