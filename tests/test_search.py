@@ -194,6 +194,50 @@ def test_perplexity_is_scored_best_first_until_a_setting_passes(setup, handle, m
     assert sweep.winner.setting.layer == 2
 
 
+@pytest.mark.parametrize("seed", range(16))
+def test_perplexity_best_first_chooses_what_scoring_every_setting_chooses(setup, handle, monkeypatch, seed) -> None:
+    """Against the rule applied from first principles to every setting's full perplexities: settings that pass on
+    different shares of the prompts, each answer with its own perplexity, some below half the baseline's."""
+    import random
+    import statistics
+
+    import nsteer.search as search_module
+
+    rng = random.Random(seed)
+    texts = {layer: f"this lowercase answer number {layer} talks about the weather today." for layer in (1, 2, 3)}
+    shares = {layer: rng.choice([0, 1, 2, 3]) for layer in texts}  # passes where len(prompt) % 3 < share
+    values = {
+        TITLE: rng.choice([4.0, 8.0, 10.0]),
+        **{text: rng.choice([1.0, 3.0, 5.0, 9.0]) for text in texts.values()},
+    }
+
+    def answer(prompt, edit):
+        if edit is None or len(prompt) % 3 >= shares[edit.layer]:
+            return TITLE
+        return texts[edit.layer]
+
+    def fixed(groups, reference):
+        return [tuple(dataclasses.replace(a, perplexity=values[a.answer]) for a in group) for group in groups]
+
+    monkeypatch.setattr(search_module, "with_perplexity", fixed)
+    recipe = setup()
+    (sweep,) = search_recipe(recipe, handle, generator=per_row(answer), reference=reference_of(handle)).sweeps
+    base = sweep.baseline
+
+    def median(cell):
+        return statistics.median(values[text] for text in cell.answers)
+
+    eligible = [
+        cell
+        for cell in sweep.cells
+        if cell.substantive > base.substantive
+        and cell.degenerate_share <= base.degenerate_share + 0.1
+        and median(cell) >= 0.5 * median(base)
+    ]
+    best = max(eligible, key=lambda c: (c.substantive, c.loose, c.strict, -c.setting.layer), default=base)
+    assert sweep.winner.setting == best.setting
+
+
 def test_no_steering_wins_when_every_setting_is_worse(setup, handle) -> None:
     recipe = setup()
 
