@@ -195,9 +195,14 @@ def _open(ctx: typer.Context, output: Output, recipe: Any, remote: bool) -> Any:
     governor = _governor(ctx, handle)
     threads = governor.adjust() if governor is not None else None
     if governor is not None and threads is not None and threads < governor.initial:
+        reason = (
+            "other processes keep CPU cores busy"
+            if threads < governor.ceiling
+            else f"the CPU quota allows {governor.ceiling} core{'s' if governor.ceiling > 1 else ''}"
+        )
         output.note(
-            f"other processes keep CPU cores busy: torch runs {threads} thread{'s' if threads > 1 else ''} instead of "
-            f"{governor.initial}, re-checked between batches (--threads N fixes the count)."
+            f"{reason}: torch runs {threads} thread{'s' if threads > 1 else ''} instead of {governor.initial}, "
+            "re-checked between batches (--threads N fixes the count)."
         )
     return handle
 

@@ -4,8 +4,9 @@ torch's worker threads wait for each other by spinning, so a thread whose core a
 parallel step. With one busy process beside it on a 2-core machine, the embedded model generated 2.4-7x slower with
 torch's default two threads than with one (docs/performance.md, "CPU threads"). So, unless the user fixes the count
 (``--threads``, ``NSTEER_THREADS``, ``OMP_NUM_THREADS``), the command line measures between batches how much CPU time
-other processes took on the cores this process may use, and gives torch the cores they leave free, at most as many as
-torch chose itself. It reads Linux's ``/proc/stat``; where that is missing it leaves torch's choice alone.
+other processes took on the CPUs this process may run on, and gives torch the cores they leave free, at most as many as
+torch chose itself and a cgroup v2 CPU quota allows. It reads Linux's ``/proc/stat``; where that is missing it leaves
+torch's choice alone.
 
 The SDK never calls this: a library does not change its caller's thread count.
 """
@@ -19,7 +20,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-BUSY = 0.3  # cores other processes must keep busy on average before a thread gives its core up
+# Cores other processes must keep busy on average before a thread gives its core up: beside a process busy 40% of the
+# time two threads were still faster than one on a 2-core machine, at 60% one was (benchmarks/threads.py).
+BUSY = 0.5
 MIN_WINDOW_S = 1.0  # shorter windows say little: /proc/stat counts in ticks of 10 ms
 
 
@@ -55,13 +58,13 @@ def busy_seconds(proc_stat: str, cpus: Iterable[int], ticks_per_s: float) -> flo
     return total / ticks_per_s if found == wanted and wanted else None
 
 
-def allowed_cores(cpu_max: str | None, cpus: int) -> int:
-    """The cores this process may use: its CPU affinity, capped by a cgroup quota (``cpu.max``: ``quota period``)."""
+def quota_cores(cpu_max: str | None) -> int | None:
+    """The cores a cgroup v2 CPU quota allows (``cpu.max``: ``quota period``, rounded up), or None without one."""
     if cpu_max:
         quota, _, period = cpu_max.strip().partition(" ")
         if quota.isdigit() and period.isdigit() and int(period) > 0:
-            return max(1, min(cpus, math.ceil(int(quota) / int(period))))
-    return max(1, cpus)
+            return max(1, math.ceil(int(quota) / int(period)))
+    return None
 
 
 def read_sample() -> CpuSample | None:
@@ -69,35 +72,47 @@ def read_sample() -> CpuSample | None:
     try:
         cpus = os.sched_getaffinity(0)
         busy = busy_seconds(Path("/proc/stat").read_text(), cpus, os.sysconf("SC_CLK_TCK"))
-    except (OSError, AttributeError, ValueError):
+        own = os.times()
+    except (OSError, AttributeError, ValueError):  # ValueError: an unknown sysconf name, or undecodable text
         return None
     if busy is None:
         return None
-    own = os.times()
     return CpuSample(busy, own.user + own.system, time.monotonic())
 
 
-def free_threads(before: CpuSample, after: CpuSample, cores: int, most: int) -> int | None:
-    """Threads for the cores other processes left free between two samples (at least 1, at most ``most``); None
-    when the window is too short to tell."""
+def free_threads(before: CpuSample, after: CpuSample, cpus: int, most: int) -> int | None:
+    """Threads for the ``cpus`` this process may run on less those other processes kept busy between two samples (at
+    least 1, at most ``most``); None when the window is too short to tell."""
     window = after.at_s - before.at_s
     if window < MIN_WINDOW_S:
         return None
     others = max(0.0, (after.busy_s - before.busy_s) - (after.own_s - before.own_s)) / window
     taken = max(0, math.ceil(others - BUSY - 1e-9))  # cores others hold; a little background work takes none
-    return max(1, min(most, cores - taken))
+    return max(1, min(most, cpus - taken))
 
 
 def _cpu_max() -> str | None:
     try:
         return Path("/sys/fs/cgroup/cpu.max").read_text()
-    except OSError:
+    except (OSError, ValueError):
         return None
+
+
+def _allowed_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (OSError, AttributeError):  # no affinity outside Linux: read_sample gives None there anyway
+        return os.cpu_count() or 1
 
 
 class ThreadGovernor:
     """Gives torch the free cores, re-measured each time :meth:`adjust` is called (between batches). One per
-    command-line invocation; it holds only its last sample."""
+    command-line invocation; it holds only its last sample.
+
+    ``initial`` is torch's own count; ``ceiling`` the most the governor gives, ``initial`` capped by a cgroup v2 CPU
+    quota (on a 16-CPU host, a container allowed 4 cores gets at most 4 threads, fewer only while the host's other
+    work leaves fewer than 4 of its CPUs free).
+    """
 
     def __init__(
         self,
@@ -106,16 +121,15 @@ class ThreadGovernor:
         *,
         sample: Callable[[], CpuSample | None] = read_sample,
         start: CpuSample | None = None,
-        cores: int | None = None,
+        cpus: int | None = None,
+        quota: int | None = None,
     ) -> None:
         self._get, self._set, self._sample = get_threads, set_threads, sample
         self.initial = get_threads()
-        if cores is None:
-            try:
-                cores = allowed_cores(_cpu_max(), len(os.sched_getaffinity(0)))
-            except AttributeError:  # no affinity outside Linux: read_sample gives None there anyway
-                cores = os.cpu_count() or 1
-        self.cores = cores
+        self.cpus = cpus if cpus is not None else _allowed_cpus()
+        if quota is None and cpus is None:  # this machine's (tests give both)
+            quota = quota_cores(_cpu_max())
+        self.ceiling = max(1, min(self.initial, quota)) if quota is not None else self.initial
         self._last = start if start is not None else sample()
 
     def adjust(self) -> int | None:
@@ -126,7 +140,7 @@ class ThreadGovernor:
         now = self._sample()
         if now is None:
             return None
-        threads = free_threads(self._last, now, self.cores, self.initial)
+        threads = free_threads(self._last, now, self.cpus, self.ceiling)
         if threads is None:
             return None  # keep the window open until it says something
         self._last = now

@@ -314,14 +314,15 @@ def test_threads_sets_torch_threads_for_the_run_and_main_puts_them_back(monkeypa
 
 
 def _busy_neighbours(monkeypatch) -> None:
-    """CPU counters in which other processes keep every core busy: 2 s apart, 64 cores' worth busy, none of it ours."""
+    """CPU counters in which other processes keep every core busy: 2 s apart, a million cores' worth busy, none of it
+    ours."""
     from nsteer.threads import CpuSample
 
     ticks = iter(range(1000))
 
     def sample() -> CpuSample:
         tick = next(ticks)
-        return CpuSample(busy_s=128.0 * tick, own_s=0.0, at_s=2.0 * tick)
+        return CpuSample(busy_s=2e6 * tick, own_s=0.0, at_s=2.0 * tick)
 
     monkeypatch.setattr(sys.modules["nsteer.cli"], "read_sample", sample)
     monkeypatch.delenv("NSTEER_THREADS", raising=False)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from nsteer.threads import CpuSample, ThreadGovernor, allowed_cores, busy_seconds, free_threads, read_sample
+from nsteer.threads import CpuSample, ThreadGovernor, busy_seconds, free_threads, quota_cores, read_sample
 
 PROC_STAT = """cpu  700 20 100 5000 30 0 5 7 0 0
 cpu0 300 10 50 2500 10 0 2 3 0 0
@@ -40,12 +40,12 @@ def test_unreadable_counters_give_none_never_a_guess(text) -> None:
 
 
 @pytest.mark.parametrize(
-    ("cpu_max", "cpus", "cores"),
-    [(None, 4, 4), ("max 100000\n", 4, 4), ("150000 100000\n", 4, 2), ("50000 100000", 4, 1), ("800000 100000", 2, 2)]
-    + [("junk", 3, 3), ("100 0", 3, 3), (None, 0, 1)],
+    ("cpu_max", "cores"),
+    [(None, None), ("max 100000\n", None), ("150000 100000\n", 2), ("50000 100000", 1), ("800000 100000", 8)]
+    + [("junk", None), ("100 0", None), ("", None)],
 )
-def test_allowed_cores_are_the_affinity_capped_by_a_cgroup_quota(cpu_max, cpus, cores) -> None:
-    assert allowed_cores(cpu_max, cpus) == cores
+def test_a_cgroup_quota_is_read_as_whole_cores(cpu_max, cores) -> None:
+    assert quota_cores(cpu_max) == cores
 
 
 def sample(busy: float, own: float, at: float) -> CpuSample:
@@ -54,19 +54,21 @@ def sample(busy: float, own: float, at: float) -> CpuSample:
 
 @pytest.mark.parametrize(
     ("others", "threads"),
-    [(0.0, 2), (0.1, 2), (0.3, 2), (0.35, 1), (1.0, 1), (2.0, 1), (5.0, 1)],
+    [(0.0, 2), (0.1, 2), (0.4, 2), (0.5, 2), (0.55, 1), (1.0, 1), (2.0, 1), (5.0, 1)],
 )
 def test_free_threads_give_up_a_core_only_to_real_work_of_others(others, threads) -> None:
     before = sample(100.0, 10.0, 50.0)
     after = sample(100.0 + 1.5 * 4 + others * 4, 10.0 + 1.5 * 4, 54.0)  # we used 1.5 cores for 4 s
-    assert free_threads(before, after, cores=2, most=2) == threads
+    assert free_threads(before, after, cpus=2, most=2) == threads
 
 
 def test_free_threads_never_exceed_torch_s_own_count_and_wait_for_a_long_enough_window() -> None:
     before = sample(0.0, 0.0, 0.0)
-    assert free_threads(before, sample(0.0, 0.0, 10.0), cores=16, most=4) == 4
-    assert free_threads(before, sample(3.0, 0.0, 1.0), cores=16, most=16) == 13  # 3 cores busy elsewhere
-    assert free_threads(before, sample(5.0, 0.0, 0.5), cores=2, most=2) is None  # half a second says too little
+    assert free_threads(before, sample(0.0, 0.0, 10.0), cpus=16, most=4) == 4
+    assert free_threads(before, sample(3.0, 0.0, 1.0), cpus=16, most=16) == 13  # 3 cores busy elsewhere
+    assert free_threads(before, sample(10.0, 0.0, 1.0), cpus=16, most=4) == 4  # a quota of 4, 6 CPUs still free
+    assert free_threads(before, sample(14.0, 0.0, 1.0), cpus=16, most=4) == 2
+    assert free_threads(before, sample(5.0, 0.0, 0.5), cpus=2, most=2) is None  # half a second says too little
 
 
 class Threads:
@@ -91,15 +93,22 @@ def test_the_governor_follows_the_load_between_batches() -> None:
         ]
     )
     threads = Threads(2)
-    governor = ThreadGovernor(threads.get, threads.set, sample=lambda: next(samples), cores=2)
+    governor = ThreadGovernor(threads.get, threads.set, sample=lambda: next(samples), cpus=2)
     assert governor.adjust() == 1 and threads.count == 1
     assert governor.adjust() is None and threads.count == 1
     assert governor.adjust() == 2 and threads.sets == [1, 2]
 
 
+def test_a_quota_caps_the_threads_even_on_a_quiet_machine() -> None:
+    samples = iter([sample(0.0, 0.0, 0.0), sample(1.0, 1.0, 2.0)])
+    threads = Threads(16)
+    governor = ThreadGovernor(threads.get, threads.set, sample=lambda: next(samples), cpus=16, quota=4)
+    assert governor.ceiling == 4 and governor.adjust() == 4
+
+
 def test_without_counters_the_governor_leaves_torch_alone() -> None:
     threads = Threads(2)
-    governor = ThreadGovernor(threads.get, threads.set, sample=lambda: None, cores=2)
+    governor = ThreadGovernor(threads.get, threads.set, sample=lambda: None, cpus=2)
     assert governor.adjust() is None and threads.sets == []
 
 
@@ -117,4 +126,4 @@ def test_a_real_busy_process_is_seen_as_taking_a_core() -> None:
     assert after is not None and after.at_s - before.at_s >= 1.5
     others = ((after.busy_s - before.busy_s) - (after.own_s - before.own_s)) / (after.at_s - before.at_s)
     assert 0.5 <= others <= len(__import__("os").sched_getaffinity(0)) + 0.1
-    assert free_threads(before, after, cores=2, most=2) == 1
+    assert free_threads(before, after, cpus=2, most=2) == 1
