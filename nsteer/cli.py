@@ -165,8 +165,9 @@ def _list(text: str, kind: type | None) -> list:
     return [_number(item, kind) if kind else item for item in items if item] if text.strip() else []
 
 
-def _estimate(recipe: Any, remote: bool, answers: int, max_new_tokens: int) -> str:
-    """How long ``answers`` take at the rate this machine recorded for the recipe's model, device, dtype, batch."""
+def _estimate(ctx: typer.Context, recipe: Any, remote: bool, answers: int, max_new_tokens: int) -> str:
+    """How long ``answers`` take at the rate this machine recorded for the recipe's model, device, dtype, batch and
+    the thread count the run will start with."""
     from nsteer.throughput import estimate, rate_key
 
     model, batch = recipe.model, recipe.generation.batch_size
@@ -174,6 +175,8 @@ def _estimate(recipe: Any, remote: bool, answers: int, max_new_tokens: int) -> s
         key = rate_key(model.id, "ndif", "remote", batch)
     else:
         key = rate_key(recipe.model_location, model.device, model.dtype, batch)
+        if isinstance(ctx.obj, ThreadGovernor) and key.device == "cpu" and ctx.obj.adjust() is not None:
+            key = rate_key(recipe.model_location, model.device, model.dtype, batch)  # at the count the run starts with
     return estimate(key, answers, max_new_tokens)
 
 
@@ -193,7 +196,9 @@ def _open(ctx: typer.Context, output: Output, recipe: Any, remote: bool) -> Any:
     output.note(f"Opening {recipe.model.id if use_remote else recipe.model_location} ...")
     handle = open_recipe_model(recipe, remote=remote or None)
     governor = _governor(ctx, handle)
-    threads = governor.adjust() if governor is not None else None
+    if governor is not None:
+        governor.adjust()
+    threads = governor.threads if governor is not None else None
     if governor is not None and threads is not None and threads < governor.initial:
         reason = (
             "other processes keep CPU cores busy"
@@ -644,7 +649,7 @@ def evaluate(
                 "may include its training prompts. Recompute it with `nsteer compute` (and the same --seed)."
             )
     plan = plan_recipe_evaluation(recipe, vectors, split=split, limit=limit, data=data)
-    output.note(f"plan: {plan.summary()} ({_estimate(recipe, remote, plan.generated, plan.max_new_tokens)}).")
+    output.note(f"plan: {plan.summary()} ({_estimate(ctx, recipe, remote, plan.generated, plan.max_new_tokens)}).")
     if dry_run:
         output.document({"command": "eval", "dry_run": True, "plan": plan.to_dict()})
         output.records([plan.to_dict()])
@@ -760,7 +765,7 @@ def search(
     out_dir = out or recipe.output_dir / "search"
     vectors = read_recipe_vectors(recipe)
     plan = plan_search(recipe, vectors)  # the vector files know the layer count: no model needed
-    output.note(f"plan: {plan.summary()} ({_estimate(recipe, remote, plan.answers, plan.max_new_tokens)}).")
+    output.note(f"plan: {plan.summary()} ({_estimate(ctx, recipe, remote, plan.answers, plan.max_new_tokens)}).")
     if dry_run:
         output.records([entry.to_dict() for entry in plan.entries])
         output.document({"command": "search", "dry_run": True, "plan": plan.to_dict()})

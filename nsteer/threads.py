@@ -132,6 +132,11 @@ class ThreadGovernor:
         self.ceiling = max(1, min(self.initial, quota)) if quota is not None else self.initial
         self._last = start if start is not None else sample()
 
+    @property
+    def threads(self) -> int:
+        """torch's thread count now."""
+        return self._get()
+
     def adjust(self) -> int | None:
         """Measure the window since the last sample and set torch's threads to the free cores; the count set, or None
         when nothing changed."""

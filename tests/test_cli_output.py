@@ -341,6 +341,11 @@ def test_on_a_busy_machine_the_run_gets_one_thread_says_so_and_main_puts_them_ba
         assert code == 0, err
         assert calls == [1, 2]  # one thread for the run (the cores were busy at every look), then torch's two again
         assert "torch runs 1 thread instead of 2" in err and "--threads N" in err
+        # The plan's time estimate is made at the count the run will start with.
+        calls.clear()
+        code, out, err = run_cli(monkeypatch, capsys, "eval", str(recipe), "--dry-run", "--limit", "1")
+        assert code == 0, err
+        assert "plan:" in err and calls == [1, 2]
         # A count the user chose is theirs: no governor, no note.
         calls.clear()
         code, out, err = run_cli(
