@@ -251,8 +251,10 @@ def pairwise(results: dict[str, dict], names: list[str]) -> dict:
 @contextlib.contextmanager
 def neighbours(count: int) -> Iterator[None]:
     """``count`` other processes, each keeping one core busy, for as long as the block runs."""
-    spinning = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]
+    spinning: list[subprocess.Popen] = []
     try:
+        for _ in range(count):
+            spinning.append(subprocess.Popen([sys.executable, "-c", "while True: pass"]))
         yield
     finally:
         for process in spinning:

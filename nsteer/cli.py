@@ -201,9 +201,7 @@ def _open(ctx: typer.Context, output: Output, recipe: Any, remote: bool) -> Any:
     threads = governor.threads if governor is not None else None
     if governor is not None and threads is not None and threads < governor.initial:
         reason = (
-            "other processes keep CPU cores busy"
-            if threads < governor.ceiling
-            else f"the CPU quota allows {governor.ceiling} core{'s' if governor.ceiling > 1 else ''}"
+            governor.limit if threads >= governor.ceiling and governor.limit else "other processes keep CPU cores busy"
         )
         output.note(
             f"{reason}: torch runs {threads} thread{'s' if threads > 1 else ''} instead of {governor.initial}, "
@@ -1254,6 +1252,13 @@ def _usage_error(error: Any) -> None:
     output.error([error.format_message()])
 
 
+def _omp_count_set(value: str) -> bool:
+    """Whether ``OMP_NUM_THREADS`` holds a count OpenMP takes (``4``, or per nesting level ``4,2``); OpenMP ignores
+    anything else, and so does nsteer."""
+    parts = [part.strip() for part in value.split(",")]
+    return all(part.isascii() and part.isdigit() and int(part) > 0 for part in parts)
+
+
 def main() -> None:
     """Entry point: run the app; user errors print one paragraph and exit non-zero, never a traceback. torch's thread
     count is left as it was found."""
@@ -1262,7 +1267,7 @@ def main() -> None:
     import torch
 
     governor = None
-    if not os.environ.get("OMP_NUM_THREADS"):  # a count set for OpenMP is the user's choice too
+    if not _omp_count_set(os.environ.get("OMP_NUM_THREADS", "")):  # a count set for OpenMP is the user's choice too
         governor = ThreadGovernor(torch.get_num_threads, torch.set_num_threads, sample=read_sample, start=started)
     threads = torch.get_num_threads()
     output = Output()

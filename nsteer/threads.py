@@ -49,7 +49,7 @@ def busy_seconds(proc_stat: str, cpus: Iterable[int], ticks_per_s: float) -> flo
         if name not in wanted:
             continue
         fields = rest.split()
-        if len(fields) < 4 or not all(field.isdigit() for field in fields):
+        if len(fields) < 4 or not all(_digits(field) for field in fields):
             return None
         values = [int(field) for field in fields[:8]] + [0] * (8 - min(len(fields), 8))
         user, nice, system, _idle, _iowait, irq, softirq, steal = values
@@ -58,11 +58,16 @@ def busy_seconds(proc_stat: str, cpus: Iterable[int], ticks_per_s: float) -> flo
     return total / ticks_per_s if found == wanted and wanted else None
 
 
+def _digits(text: str) -> bool:
+    """Whether ``text`` is a count written in ASCII digits (``str.isdigit`` also takes ``²`` and other scripts)."""
+    return text.isascii() and text.isdigit()
+
+
 def quota_cores(cpu_max: str | None) -> int | None:
     """The cores a cgroup v2 CPU quota allows (``cpu.max``: ``quota period``, rounded up), or None without one."""
     if cpu_max:
         quota, _, period = cpu_max.strip().partition(" ")
-        if quota.isdigit() and period.isdigit() and int(period) > 0:
+        if _digits(quota) and _digits(period) and int(period) > 0:
             return max(1, math.ceil(int(quota) / int(period)))
     return None
 
@@ -71,9 +76,10 @@ def read_sample() -> CpuSample | None:
     """The counters now, or None where the system does not expose them (not Linux, a restricted ``/proc``)."""
     try:
         cpus = os.sched_getaffinity(0)
-        busy = busy_seconds(Path("/proc/stat").read_text(), cpus, os.sysconf("SC_CLK_TCK"))
+        ticks = os.sysconf("SC_CLK_TCK")
+        busy = busy_seconds(Path("/proc/stat").read_text(), cpus, ticks) if ticks > 0 else None
         own = os.times()
-    except (OSError, AttributeError, ValueError):  # ValueError: an unknown sysconf name, or undecodable text
+    except (OSError, AttributeError, ValueError, OverflowError):  # ValueError: unknown sysconf name, undecodable text
         return None
     if busy is None:
         return None
@@ -84,9 +90,12 @@ def free_threads(before: CpuSample, after: CpuSample, cpus: int, most: int) -> i
     """Threads for the ``cpus`` this process may run on less those other processes kept busy between two samples (at
     least 1, at most ``most``); None when the window is too short to tell."""
     window = after.at_s - before.at_s
-    if window < MIN_WINDOW_S:
+    if not math.isfinite(window) or window < MIN_WINDOW_S:
         return None
-    others = max(0.0, (after.busy_s - before.busy_s) - (after.own_s - before.own_s)) / window
+    others = ((after.busy_s - before.busy_s) - (after.own_s - before.own_s)) / window
+    if not math.isfinite(others):
+        return None  # counters no kernel writes: keep the count
+    others = max(0.0, others)
     taken = max(0, math.ceil(others - BUSY - 1e-9))  # cores others hold; a little background work takes none
     return max(1, min(most, cpus - taken))
 
@@ -109,9 +118,10 @@ class ThreadGovernor:
     """Gives torch the free cores, re-measured each time :meth:`adjust` is called (between batches). One per
     command-line invocation; it holds only its last sample.
 
-    ``initial`` is torch's own count; ``ceiling`` the most the governor gives, ``initial`` capped by a cgroup v2 CPU
-    quota (on a 16-CPU host, a container allowed 4 cores gets at most 4 threads, fewer only while the host's other
-    work leaves fewer than 4 of its CPUs free).
+    ``initial`` is torch's own count; ``ceiling`` the most the governor gives: ``initial``, capped by the CPUs this
+    process may run on and by a cgroup v2 CPU quota (on a 16-CPU host, a container allowed 4 cores gets at most 4
+    threads, fewer only while the host's other work leaves fewer than 4 of its CPUs free). ``limit`` says which cap
+    binds, when one does.
     """
 
     def __init__(
@@ -129,7 +139,11 @@ class ThreadGovernor:
         self.cpus = cpus if cpus is not None else _allowed_cpus()
         if quota is None and cpus is None:  # this machine's (tests give both)
             quota = quota_cores(_cpu_max())
-        self.ceiling = max(1, min(self.initial, quota)) if quota is not None else self.initial
+        self.ceiling, self.limit = self.initial, None
+        if quota is not None and quota < self.ceiling and quota <= self.cpus:
+            self.ceiling, self.limit = quota, f"the CPU quota allows {_cores(quota)}"
+        elif self.cpus < self.ceiling:
+            self.ceiling, self.limit = self.cpus, f"this process may run on {_cores(self.cpus)}"
         self._last = start if start is not None else sample()
 
     @property
@@ -140,17 +154,21 @@ class ThreadGovernor:
     def adjust(self) -> int | None:
         """Measure the window since the last sample and set torch's threads to the free cores; the count set, or None
         when nothing changed."""
-        if self._last is None:
-            return None
-        now = self._sample()
-        if now is None:
-            return None
-        threads = free_threads(self._last, now, self.cpus, self.ceiling)
-        if threads is None:
+        now = self._sample() if self._last is not None else None
+        threads = None
+        if self._last is not None and now is not None:
+            threads = free_threads(self._last, now, self.cpus, self.ceiling)
+        if threads is not None:
+            self._last = now
+        elif self._get() > self.ceiling:
+            threads = self.ceiling  # the caps hold from the first look, whatever the window
+        else:
             return None  # keep the window open until it says something
-        self._last = now
-        current = self._get()
-        if threads == current:
+        if threads == self._get():
             return None
         self._set(threads)
         return threads
+
+
+def _cores(count: int) -> str:
+    return f"{count} core{'s' if count != 1 else ''}"

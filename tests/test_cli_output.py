@@ -313,6 +313,25 @@ def test_threads_sets_torch_threads_for_the_run_and_main_puts_them_back(monkeypa
     assert torch.get_num_threads() == before
 
 
+@pytest.mark.parametrize(
+    ("value", "fixed"),
+    [
+        ("4", True),
+        ("4,2", True),
+        (" 2 ", True),
+        ("", False),
+        ("abc", False),
+        ("0", False),
+        ("２", False),
+        ("-1", False),
+    ],
+)
+def test_only_a_count_openmp_takes_turns_the_thread_governor_off(value, fixed):
+    from nsteer.cli import _omp_count_set
+
+    assert _omp_count_set(value) is fixed
+
+
 def _busy_neighbours(monkeypatch) -> None:
     """CPU counters in which other processes keep every core busy: 2 s apart, a million cores' worth busy, none of it
     ours."""

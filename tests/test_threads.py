@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import os
 import subprocess
 import sys
 import time
@@ -31,6 +33,7 @@ def test_busy_time_counts_user_nice_system_irq_softirq_and_steal_of_the_allowed_
     [
         PROC_STAT.replace("cpu1 ", "cpuX "),  # an allowed core missing
         PROC_STAT.replace("cpu0 300", "cpu0 -300"),  # not a count
+        PROC_STAT.replace("cpu0 300", "cpu0 ³00"),  # a digit to str.isdigit, not to int()
         "cpu0 1 2\n",  # too few fields
         "",
     ],
@@ -42,7 +45,7 @@ def test_unreadable_counters_give_none_never_a_guess(text) -> None:
 @pytest.mark.parametrize(
     ("cpu_max", "cores"),
     [(None, None), ("max 100000\n", None), ("150000 100000\n", 2), ("50000 100000", 1), ("800000 100000", 8)]
-    + [("junk", None), ("100 0", None), ("", None)],
+    + [("junk", None), ("100 0", None), ("", None), ("² 100000", None), ("100000 ²", None)],
 )
 def test_a_cgroup_quota_is_read_as_whole_cores(cpu_max, cores) -> None:
     assert quota_cores(cpu_max) == cores
@@ -69,6 +72,19 @@ def test_free_threads_never_exceed_torch_s_own_count_and_wait_for_a_long_enough_
     assert free_threads(before, sample(10.0, 0.0, 1.0), cpus=16, most=4) == 4  # a quota of 4, 6 CPUs still free
     assert free_threads(before, sample(14.0, 0.0, 1.0), cpus=16, most=4) == 2
     assert free_threads(before, sample(5.0, 0.0, 0.5), cpus=2, most=2) is None  # half a second says too little
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_counters_no_kernel_writes_leave_the_count_alone(bad) -> None:
+    before = sample(0.0, 0.0, 0.0)
+    assert free_threads(before, sample(bad, 0.0, 2.0), cpus=2, most=2) is None
+    assert free_threads(before, sample(1.0, bad, 2.0), cpus=2, most=2) is None
+    assert free_threads(before, sample(1.0, 0.0, bad), cpus=2, most=2) is None
+
+
+def test_a_clock_tick_rate_of_zero_reads_as_no_counters(monkeypatch) -> None:
+    monkeypatch.setattr(os, "sysconf", lambda name: 0)
+    assert read_sample() is None
 
 
 class Threads:
@@ -103,7 +119,16 @@ def test_a_quota_caps_the_threads_even_on_a_quiet_machine() -> None:
     samples = iter([sample(0.0, 0.0, 0.0), sample(1.0, 1.0, 2.0)])
     threads = Threads(16)
     governor = ThreadGovernor(threads.get, threads.set, sample=lambda: next(samples), cpus=16, quota=4)
-    assert governor.ceiling == 4 and governor.adjust() == 4
+    assert governor.ceiling == 4 and governor.limit == "the CPU quota allows 4 cores"
+    assert governor.adjust() == 4
+
+
+def test_the_caps_hold_from_the_first_look_however_short_the_window() -> None:
+    samples = iter([sample(0.0, 0.0, 0.0), sample(0.1, 0.1, 0.2)])  # 0.2 s: too short to judge other work
+    threads = Threads(4)
+    governor = ThreadGovernor(threads.get, threads.set, sample=lambda: next(samples), cpus=2)
+    assert governor.ceiling == 2 and governor.limit == "this process may run on 2 cores"
+    assert governor.adjust() == 2 and threads.sets == [2]
 
 
 def test_without_counters_the_governor_leaves_torch_alone() -> None:
@@ -125,5 +150,5 @@ def test_a_real_busy_process_is_seen_as_taking_a_core() -> None:
     after = read_sample()
     assert after is not None and after.at_s - before.at_s >= 1.5
     others = ((after.busy_s - before.busy_s) - (after.own_s - before.own_s)) / (after.at_s - before.at_s)
-    assert 0.5 <= others <= len(__import__("os").sched_getaffinity(0)) + 0.1
+    assert 0.5 <= others <= len(os.sched_getaffinity(0)) + 0.1
     assert free_threads(before, after, cpus=2, most=2) == 1
