@@ -196,10 +196,12 @@ def _open(ctx: typer.Context, output: Output, recipe: Any, remote: bool) -> Any:
     output.note(f"Opening {recipe.model.id if use_remote else recipe.model_location} ...")
     handle = open_recipe_model(recipe, remote=remote or None)
     governor = _governor(ctx, handle)
-    if governor is not None:
-        governor.adjust()
-    threads = governor.threads if governor is not None else None
-    if governor is not None and threads is not None and threads < governor.initial:
+    if governor is None:
+        return handle
+    governor.adjust()
+    threads = governor.threads
+    if threads < governor.initial:
+        # Below the ceiling other processes took the cores; at it, the cap that set the ceiling (a quota, the CPUs).
         reason = (
             governor.limit if threads >= governor.ceiling and governor.limit else "other processes keep CPU cores busy"
         )
